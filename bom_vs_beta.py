@@ -1,0 +1,687 @@
+"""BOM-VAE vs β-VAE on MNIST (64x64): does BOM match or beat β-VAE without tuning β?
+
+BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint
+scores (MSE, KL box, sharpness) and tightens the constraints with an adaptive squeeze.
+β-VAE minimizes mean MSE + β·mean KL for a grid of β. Both train the same conv VAE
+in one shared loop; test metrics, tables, four figures and a computed analysis land in --out.
+
+    python bom_vs_beta.py --epochs 20 --device cuda          # the full comparison
+    python bom_vs_beta.py --epochs 2 --train-subset 6400     # a quick look on a CPU
+    main(["--epochs", "2"])                                  # from a notebook cell
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------- config
+
+DEFAULT_METHODS = "beta:0.0001,beta:0.001,beta:0.01,beta:0.1,bom"
+IMAGE_SIZE = 64                 # MNIST's 28x28 digits are resized to 64x64 (bilinear)
+GRAD_CLIP = 1.0                 # max global grad norm, as in the seed
+EVAL_BATCH = 256                # evaluation batch (metrics are per image, so any size gives the same means)
+CURVE_BLOCK = 10                # training curves store means of 10 steps (fewer in epochs under 100 steps)
+LOG_EVERY = 20                  # live progress-bar values are read every 20 steps
+# BOM defaults, all from the seed
+CALIBRATION_BATCHES = 50        # batches of the untrained model that set the initial constraints
+KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
+SQUEEZE_K = 0.5                 # squeeze gain: factor = 1 - (s_min - 0.5) * k
+SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
+SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
+SQUEEZE_START_EPOCH = 3         # first epoch whose end may squeeze
+MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2, nothing written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST resized to 64x64.")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per run (seed: 20)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to train; auto picks cuda, then mps, then cpu")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list of runs: beta:<β> (loss = MSE + β·KL) and/or bom")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds weights, batch order and sampling; every method gets the same start")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (seed: 1e-3)")
+    p.add_argument("--latent-dim", type=int, default=128, help="latent dimensions (seed: 128)")
+    p.add_argument("--data-dir", default="./data",
+                   help="folder holding MNIST/raw/ (downloaded there when missing)")
+    p.add_argument("--out", default="results", help="folder for tables, run histories and figures")
+    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images (0 = all 60,000)")
+    p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
+    p.add_argument("--no-plots", action="store_true", help="skip the four figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
+    return p
+
+
+def parse_methods(text):
+    """'beta:0.001,bom' -> [('beta', 0.001), ('bom', None)]; raises UsageError on anything else."""
+    specs = []
+    for item in (s.strip() for s in text.split(",")):
+        if item == "bom":
+            spec = ("bom", None)
+        elif item.startswith("beta:"):
+            try:
+                beta = float(item[5:])
+            except ValueError:
+                raise UsageError(f"--methods: '{item}' needs a number after 'beta:'") from None
+            if not (math.isfinite(beta) and beta > 0):
+                raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
+            spec = ("beta", beta)
+        else:
+            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β> or bom)")
+        if spec in specs:
+            raise UsageError(f"--methods: '{item}' is listed twice")
+        specs.append(spec)
+    return specs
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available to this torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def parse_args(argv=None):
+    """Parse and check flags. In a notebook the kernel's own argv is ignored (argv=None -> defaults)."""
+    if argv is None:
+        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
+                             ("--test-subset", args.test_subset, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    args.method_specs = parse_methods(args.methods)
+    args.torch_device = resolve_device(args.device)
+    return args
+
+
+def seed_everything(seed):
+    """One place for every random source: python, numpy, torch (CPU and GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_mnist(data_dir, train, subset):
+    """MNIST digits as uint8 (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's Resize(64))."""
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    log = io.StringIO()
+    try:
+        with redirect_stdout(log), redirect_stderr(log):
+            ds = datasets.MNIST(data_dir, train=train, download=True)
+    except Exception:
+        raise UsageError(f"MNIST not found in {os.path.abspath(raw)} and could not be downloaded: "
+                         f"put the four raw files there ({', '.join(MNIST_RAW_FILES)}) "
+                         f"or point --data-dir at their parent folder") from None
+    digits = ds.data
+    if subset:
+        digits = digits[:subset]
+    return TF.resize(digits.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
+                     interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def batches(images, batch_size, generator=None):
+    """Float batches in [0, 1] from resident uint8 images; shuffled when a generator is given.
+    The last batch may be smaller, as with a DataLoader's default drop_last=False."""
+    n = images.shape[0]
+    order = torch.randperm(n, generator=generator).to(images.device) if generator is not None else None
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        yield images[idx].float().div_(255)
+
+# ----------------------------------------------------------------------------- model
+
+
+class VAE(nn.Module):
+    """The seed's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to a
+    latent of latent_dim, mirrored transposed convs back to a sigmoid 64x64 image."""
+
+    def __init__(self, latent_dim=128):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.enc = nn.Sequential(
+            nn.Conv2d(1, 32, 3, 2, 1), nn.GroupNorm(8, 32), nn.LeakyReLU(0.2),
+            nn.Conv2d(32, 64, 3, 2, 1), nn.GroupNorm(8, 64), nn.LeakyReLU(0.2),
+            nn.Conv2d(64, 128, 3, 2, 1), nn.GroupNorm(8, 128), nn.LeakyReLU(0.2),
+            nn.Conv2d(128, 256, 3, 2, 1), nn.GroupNorm(8, 256), nn.LeakyReLU(0.2),
+        )
+        self.fc_mu = nn.Linear(256 * 4 * 4, latent_dim)
+        self.fc_logvar = nn.Linear(256 * 4 * 4, latent_dim)
+        self.fc_dec = nn.Linear(latent_dim, 256 * 4 * 4)
+        self.dec = nn.Sequential(
+            nn.ConvTranspose2d(256, 128, 3, 2, 1, 1), nn.GroupNorm(8, 128), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(128, 64, 3, 2, 1, 1), nn.GroupNorm(8, 64), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(64, 32, 3, 2, 1, 1), nn.GroupNorm(8, 32), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid(),
+        )
+
+    def decode(self, z):
+        return self.dec(self.fc_dec(z).view(-1, 256, 4, 4))
+
+    def forward(self, x):
+        """Returns (reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as in the seed."""
+        h = self.enc(x).view(x.size(0), -1)
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decode(z), mu, logvar
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def sharpness(images):
+    """Per image: (mean |x[i, j+1] − x[i, j]| + mean |x[i+1, j] − x[i, j]|) / 2."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean((1, 2, 3))
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean((1, 2, 3))
+    return (dx + dy) / 2
+
+
+def vae_metrics(x, x_recon, mu, logvar):
+    """Per image: MSE = mean over pixels; KL(q(z|x) || N(0, I)) = −½ Σ_d (1 + log σ² − μ² − σ²); sharpness."""
+    mse = (x_recon - x).pow(2).flatten(1).mean(1)
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+    return mse, kl, sharpness(x_recon)
+
+# ----------------------------------------------------------------------------- constraint scores
+
+
+def lower_better_score(value, floor):
+    """(floor − value) / floor: 1 at value 0, 0 at the floor, negative past it (MSE)."""
+    return (floor - value) / floor
+
+
+def higher_better_score(value, ceiling):
+    """value / ceiling: 0 at value 0, 1 at the ceiling (sharpness)."""
+    return value / ceiling
+
+
+def box_score(value, floor_low, optimum, floor_high):
+    """min(left ramp, right ramp): 1 at the optimum, 0 at both floors, negative outside the box (KL)."""
+    left = (value - floor_low) / (optimum - floor_low)
+    right = (floor_high - value) / (floor_high - optimum)
+    return torch.minimum(left, right)
+
+
+def constraint_scores(mse, kl, sharp, c):
+    """Scores (N, 3) in the order BOTTLENECKS, under constraints c (a dict of floats)."""
+    return torch.stack([lower_better_score(mse, c["mse_floor"]),
+                        box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]),
+                        higher_better_score(sharp, c["sharp_ceiling"])], dim=1)
+
+
+BOTTLENECKS = ("mse", "kl", "sharp")
+
+
+@torch.no_grad()
+def calibrate(model, batch_iter, n_batches=CALIBRATION_BATCHES):
+    """Initial constraints from the untrained model on n_batches: mse_floor = 2·max MSE,
+    kl box = [0.1·min KL, mean KL, 50·max KL], sharp_ceiling = mean sharpness."""
+    model.train()
+    mse, kl, sharp = [], [], []
+    for i, x in enumerate(batch_iter):
+        if i >= n_batches:
+            break
+        m, k, s = vae_metrics(x, *model(x))
+        mse.append(m), kl.append(k), sharp.append(s)
+    mse, kl, sharp = torch.cat(mse), torch.cat(kl), torch.cat(sharp)
+    return {"mse_floor": 2.0 * mse.max().item(), "kl_floor_low": 0.1 * kl.min().item(),
+            "kl_optimum": kl.mean().item(), "kl_floor_high": 50.0 * kl.max().item(),
+            "sharp_ceiling": sharp.mean().item()}
+
+
+def squeeze_factor(s_min, k=SQUEEZE_K, threshold=SQUEEZE_THRESHOLD, min_factor=SQUEEZE_MIN_FACTOR):
+    """max(min_factor, 1 − (s_min − threshold)·k) when s_min > threshold, else 1.0 (no squeeze)."""
+    if not s_min > threshold:
+        return 1.0
+    return max(min_factor, 1.0 - (s_min - threshold) * k)
+
+
+def squeeze(c, factor, kl_targets):
+    """mse_floor ← factor·mse_floor; each KL box edge moves the fraction (1 − factor) of its distance
+    to its target (low, optimum, high), so it approaches the target and never passes it."""
+    out = dict(c, mse_floor=c["mse_floor"] * factor)
+    for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"), kl_targets):
+        out[key] = c[key] + (target - c[key]) * (1.0 - factor)
+    return out
+
+# ----------------------------------------------------------------------------- methods
+# A method is its per-batch loss plus its per-epoch update; train_run() is the one loop for all.
+# batch_loss returns (loss, skip, logs): skip is None or a bool tensor (True = no optimizer step),
+# logs are tensors summed over the epoch on the device.
+
+
+class BetaVAE:
+    """β-VAE: loss = mean MSE + β·mean KL."""
+
+    def __init__(self, beta):
+        self.beta = beta
+        self.name = f"beta_{beta:g}"
+
+    def setup(self, model, images, batch_size, seed):
+        pass
+
+    def batch_loss(self, mse, kl, sharp):
+        return mse.mean() + self.beta * kl.mean(), None, {}
+
+    def end_epoch(self, epoch, sums):
+        return {}
+
+    def config(self):
+        return {"method": "beta", "beta": self.beta}
+
+
+class BOMVAE:
+    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
+    score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5."""
+
+    name = "bom"
+
+    def __init__(self, latent_dim):
+        self.kl_targets = tuple(t * latent_dim for t in KL_TARGETS_PER_DIM)
+        self.constraints = None
+        self.calibration = None
+
+    def setup(self, model, images, batch_size, seed):
+        calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
+        self.calibration = calibrate(model, batches(images, batch_size, calib_order))
+        self.constraints = dict(self.calibration)
+        c = self.calibration
+        print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
+              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], sharp_ceiling={c['sharp_ceiling']:.4f}")
+        if c["kl_floor_high"] < self.kl_targets[2]:
+            print(f"  warning: KL upper floor {c['kl_floor_high']:.1f} is below its target "
+                  f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
+
+    def batch_loss(self, mse, kl, sharp):
+        scores = constraint_scores(mse, kl, sharp, self.constraints)
+        s_min, worst = scores.min(dim=1)
+        violated = s_min <= 0
+        skip = violated.any()
+        loss = -torch.log(s_min.clamp_min(1e-12)).mean()
+        logs = {"s_min": s_min.mean(), "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
+                "violations": violated.sum(), "skipped": skip.long(),
+                "bottleneck_counts": torch.bincount(worst, minlength=3)}
+        return loss, skip, logs
+
+    def end_epoch(self, epoch, sums):
+        """Squeeze once per epoch from the mean s_min of the batches that stepped."""
+        steps = sums["steps"]
+        s_min = sums["s_min_stepped"] / steps if steps else 0.0   # the seed's mean over stepped batches
+        used = dict(self.constraints)
+        factor = squeeze_factor(s_min) if epoch >= SQUEEZE_START_EPOCH else 1.0
+        if factor < 1.0:
+            self.constraints = squeeze(self.constraints, factor, self.kl_targets)
+        counts = sums["bottleneck_counts"]
+        return {"s_min": s_min, "violations": int(sums["violations"]), "skipped_batches": int(sums["skipped"]),
+                "bottleneck_counts": dict(zip(BOTTLENECKS, (int(v) for v in counts))),
+                "constraints": used, "squeeze_factor": factor}
+
+    def config(self):
+        return {"method": "bom", "kl_targets": self.kl_targets, "calibration": self.calibration,
+                "squeeze_k": SQUEEZE_K, "squeeze_threshold": SQUEEZE_THRESHOLD,
+                "squeeze_min_factor": SQUEEZE_MIN_FACTOR, "squeeze_start_epoch": SQUEEZE_START_EPOCH}
+
+
+def make_method(spec, latent_dim):
+    kind, value = spec
+    return BetaVAE(value) if kind == "beta" else BOMVAE(latent_dim)
+
+
+def train_run(method, images, args):
+    """Train one VAE with `method`; returns the model, per-epoch history, training curve and status
+    (ok | stalled: an epoch skipped every batch | diverged: a non-finite loss)."""
+    seed_everything(args.seed)
+    device = images.device
+    model = VAE(args.latent_dim).to(device)
+    method.setup(model, images, args.batch_size, args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order = torch.Generator().manual_seed(args.seed)
+    n_batches = math.ceil(images.shape[0] / args.batch_size)
+    history, curve, status = [], [], "ok"
+    start = time.time()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        sums, steps, stepped_loss, step_metrics = {}, 0, 0.0, []
+        bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}",
+                   leave=False, disable=args.no_progress)
+        for i, x in enumerate(batches(images, args.batch_size, order)):
+            x_recon, mu, logvar = model(x)
+            mse, kl, sharp = vae_metrics(x, x_recon, mu, logvar)
+            loss, skip, logs = method.batch_loss(mse, kl, sharp)
+            batch_means = torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach()
+            step_metrics.append(batch_means)
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            if skip is None or not skip:               # BOM's violating batch takes no optimizer step
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                optimizer.step()
+                steps += 1
+                stepped_loss = stepped_loss + loss.detach()
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == n_batches:
+                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{batch_means[0].item():.4f}",
+                                kl=f"{batch_means[1].item():.1f}",
+                                **({"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}))
+            bar.update(1)
+        bar.close()
+
+        per_step = torch.stack(step_metrics).cpu()
+        epoch_means = per_step.mean(0).tolist()
+        loss_mean = float(stepped_loss) / steps if steps else float("nan")
+        sums = {k: (v.cpu().tolist() if v.dim() else v.item()) for k, v in sums.items()}
+        sums["steps"] = steps
+        row = {"epoch": epoch, "loss": loss_mean, "mse": epoch_means[0], "kl": epoch_means[1],
+               "sharp": epoch_means[2], "steps": steps}
+        row.update(method.end_epoch(epoch, sums))
+        history.append(row)
+        block_size = max(1, min(CURVE_BLOCK, n_batches // 10))
+        for b in range(0, n_batches, block_size):
+            block = per_step[b:b + block_size]
+            curve.append([epoch - 1 + (b + block.shape[0] / 2) / n_batches] + block.mean(0).tolist())
+        print(epoch_line(method.name, row, args.epochs))
+        if steps == 0:
+            status = "stalled"
+        elif not all(math.isfinite(v) for v in (loss_mean, *epoch_means)):
+            status = "diverged"
+        if status != "ok":
+            print(f"  {method.name}: run {status} in epoch {epoch}; the comparison goes on without it")
+            break
+    return {"model": model, "history": history, "curve": curve, "status": status,
+            "train_seconds": time.time() - start}
+
+
+def epoch_line(name, row, epochs):
+    text = (f"  [{name}] epoch {row['epoch']}/{epochs}: loss={row['loss']:.4f} mse={row['mse']:.4f} "
+            f"kl={row['kl']:.1f} sharp={row['sharp']:.4f}")
+    if "s_min" in row:
+        c = row["constraints"]
+        text += (f" s_min={row['s_min']:.3f} skipped={row['skipped_batches']} violations={row['violations']}"
+                 f" mse_floor={c['mse_floor']:.4f} kl_box=[{c['kl_floor_low']:.1f}, {c['kl_optimum']:.1f},"
+                 f" {c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
+    return text
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, images, seed):
+    """Mean test MSE, KL and sharpness per image (z sampled from q(z|x), seeded so every model sees the same noise)."""
+    model.eval()
+    torch.manual_seed(seed)
+    totals = torch.zeros(3, device=images.device)
+    for x in batches(images, EVAL_BATCH):
+        mse, kl, sharp = vae_metrics(x, *model(x))
+        totals += torch.stack([mse.sum(), kl.sum(), sharp.sum()])
+    mse, kl, sharp = (totals / images.shape[0]).tolist()
+    return {"mse": mse, "kl": kl, "sharp": sharp}
+
+
+def data_sharpness(images):
+    """Mean sharpness of the images themselves: a reconstruction sharper than this is noise, not detail."""
+    total = sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH))
+    return total / images.shape[0]
+
+# ----------------------------------------------------------------------------- report
+
+
+def json_safe(obj):
+    """Non-finite floats become null so the files stay valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(json_safe(obj), f, indent=1)
+
+
+def fmt(value, digits):
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+SUMMARY_FIELDS = ("method", "seed", "test_mse", "test_kl", "test_sharp", "train_seconds", "status")
+
+
+def balanced_score(row):
+    """The seed's balanced score: 1/(MSE + 0.001) · 1/(|KL − 100| + 10) · sharpness (peaks at KL = 100)."""
+    return 1.0 / (row["test_mse"] + 0.001) * 1.0 / (abs(row["test_kl"] - 100) + 10) * row["test_sharp"]
+
+
+def relative(a, b):
+    return f"{100 * (a - b) / b:+.1f}%"
+
+
+def analysis(rows):
+    """The seed's analysis, computed: best β by test MSE, balanced score, BOM vs the best β."""
+    betas = [r for r in rows if r["method"].startswith("beta_") and r["status"] == "ok"]
+    bom = next((r for r in rows if r["method"] == "bom"), None)
+    lines = []
+    not_ok = [f"{r['method']} ({r['status']})" for r in rows if r["status"] not in ("ok", "reference")]
+    if not_ok:
+        lines.append(f"Runs left out of the comparison: {', '.join(not_ok)}.")
+    if betas:
+        best = min(betas, key=lambda r: r["test_mse"])
+        lines.append(f"Best β-VAE by test MSE: {best['method']} (MSE={best['test_mse']:.4f}).")
+    if bom is not None and bom["status"] == "ok":
+        lines.append(f"BOM-VAE: MSE={bom['test_mse']:.4f}, KL={bom['test_kl']:.1f}, sharpness={bom['test_sharp']:.4f}.")
+    if betas:
+        best_bal = max(betas, key=balanced_score)
+        lines.append(f"Best β-VAE by balanced score: {best_bal['method']} (score={balanced_score(best_bal):.4f}).")
+    if betas and bom is not None and bom["status"] == "ok":
+        lines.append(f"BOM-VAE balanced score: {balanced_score(bom):.4f}.")
+        mse_verdict = "lower (better)" if bom["test_mse"] < best["test_mse"] else "not lower"
+        bal_verdict = "higher (better)" if balanced_score(bom) > balanced_score(best_bal) else "not higher"
+        lines.append(f"BOM vs best β by MSE ({best['method']}): MSE {relative(bom['test_mse'], best['test_mse'])}"
+                     f" ({mse_verdict}), KL {bom['test_kl']:.1f} vs {best['test_kl']:.1f},"
+                     f" sharpness {bom['test_sharp']:.4f} vs {best['test_sharp']:.4f}.")
+        lines.append(f"BOM vs best β by balanced score ({best_bal['method']}): "
+                     f"{balanced_score(bom):.4f} vs {balanced_score(best_bal):.4f} ({bal_verdict}).")
+    return lines
+
+
+def write_summary(out, rows, config, lines):
+    write_json(os.path.join(out, "summary.json"), {"config": config, "runs": rows, "analysis": lines})
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_FIELDS})
+    md = ["# BOM-VAE vs β-VAE: test metrics", "",
+          f"epochs={config['epochs']}, seed={config['seed']}, train images={config['train_images']}, "
+          f"test images={config['test_images']}, device={config['device']}", "",
+          "| method | seed | MSE ↓ | KL | sharpness | train s | status |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['method']} | {'' if r['seed'] is None else r['seed']} | {fmt(r['test_mse'], 4)} | {fmt(r['test_kl'], 1)} | "
+                  f"{fmt(r['test_sharp'], 4)} | {fmt(r['train_seconds'], 1)} | {r['status']} |")
+    md += ["", "`data` is the test images' own sharpness: a reconstruction sharper than it is noise, not detail.",
+           "", "## Analysis", ""] + [f"- {line}" for line in lines]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print_table(rows)
+
+
+def print_table(rows):
+    print("\n" + "=" * 72 + "\nFINAL RESULTS (test set)\n" + "=" * 72)
+    print(f"{'method':<16} {'MSE':>10} {'KL':>10} {'sharpness':>10} {'train s':>9}  status")
+    for r in rows:
+        print(f"{r['method']:<16} {fmt(r['test_mse'], 4):>10} {fmt(r['test_kl'], 1):>10} "
+              f"{fmt(r['test_sharp'], 4):>10} {fmt(r['train_seconds'], 1):>9}  {r['status']}")
+
+
+def finish_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    if "ipykernel" in sys.modules:
+        plt.show()
+    plt.close(fig)
+
+
+def plot_training(runs, data_sharp, path):
+    """Training MSE (log), KL and sharpness per block of steps, x in epochs; data sharpness as a line."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, run in runs.items():
+        curve = np.array(run["curve"], dtype=float).reshape(-1, 4)
+        marker = "o" if len(curve) < 30 else None
+        for ax, col in zip(axes, (1, 2, 3)):
+            ax.plot(curve[:, 0], curve[:, col], label=name, alpha=0.8, marker=marker, ms=3)
+    axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data")
+    for ax, title in zip(axes, ("MSE (↓ better)", "KL divergence", "Sharpness (data = dashed)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    finish_figure(fig, path)
+
+
+def plot_pareto(rows, data_sharp, path):
+    """Test MSE vs KL per run; β runs as squares, BOM as a circle; sharpness (vs data) in the labels."""
+    fig, ax = plt.subplots(figsize=(10, 6))
+    runs = [r for r in rows if r["status"] == "ok"]
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(runs), 1)))
+    for r, color in zip(runs, colors):
+        bom = r["method"] == "bom"
+        ax.scatter(r["test_mse"], r["test_kl"], s=100 if bom else 60, c=[color], marker="o" if bom else "s",
+                   edgecolors="black", label=f"{r['method']} (sharp {r['test_sharp']:.4f})")
+    ax.set_xlabel("test MSE (↓ better)")
+    ax.set_ylabel("test KL (moderate is better)")
+    ax.set_title(f"Pareto front: MSE vs KL (data sharpness {data_sharp:.4f})")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    finish_figure(fig, path)
+
+
+def image_grid(rows_of_images, labels, title, path):
+    """Rows of 8 grayscale images on one fixed [0, 1] scale, so no row is contrast-stretched."""
+    n = len(rows_of_images)
+    fig, axes = plt.subplots(n, 8, figsize=(16, 2 * n), squeeze=False)
+    for row, (images, label) in enumerate(zip(rows_of_images, labels)):
+        for i in range(8):
+            ax = axes[row, i]
+            if i < images.shape[0]:
+                ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[row, 0].set_ylabel(label, fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=14)
+    finish_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_images(runs, test_images, seed, latent_dim, out):
+    originals = next(batches(test_images[:8], 8))
+    recons, samples = [], []
+    torch.manual_seed(seed)
+    z = torch.randn(8, latent_dim, device=test_images.device)
+    for run in runs.values():
+        run["model"].eval()
+        recons.append(run["model"](originals)[0])
+        samples.append(run["model"].decode(z))
+    names = list(runs)
+    image_grid([originals] + recons, ["original"] + names, "Reconstructions of the first 8 test images",
+               os.path.join(out, "reconstructions_comparison.png"))
+    image_grid(samples, names, "Samples from the prior (same z for all models)",
+               os.path.join(out, "samples_comparison.png"))
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    """Run the comparison; returns the summary rows. Bad input exits with status 2 before anything is written."""
+    try:
+        args = parse_args(argv)
+        device = args.torch_device
+        train_images = load_mnist(args.data_dir, True, args.train_subset).to(device)
+        test_images = load_mnist(args.data_dir, False, args.test_subset).to(device)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} exists and is not a folder")
+    except UsageError as e:
+        print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device")}
+    config.update(device=str(device), torch=torch.__version__, train_images=train_images.shape[0],
+                  test_images=test_images.shape[0])
+    print(f"Device: {device} | train {train_images.shape[0]} images, test {test_images.shape[0]} images, "
+          f"{args.epochs} epochs, seed {args.seed}")
+
+    runs, rows = {}, []
+    for spec in args.method_specs:
+        method = make_method(spec, args.latent_dim)
+        print(f"\n{'=' * 60}\nTraining {method.name}\n{'=' * 60}")
+        run = train_run(method, train_images, args)
+        test = evaluate(run["model"], test_images, args.seed)
+        print(f"  test: MSE={test['mse']:.4f}, KL={test['kl']:.1f}, sharpness={test['sharp']:.4f} "
+              f"({run['train_seconds']:.1f} s, {run['status']})")
+        runs[method.name] = run
+        rows.append({"method": method.name, "seed": args.seed, "test_mse": test["mse"], "test_kl": test["kl"],
+                     "test_sharp": test["sharp"], "train_seconds": run["train_seconds"], "status": run["status"]})
+        write_json(os.path.join(args.out, "runs", f"{method.name}_seed{args.seed}.json"),
+                   {"config": dict(config, **method.config()), "status": run["status"], "test": test,
+                    "train_seconds": run["train_seconds"], "history": run["history"],
+                    "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}})
+
+    data_sharp = data_sharpness(test_images)
+    rows.append({"method": "data", "seed": None, "test_mse": None, "test_kl": None, "test_sharp": data_sharp,
+                 "train_seconds": None, "status": "reference"})
+    lines = analysis(rows)
+    write_summary(args.out, rows, config, lines)
+    print("\nANALYSIS")
+    for line in lines:
+        print(f"  {line}")
+    if not args.no_plots:
+        plot_training(runs, data_sharp, os.path.join(args.out, "training_comparison.png"))
+        plot_pareto(rows, data_sharp, os.path.join(args.out, "pareto_comparison.png"))
+        plot_images(runs, test_images, args.seed, args.latent_dim, args.out)
+    print(f"\nWrote {os.path.abspath(args.out)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
