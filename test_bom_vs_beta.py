@@ -1,0 +1,388 @@
+"""Quick checks of bom_vs_beta.py: scores and metrics at hand-computed points, the squeeze rule,
+the shared training loop, calibration, the data path on tiny IDX files, the CLI and its errors.
+No network and no real MNIST: a fixture writes its own IDX files and goes through torchvision's loader."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torchvision import datasets, transforms
+
+import bom_vs_beta as bvb
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_TRAIN, N_TEST = 96, 40
+
+
+def write_idx(raw, name, array):
+    """IDX: magic (0, 0, uint8 type 0x08, ndim), big-endian dims, then the bytes."""
+    with open(os.path.join(raw, name), "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def fake_digits(n, rng):
+    """Bright random strokes on black, like MNIST: a few filled rectangles per 28x28 image."""
+    images = np.zeros((n, 28, 28), np.uint8)
+    for img in images:
+        for _ in range(3):
+            r, c = rng.integers(4, 20, size=2)
+            img[r:r + rng.integers(2, 8), c:c + rng.integers(2, 8)] = rng.integers(128, 256)
+    return images
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_idx(raw, "train-images-idx3-ubyte", fake_digits(N_TRAIN, rng))
+    write_idx(raw, "train-labels-idx1-ubyte", rng.integers(0, 10, N_TRAIN))
+    write_idx(raw, "t10k-images-idx3-ubyte", fake_digits(N_TEST, rng))
+    write_idx(raw, "t10k-labels-idx1-ubyte", rng.integers(0, 10, N_TEST))
+    return str(root)
+
+
+def run_args(data_dir, out, *extra):
+    return ["--data-dir", data_dir, "--out", str(out), "--batch-size", "32", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+# ----------------------------------------------------------------------------- constraint scores
+
+def test_lower_better_score_at_hand_points():
+    values = torch.tensor([0.0, 0.05, 0.1, 0.2])
+    assert bvb.lower_better_score(values, 0.1).tolist() == pytest.approx([1.0, 0.5, 0.0, -1.0])
+
+
+def test_higher_better_score_at_hand_points():
+    values = torch.tensor([0.0, 0.02, 0.04, 0.08])
+    assert bvb.higher_better_score(values, 0.04).tolist() == pytest.approx([0.0, 0.5, 1.0, 2.0])
+
+
+def test_box_score_is_one_at_optimum_zero_at_floors_negative_outside():
+    values = torch.tensor([10.0, 15.0, 20.0, 40.0, 60.0, 5.0, 70.0])
+    scores = bvb.box_score(values, 10.0, 20.0, 60.0).tolist()
+    assert scores == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, -0.5, -0.25])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_kl_is_zero_for_standard_normal_posterior_and_matches_formula():
+    x = torch.zeros(2, 1, 4, 4)
+    mu, logvar = torch.zeros(2, 4), torch.zeros(2, 4)
+    _, kl, _ = bvb.vae_metrics(x, x, mu, logvar)
+    assert kl.tolist() == [0.0, 0.0]
+    mu = torch.tensor([[1.0, 0, 0, 0], [2.0, 2.0, 0, 0]])           # KL = ½ Σ μ²
+    logvar = torch.tensor([[0.0] * 4, [math.log(2.0)] + [0.0] * 3])  # + ½(σ² − 1 − log σ²) = ½(1 − ln 2)
+    _, kl, _ = bvb.vae_metrics(x, x, mu, logvar)
+    assert kl.tolist() == pytest.approx([0.5, 4.0 + 0.5 * (1 - math.log(2.0))])
+
+
+def test_mse_is_per_pixel_mean_and_sharpness_of_constant_image_is_zero():
+    x = torch.zeros(1, 1, 8, 8)
+    recon = torch.full((1, 1, 8, 8), 0.5)
+    mse, _, sharp = bvb.vae_metrics(x, recon, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert mse.item() == pytest.approx(0.25)
+    assert sharp.item() == 0.0
+
+
+def test_sharpness_of_vertical_stripes_is_half_the_contrast():
+    stripes = torch.zeros(1, 1, 8, 8)
+    stripes[..., ::2] = 0.6                      # |dx| = 0.6 everywhere, |dy| = 0
+    assert bvb.sharpness(stripes).item() == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- methods
+
+def test_beta_loss_is_mean_mse_plus_beta_mean_kl():
+    loss, skip, _ = bvb.BetaVAE(0.5).batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
+                                                torch.tensor([0.1, 0.1]))
+    assert loss.item() == pytest.approx(0.2 + 0.5 * 3.0)
+    assert skip is None
+
+
+def bom_with(constraints, latent_dim=128):
+    method = bvb.BOMVAE(latent_dim)
+    method.constraints = dict(constraints)
+    return method
+
+
+BOX = {"mse_floor": 0.4, "kl_floor_low": 10.0, "kl_optimum": 20.0, "kl_floor_high": 60.0, "sharp_ceiling": 0.2}
+
+
+def test_bom_loss_is_minus_mean_log_of_worst_score():
+    mse = torch.tensor([0.1, 0.3])        # scores 0.75, 0.25
+    kl = torch.tensor([15.0, 20.0])       # scores 0.5, 1.0
+    sharp = torch.tensor([0.3, 0.1])      # scores 1.5, 0.5
+    loss, skip, logs = bom_with(BOX).batch_loss(mse, kl, sharp)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2)
+    assert not skip
+    assert logs["bottleneck_counts"].tolist() == [1, 1, 0]
+    assert logs["s_min"].item() == pytest.approx(0.375)
+
+
+def test_bom_flags_a_batch_with_one_violating_image():
+    loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([0.1, 0.5]), torch.tensor([15.0, 20.0]),
+                                                torch.tensor([0.3, 0.3]))
+    assert bool(skip) and logs["violations"].item() == 1 and logs["s_min_stepped"].item() == 0.0
+
+
+def test_squeeze_factor_rule():
+    assert bvb.squeeze_factor(0.9) == pytest.approx(0.8)
+    assert bvb.squeeze_factor(0.55) == pytest.approx(0.975)
+    assert bvb.squeeze_factor(0.5) == 1.0
+    assert bvb.squeeze_factor(0.2) == 1.0
+    assert bvb.squeeze_factor(3.0) == 0.5           # never more than half
+    assert bvb.squeeze_factor(float("nan")) == 1.0
+
+
+def test_squeeze_tightens_mse_floor_and_moves_kl_box_toward_targets():
+    c = {"mse_floor": 0.7, "kl_floor_low": 1.0, "kl_optimum": 17.0, "kl_floor_high": 1000.0, "sharp_ceiling": 0.3}
+    out = bvb.squeeze(c, 0.8, (50.0, 80.0, 150.0))
+    assert out["mse_floor"] == pytest.approx(0.56)
+    assert out["kl_floor_low"] == pytest.approx(1.0 + 49.0 * 0.2)
+    assert out["kl_optimum"] == pytest.approx(17.0 + 63.0 * 0.2)
+    assert out["kl_floor_high"] == pytest.approx(1000.0 - 850.0 * 0.2)
+    assert out["sharp_ceiling"] == 0.3 and c["mse_floor"] == 0.7     # ceiling kept, input untouched
+
+
+def test_squeeze_never_passes_the_targets():
+    targets = (50.0, 80.0, 150.0)
+    c = {"mse_floor": 0.7, "kl_floor_low": 60.0, "kl_optimum": 70.0, "kl_floor_high": 1000.0, "sharp_ceiling": 0.3}
+    for _ in range(60):
+        c = bvb.squeeze(c, 0.5, targets)
+        assert c["kl_floor_low"] >= 50.0 and c["kl_optimum"] <= 80.0 and c["kl_floor_high"] >= 150.0
+        assert c["kl_floor_low"] < c["kl_optimum"] < c["kl_floor_high"]
+    assert (c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]) == pytest.approx(targets)
+
+
+def test_bom_end_epoch_squeezes_only_from_start_epoch_and_above_threshold():
+    sums = {"steps": 4, "s_min_stepped": 3.6, "violations": 0, "skipped": 0, "bottleneck_counts": [5, 2, 1]}
+    method = bom_with(BOX)
+    row = method.end_epoch(2, sums)                       # before epoch 3: no squeeze
+    assert row["squeeze_factor"] == 1.0 and method.constraints == BOX
+    row = method.end_epoch(3, sums)                       # mean s_min 0.9 -> factor 0.8
+    assert row["s_min"] == pytest.approx(0.9) and row["squeeze_factor"] == pytest.approx(0.8)
+    assert row["constraints"] == BOX                      # the row logs the constraints the epoch used
+    assert method.constraints["mse_floor"] == pytest.approx(0.32)
+    assert row["bottleneck_counts"] == {"mse": 5, "kl": 2, "sharp": 1}
+
+
+class FixedOutputs(torch.nn.Module):
+    """Stands in for the VAE: image i is vertical stripes of contrast a_i, μ_i fixed, log σ² = 0."""
+
+    def __init__(self, contrasts, mus):
+        super().__init__()
+        self.contrasts, self.mus = contrasts, mus
+
+    def forward(self, x):
+        recon = torch.zeros(len(self.contrasts), 1, 8, 8)
+        for i, a in enumerate(self.contrasts):
+            recon[i, ..., ::2] = a                      # MSE vs zeros = a²/2, sharpness = a/2
+        return recon, self.mus, torch.zeros_like(self.mus)
+
+
+def test_calibration_on_a_fixed_batch():
+    mus = torch.zeros(2, 4)
+    mus[0, 0] = 2.0                                     # KL 2
+    mus[1, :3] = 2.0                                    # KL 6
+    model = FixedOutputs([0.2, 0.6], mus)
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)]), n_batches=50)
+    assert c["mse_floor"] == pytest.approx(2 * 0.18)
+    assert c["kl_floor_low"] == pytest.approx(0.2)
+    assert c["kl_optimum"] == pytest.approx(4.0)
+    assert c["kl_floor_high"] == pytest.approx(300.0)
+    assert c["sharp_ceiling"] == pytest.approx(0.2)
+
+
+def test_calibration_reads_only_n_batches():
+    model = FixedOutputs([0.2, 0.6], torch.zeros(2, 4))
+    seen = []
+
+    def counted():
+        for i in range(10):
+            seen.append(i)
+            yield torch.zeros(2, 1, 8, 8)
+    bvb.calibrate(model, counted(), n_batches=3)
+    assert len(seen) == 4      # the 4th is drawn, found past the limit, and not used
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_load_mnist_matches_seed_pil_resize(data_dir):
+    images = bvb.load_mnist(data_dir, train=False, subset=0)
+    assert images.shape == (N_TEST, 1, 64, 64) and images.dtype == torch.uint8
+    seed_pipeline = datasets.MNIST(data_dir, train=False, download=False,
+                                   transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
+    reference = torch.stack([seed_pipeline[i][0] for i in range(N_TEST)])
+    assert torch.equal(images.float() / 255, reference)
+
+
+def test_subset_takes_the_first_images(data_dir):
+    full = bvb.load_mnist(data_dir, train=True, subset=0)
+    part = bvb.load_mnist(data_dir, train=True, subset=10)
+    assert part.shape[0] == 10 and torch.equal(part, full[:10])
+
+
+def test_batches_cover_every_image_once_with_a_short_last_batch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    got = list(bvb.batches(images, 4, torch.Generator().manual_seed(0)))
+    assert [b.shape[0] for b in got] == [4, 4, 2]
+    assert sorted((torch.cat(got) * 255).round().flatten().tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def tiny_args(**kw):
+    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.fixture(scope="module")
+def train_images(data_dir):
+    return bvb.load_mnist(data_dir, train=True, subset=0)
+
+
+@pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1), ("bom", None)])
+def test_every_method_trains_on_tiny_data(train_images, spec):
+    method = bvb.make_method(spec, 16)
+    args = tiny_args(epochs=3)
+    bvb.seed_everything(0)
+    start = {k: v.clone() for k, v in bvb.VAE(16).state_dict().items()}
+    run = bvb.train_run(method, train_images, args)
+    assert run["status"] == "ok" and len(run["history"]) == 3
+    assert all(row["steps"] == 3 for row in run["history"])         # 96 images / 32
+    assert any(not torch.equal(v, start[k]) for k, v in run["model"].state_dict().items())
+    if spec[0] == "bom":
+        assert set(run["history"][0]) >= {"s_min", "violations", "skipped_batches", "bottleneck_counts",
+                                          "constraints", "squeeze_factor"}
+        assert sum(run["history"][0]["bottleneck_counts"].values()) == N_TRAIN
+
+
+class ImpossibleBOM(bvb.BOMVAE):
+    """BOM whose MSE floor no image can meet: every batch violates."""
+
+    def setup(self, model, images, batch_size, seed):
+        super().setup(model, images, batch_size, seed)
+        self.constraints["mse_floor"] = 1e-9
+
+
+def test_violating_batches_are_skipped_and_parameters_do_not_change(train_images):
+    bvb.seed_everything(0)
+    start = bvb.VAE(16).state_dict()
+    run = bvb.train_run(ImpossibleBOM(16), train_images, tiny_args(epochs=3))
+    assert run["status"] == "stalled" and len(run["history"]) == 1       # ends after the first such epoch
+    assert run["history"][0]["skipped_batches"] == 3 and run["history"][0]["violations"] == N_TRAIN
+    for key, value in run["model"].state_dict().items():
+        assert torch.equal(value, start[key]), key
+
+
+def test_non_finite_loss_marks_the_run_diverged(train_images):
+    run = bvb.train_run(bvb.BetaVAE(float("inf")), train_images, tiny_args(epochs=3))
+    assert run["status"] == "diverged" and len(run["history"]) == 1
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bom_vs_beta.py"),
+                           *run_args(data_dir, out, "--epochs", "3", "--latent-dim", "16")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "pareto_comparison.png",
+                 "reconstructions_comparison.png", "samples_comparison.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    methods = [r["method"] for r in summary["runs"]]
+    assert methods == ["beta_0.0001", "beta_0.001", "beta_0.01", "beta_0.1", "bom", "data"]
+    data_row = summary["runs"][-1]
+    assert data_row["status"] == "reference" and data_row["test_mse"] is None
+    test_images = bvb.load_mnist(data_dir, train=False, subset=0)
+    assert data_row["test_sharp"] == pytest.approx(bvb.sharpness(test_images.float() / 255).mean().item(), rel=1e-5)
+    assert sorted(os.listdir(out / "runs")) == sorted(f"{m}_seed0.json" for m in methods[:-1])
+    bom = json.loads((out / "runs" / "bom_seed0.json").read_text())
+    assert set(bom["config"]["calibration"]) == {"mse_floor", "kl_floor_low", "kl_optimum", "kl_floor_high",
+                                                 "sharp_ceiling"}
+    assert len(bom["history"]) == 3 and bom["history"][2]["squeeze_factor"] <= 1.0
+    md = (out / "summary.md").read_text()
+    assert "## Analysis" in md and "Best β-VAE by test MSE" in md
+    assert len((out / "summary.csv").read_text().strip().splitlines()) == 7
+    assert "Best β-VAE by test MSE" in proc.stdout
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, tmp_path):
+    common = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
+    first = bvb.main(run_args(data_dir, tmp_path / "a", *common))
+    second = bvb.main(run_args(data_dir, tmp_path / "b", *common))
+    other = bvb.main(run_args(data_dir, tmp_path / "c", *common, "--seed", "1"))
+    metrics = lambda rows: [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"]) for r in rows]
+    assert metrics(first) == metrics(second)
+    assert metrics(first) != metrics(other)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--methods", "beta:0.1,vae"], "unknown method 'vae'"),
+    (["--methods", "beta:0"], "β must be a finite number > 0"),
+    (["--methods", "beta:-0.1"], "β must be a finite number > 0"),
+    (["--methods", "beta:abc"], "needs a number"),
+    (["--methods", "bom,bom"], "listed twice"),
+    (["--train-subset", "-1"], "--train-subset must be >= 0"),
+    (["--test-subset", "-5"], "--test-subset must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--epochs", "two"], "invalid int value"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(data_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_but_absent_is_a_clean_error(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_that_cannot_be_downloaded_names_folder_and_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # refused at once, no network
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert os.path.join("nowhere", "MNIST", "raw") in err
+    assert all(name in err for name in bvb.MNIST_RAW_FILES)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bom_vs_beta.py"), "--methods", "beta:",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["bom_vs_beta.py: error: --methods: 'beta:' needs a number after 'beta:'"]
+
+
+def test_notebook_kernel_argv_is_ignored(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1234.json"])
+    args = bvb.parse_args()
+    assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == "results"
+    assert bvb.parse_args(["--epochs", "2"]).epochs == 2
