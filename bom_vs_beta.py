@@ -145,11 +145,14 @@ def seed_everything(seed):
 def load_mnist(data_dir, train, subset):
     """MNIST digits as uint8 (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's Resize(64))."""
     raw = os.path.join(data_dir, "MNIST", "raw")
+    present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
     log = io.StringIO()
     try:
         with redirect_stdout(log), redirect_stderr(log):
             ds = datasets.MNIST(data_dir, train=train, download=True)
-    except Exception:
+    except Exception as e:
+        if present:
+            raise UsageError(f"could not read MNIST from {os.path.abspath(raw)}: {e}".replace("\n", " ")) from None
         raise UsageError(f"MNIST not found in {os.path.abspath(raw)} and could not be downloaded: "
                          f"put the four raw files there ({', '.join(MNIST_RAW_FILES)}) "
                          f"or point --data-dir at their parent folder") from None

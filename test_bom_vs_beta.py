@@ -4,6 +4,7 @@ No network and no real MNIST: a fixture writes its own IDX files and goes throug
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -386,3 +387,15 @@ def test_notebook_kernel_argv_is_ignored(monkeypatch):
     args = bvb.parse_args()
     assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == "results"
     assert bvb.parse_args(["--epochs", "2"]).epochs == 2
+
+
+def test_truncated_data_file_is_reported_as_unreadable(data_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--data-dir", str(broken), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "could not read MNIST from" in err and not (tmp_path / "out").exists()
