@@ -244,7 +244,7 @@ def test_batches_cover_every_image_once_with_a_short_last_batch():
 # ----------------------------------------------------------------------------- training loop
 
 def tiny_args(**kw):
-    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True)
+    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -291,6 +291,56 @@ def test_violating_batches_are_skipped_and_parameters_do_not_change(train_images
 def test_non_finite_loss_marks_the_run_diverged(train_images):
     run = bvb.train_run(bvb.BetaVAE(float("inf")), train_images, tiny_args(epochs=3))
     assert run["status"] == "diverged" and len(run["history"]) == 1
+
+
+def test_amp_training_runs_and_keeps_metrics_in_fp32(train_images):
+    run = bvb.train_run(bvb.BetaVAE(0.001), train_images, tiny_args(amp=True))
+    assert run["status"] == "ok" and math.isfinite(run["history"][0]["mse"])
+    mse, kl, sharp = bvb.forward_metrics(run["model"], train_images[:4].float() / 255, amp=True)
+    assert mse.dtype == kl.dtype == sharp.dtype == torch.float32
+
+
+def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_weights(data_dir):
+    seed_data = datasets.MNIST(data_dir, train=True, download=False,
+                               transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
+    seed_batch = torch.stack([seed_data[i][0] for i in range(16)])          # the seed's PIL pipeline
+    fast_batch = next(bvb.batches(bvb.load_mnist(data_dir, train=True, subset=16), 16))
+    torch.manual_seed(0)
+    seed_model = bvb.VAE(16)                                                # plain layout, as in the seed
+    fast_model = bvb.new_model(16, torch.device("cpu"))                     # channels_last on the CPU
+    fast_model.load_state_dict(seed_model.state_dict())
+    assert next(fast_model.enc[0].parameters()).is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(2)
+    calibrated = bom_with(bvb.calibrate(seed_model, iter([seed_batch])), latent_dim=16)
+    for method in (bvb.BetaVAE(0.001), calibrated):
+        torch.manual_seed(1)
+        seed_loss = method.batch_loss(*bvb.vae_metrics(seed_batch, *seed_model(seed_batch)))[0]
+        torch.manual_seed(1)
+        fast_loss = method.batch_loss(*bvb.forward_metrics(fast_model, fast_batch))[0]
+        assert fast_loss.item() == pytest.approx(seed_loss.item(), rel=1e-5) and math.isfinite(fast_loss.item())
+        seed_loss.backward(), fast_loss.backward()
+        fast_grad, seed_grad = fast_model.fc_mu.weight.grad, seed_model.fc_mu.weight.grad
+        assert seed_grad.norm() > 0
+        assert (fast_grad - seed_grad).norm() / seed_grad.norm() < 1e-3    # summation order differs, not more
+        seed_model.zero_grad(), fast_model.zero_grad()
+
+
+def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    report = bvb.main(run_args(data_dir, out, "--benchmark", "--benchmark-steps", "2", "--benchmark-repeats", "2",
+                               "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2"))
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert set(saved["paths"]) == {"seed pipeline (reference)", "compute ceiling", "beta_0.001", "bom"}
+    for row in saved["paths"].values():
+        assert len(row["repeats_ms"]) == 2 and row["ms_per_step"] > 0
+        assert row["images_per_s"] == pytest.approx(32 * 1000 / row["ms_per_step"])
+    assert saved["paths"]["seed pipeline (reference)"]["vs_seed"] == pytest.approx(1.0)
+    per_run = 2 * 3                                              # 2 epochs x ceil(96 / 32) steps
+    expected = sum(saved["paths"][m]["ms_per_step"] / 1000 * per_run + saved["eval_seconds_per_run"]
+                   for m in ("beta_0.001", "bom"))
+    assert saved["estimated_comparison_seconds"] == pytest.approx(expected)
+    assert report["machine"] == saved["machine"] and "vs ceiling" in capsys.readouterr().out
+    assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
 
 
 # ----------------------------------------------------------------------------- command line
