@@ -5,9 +5,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -288,9 +290,30 @@ def test_violating_batches_are_skipped_and_parameters_do_not_change(train_images
         assert torch.equal(value, start[key]), key
 
 
-def test_non_finite_loss_marks_the_run_diverged(train_images):
-    run = bvb.train_run(bvb.BetaVAE(float("inf")), train_images, tiny_args(epochs=3))
-    assert run["status"] == "diverged" and len(run["history"]) == 1
+class DivergesAt(bvb.BetaVAE):
+    """β-VAE whose loss turns infinite from its n-th batch on."""
+
+    def __init__(self, n):
+        super().__init__(0.001)
+        self.n, self.calls = n, 0
+
+    def batch_loss(self, mse, kl, sharp):
+        loss, skip, logs = super().batch_loss(mse, kl, sharp)
+        self.calls += 1
+        return (loss * float("inf") if self.calls >= self.n else loss), skip, logs
+
+
+def test_divergence_is_caught_in_its_epoch_at_its_step_and_the_last_good_checkpoint_kept(train_images, tmp_path):
+    path = str(tmp_path / "run.pt")
+    run = bvb.train_run(DivergesAt(5), train_images, tiny_args(epochs=3), checkpoint=path)   # 3 batches per epoch
+    assert run["status"] == "diverged" and run["diverged_at"] == {"epoch": 2, "step": 2}
+    assert len(run["history"]) == 1
+    saved = torch.load(path, weights_only=True)
+    assert saved["status"] == "diverged" and saved["finished"] and saved["diverged_at"] == {"epoch": 2, "step": 2}
+    good = bvb.train_run(bvb.BetaVAE(0.001), train_images, tiny_args(epochs=1))   # the same first epoch
+    for key, value in good["model"].state_dict().items():
+        assert torch.equal(saved["model"][key], value), key
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
 def test_amp_training_runs_and_keeps_metrics_in_fp32(train_images):
@@ -341,6 +364,131 @@ def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path
     assert saved["estimated_comparison_seconds"] == pytest.approx(expected)
     assert report["machine"] == saved["machine"] and "vs ceiling" in capsys.readouterr().out
     assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+def test_atomic_write_keeps_the_old_file_when_a_write_breaks(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        bvb.atomic_write(str(path), broken)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+SMALL = ["--epochs", "3", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
+
+
+def summary_metrics(out):
+    rows = json.loads((out / "summary.json").read_text())["runs"]
+    return [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["status"]) for r in rows]
+
+
+def script(*argv):
+    return [sys.executable, os.path.join(HERE, "bom_vs_beta.py"), *argv]
+
+
+def test_run_killed_mid_training_resumes_to_the_same_metrics(data_dir, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(script(*run_args(data_dir, reference, *SMALL)), check=True, capture_output=True, timeout=300)
+    first = killed / "checkpoints" / "beta_0.001_seed0.pt"
+    proc = subprocess.Popen(script(*run_args(data_dir, killed, *SMALL)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)                 # after epoch 1 of the first run: inside epoch 2
+    proc.wait()
+    state = torch.load(first, weights_only=True)
+    assert not state["finished"] and len(state["history"]) < 3
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(script(*run_args(data_dir, killed, *SMALL, "--resume")),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+    assert summary_metrics(killed) == summary_metrics(reference)
+
+
+def test_resume_skips_finished_runs_and_reproduces_the_summary(data_dir, tmp_path, capsys):
+    first = bvb.main(run_args(data_dir, tmp_path, *SMALL))
+    again = bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
+    assert "finished earlier (ok)" in capsys.readouterr().out
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+    assert strip(again) == strip(first)
+
+
+def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "beta_0.001_seed0.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with:" in err and err.strip().endswith("--no-plots --resume")
+    assert "Traceback" not in err
+    torch.load(first, weights_only=True)             # what was saved is intact
+
+
+def test_corrupt_checkpoint_is_named_in_a_one_line_error(data_dir, tmp_path, capsys):
+    bvb.main(run_args(data_dir, tmp_path, *SMALL))
+    path = tmp_path / "checkpoints" / "bom_seed0.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert str(path) in err and "unreadable" in err
+    assert (tmp_path / "summary.json").read_text() == before
+
+
+def test_checkpoint_from_other_settings_says_what_differs(data_dir, tmp_path, capsys):
+    bvb.main(run_args(data_dir, tmp_path, *SMALL))
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume", "--latent-dim", "8"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "beta_0.001_seed0.pt" in err and "latent_dim 16 there, 8 now" in err
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_cannot_run_code(data_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"fingerprint": WritesAFile(str(marker))}, tmp_path / "checkpoints" / "bom_seed0.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
+    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_existing_results_are_refused_then_replaced_only_on_purpose(data_dir, tmp_path, capsys):
+    bvb.main(run_args(data_dir, tmp_path, *SMALL))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "already holds results" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
+                      "--methods", "beta:0.01", "--overwrite"))
+    assert sorted(os.listdir(tmp_path / "runs")) == ["beta_0.01_seed0.json"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["beta_0.01_seed0.pt"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -394,6 +542,12 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, t
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--epochs", "two"], "invalid int value"),
+    (["--lr", "-0.001"], "--lr must be a finite number > 0"),
+    (["--methods", "beta:"], "needs a number"),
+    (["--train-subset", "97"], "--train-subset 97 is larger than the 96 images there are"),
+    (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 images there are"),
+    (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
+    (["--resume", "--overwrite"], "choose one"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(data_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -422,6 +576,17 @@ def test_missing_data_that_cannot_be_downloaded_names_folder_and_files(tmp_path,
     assert os.path.join("nowhere", "MNIST", "raw") in err
     assert all(name in err for name in bvb.MNIST_RAW_FILES)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_unwritable_is_refused(data_dir, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "is not writable")):
+        with pytest.raises(SystemExit) as exit_info:
+            bvb.main(run_args(data_dir, out))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert a_file.read_text() == "keep me"
 
 
 def test_cli_bad_input_has_no_traceback(tmp_path):
