@@ -49,6 +49,14 @@ SQUEEZE_K = 0.5                 # squeeze gain: factor = 1 - (s_min - 0.5) * k
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
 SQUEEZE_START_EPOCH = 3         # first epoch whose end may squeeze
+# the other tuning-free methods
+GECO_ALPHA = 0.99               # GECO: moving average of the constraint
+GECO_LAMBDA_RANGE = (1e-3, 1e6)  # GECO: λ is clamped to this range
+CONTROLVAE_BETA_RANGE = (0.0, 1.0)  # ControlVAE: β_min, β_max
+SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from below
+IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+ALL_BETAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
+TUNING_FREE = ("bom", "geco", "controlvae", "sigma_vae", "freebits")
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -68,7 +76,8 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train; auto picks cuda, then mps, then cpu")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of runs: beta:<β> (loss = MSE + β·KL) and/or bom")
+                   help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
+                        "freebits; 'all' = β in 1e-6..0.1 and every tuning-free method")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds weights, batch order and sampling; every method gets the same start")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
@@ -79,6 +88,14 @@ def build_parser():
     p.add_argument("--out", default="results", help="folder for tables, run histories and figures")
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N images (0 = all 60,000)")
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
+    p.add_argument("--geco-tolerance", type=float, default=0.01,
+                   help="GECO: the per-pixel MSE it must reach (its remaining hyperparameter)")
+    p.add_argument("--geco-rate", type=float, default=0.01, help="GECO: λ ← λ·exp(rate·C_ma) per batch")
+    p.add_argument("--controlvae-kl", type=float, default=None,
+                   help="ControlVAE: KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)")
+    p.add_argument("--controlvae-kp", type=float, default=0.01, help="ControlVAE: proportional gain")
+    p.add_argument("--controlvae-ki", type=float, default=0.0001, help="ControlVAE: integral gain")
+    p.add_argument("--freebits-lambda", type=float, default=0.25, help="free bits: KL floor per latent dim (nats)")
     p.add_argument("--no-plots", action="store_true", help="skip the four figures")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
@@ -95,11 +112,16 @@ def build_parser():
 
 
 def parse_methods(text):
-    """'beta:0.001,bom' -> [('beta', 0.001), ('bom', None)]; raises UsageError on anything else."""
+    """'beta:0.001,bom' -> [('beta', 0.001), ('bom', None)]; 'all' is every β of ALL_BETAS and every
+    tuning-free method; raises UsageError on anything else."""
     specs = []
-    for item in (s.strip() for s in text.split(",")):
-        if item == "bom":
-            spec = ("bom", None)
+    items = [s.strip() for s in text.split(",")]
+    if "all" in items:
+        i = items.index("all")
+        items[i:i + 1] = [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE)
+    for item in items:
+        if item in TUNING_FREE:
+            spec = (item, None)
         elif item.startswith("beta:"):
             try:
                 beta = float(item[5:])
@@ -109,7 +131,7 @@ def parse_methods(text):
                 raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
             spec = ("beta", beta)
         else:
-            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β> or bom)")
+            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)} or all)")
         if spec in specs:
             raise UsageError(f"--methods: '{item}' is listed twice")
         specs.append(spec)
@@ -142,8 +164,12 @@ def parse_args(argv=None):
                              ("--benchmark-repeats", args.benchmark_repeats, 1)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    for flag, value in (("--lr", args.lr), ("--geco-tolerance", args.geco_tolerance), ("--geco-rate", args.geco_rate),
+                        ("--controlvae-kp", args.controlvae_kp), ("--controlvae-ki", args.controlvae_ki),
+                        ("--freebits-lambda", args.freebits_lambda),
+                        ("--controlvae-kl", 1.0 if args.controlvae_kl is None else args.controlvae_kl)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
     args.method_specs = parse_methods(args.methods)
@@ -250,18 +276,24 @@ def sharpness(images):
     return (dx + dy) / 2
 
 
+def kl_per_dim(mu, logvar):
+    """KL(q(z_d|x) || N(0, 1)) = −½ (1 + log σ²_d − μ²_d − σ²_d), per image and latent dimension."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def vae_metrics(x, x_recon, mu, logvar):
-    """Per image: MSE = mean over pixels; KL(q(z|x) || N(0, I)) = −½ Σ_d (1 + log σ² − μ² − σ²); sharpness."""
+    """Per image: MSE = mean over pixels; KL = Σ_d KL_d; sharpness."""
     mse = (x_recon - x).pow(2).flatten(1).mean(1)
-    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
-    return mse, kl, sharpness(x_recon)
+    return mse, kl_per_dim(mu, logvar).sum(1), sharpness(x_recon)
 
 
 def forward_metrics(model, x, amp=False):
-    """One forward pass -> per-image (MSE, KL, sharpness); with amp the network runs in bf16, metrics in fp32."""
+    """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network runs
+    in bf16, metrics in fp32."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         x_recon, mu, logvar = model(x)
-    return vae_metrics(x, x_recon.float(), mu.float(), logvar.float())
+    mu, logvar = mu.float(), logvar.float()
+    return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
 
 # ----------------------------------------------------------------------------- constraint scores
 
@@ -302,7 +334,7 @@ def calibrate(model, batch_iter, n_batches=CALIBRATION_BATCHES):
     for i, x in enumerate(batch_iter):
         if i >= n_batches:
             break
-        m, k, s = forward_metrics(model, x)
+        m, k, s, _ = forward_metrics(model, x)
         mse.append(m), kl.append(k), sharp.append(s)
     mse, kl, sharp = torch.cat(mse), torch.cat(kl), torch.cat(sharp)
     return {"mse_floor": 2.0 * mse.max().item(), "kl_floor_low": 0.1 * kl.min().item(),
@@ -331,21 +363,17 @@ def squeeze(c, factor, kl_targets):
 # logs are tensors summed over the epoch on the device.
 
 
-class BetaVAE:
-    """β-VAE: loss = mean MSE + β·mean KL."""
+class Method:
+    """Defaults: no calibration, no per-epoch update, no state. `logged` names per-batch values whose
+    epoch means go into the history."""
 
-    def __init__(self, beta):
-        self.beta = beta
-        self.name = f"beta_{beta:g}"
+    logged = ()
 
     def setup(self, model, images, batch_size, seed):
         pass
 
-    def batch_loss(self, mse, kl, sharp):
-        return mse.mean() + self.beta * kl.mean(), None, {}
-
     def end_epoch(self, epoch, sums):
-        return {}
+        return {key: sums[key] / sums["batches"] for key in self.logged}
 
     def state_dict(self):
         return {}
@@ -354,19 +382,40 @@ class BetaVAE:
         pass
 
     def config(self):
-        return {"method": "beta", "beta": self.beta}
+        return {"method": self.kind, **self.settings()}
 
 
-class BOMVAE:
+class BetaVAE(Method):
+    """β-VAE: loss = mean MSE + β·mean KL."""
+
+    kind = "beta"
+
+    def __init__(self, beta):
+        self.beta = beta
+        self.name = f"beta_{beta:g}"
+
+    def settings(self):
+        return {"beta": self.beta}
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        return mse.mean() + self.beta * kl.mean(), None, {}
+
+
+class BOMVAE(Method):
     """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
     score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5."""
 
-    name = "bom"
+    kind = name = "bom"
 
     def __init__(self, latent_dim):
         self.kl_targets = tuple(t * latent_dim for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
+
+    def settings(self):
+        return {"kl_targets": list(self.kl_targets), "squeeze_k": SQUEEZE_K, "squeeze_threshold": SQUEEZE_THRESHOLD,
+                "squeeze_min_factor": SQUEEZE_MIN_FACTOR, "squeeze_start_epoch": SQUEEZE_START_EPOCH,
+                "calibration_batches": CALIBRATION_BATCHES}
 
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
@@ -379,7 +428,7 @@ class BOMVAE:
             print(f"  warning: KL upper floor {c['kl_floor_high']:.1f} is below its target "
                   f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
 
-    def batch_loss(self, mse, kl, sharp):
+    def batch_loss(self, mse, kl, sharp, kl_dims):
         scores = constraint_scores(mse, kl, sharp, self.constraints)
         s_min, worst = scores.min(dim=1)
         violated = s_min <= 0
@@ -410,19 +459,137 @@ class BOMVAE:
         self.calibration, self.constraints = state["calibration"], state["constraints"]
 
     def config(self):
-        return {"method": "bom", "kl_targets": self.kl_targets, "calibration": self.calibration,
-                "squeeze_k": SQUEEZE_K, "squeeze_threshold": SQUEEZE_THRESHOLD,
-                "squeeze_min_factor": SQUEEZE_MIN_FACTOR, "squeeze_start_epoch": SQUEEZE_START_EPOCH}
+        return dict(super().config(), calibration=self.calibration)
 
 
-def make_method(spec, latent_dim):
+class GECO(Method):
+    """GECO (Rezende & Viola 2018): minimize KL subject to MSE ≤ tolerance. With the batch constraint
+    C = mean MSE / tolerance − 1: loss = mean KL + λ·C; after each batch C_ma ← α·C_ma + (1 − α)·C and
+    λ ← clamp(λ·exp(rate·C_ma)), λ starting at 1 (λ grows while C_ma > 0, shrinks while C_ma < 0)."""
+
+    kind = name = "geco"
+    logged = ("lambda", "constraint")
+
+    def __init__(self, tolerance, rate):
+        self.tolerance, self.rate = tolerance, rate
+        self.lam, self.c_ma = 1.0, None
+
+    def settings(self):
+        return {"tolerance": self.tolerance, "rate": self.rate, "alpha": GECO_ALPHA,
+                "lambda_range": list(GECO_LAMBDA_RANGE)}
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        constraint = mse.mean() / self.tolerance - 1
+        lam = torch.as_tensor(self.lam, device=mse.device)
+        c = constraint.detach()
+        self.c_ma = c if self.c_ma is None else GECO_ALPHA * self.c_ma + (1 - GECO_ALPHA) * c
+        self.lam = (lam * torch.exp(self.rate * self.c_ma)).clamp(*GECO_LAMBDA_RANGE)
+        return kl.mean() + lam * constraint, None, {"lambda": lam, "constraint": c}
+
+    def state_dict(self):
+        return {"lambda": float(self.lam), "c_ma": None if self.c_ma is None else float(self.c_ma)}
+
+    def load_state_dict(self, state):
+        self.lam, self.c_ma = state["lambda"], state["c_ma"]
+
+
+class ControlVAE(Method):
+    """ControlVAE (Shao et al. 2020): loss = mean Σ_pixels (x̂ − x)² + β(t)·mean KL, β from a PI controller
+    on e(t) = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only while β stays
+    inside [β_min, β_max] (anti-windup), and β clipped to that range."""
+
+    kind = name = "controlvae"
+    logged = ("beta", "kl_error")
+
+    def __init__(self, kl_target, kp, ki):
+        self.kl_target, self.kp, self.ki = kl_target, kp, ki
+        self.integral = 0.0
+
+    def settings(self):
+        return {"kl_target": self.kl_target, "kp": self.kp, "ki": self.ki, "beta_range": list(CONTROLVAE_BETA_RANGE)}
+
+    def beta(self, kl_mean):
+        """One controller step from the batch's mean KL; returns (β, error)."""
+        beta_min, beta_max = CONTROLVAE_BETA_RANGE
+        error = self.kl_target - kl_mean
+        integral = self.integral - self.ki * error
+        raw = self.kp / (1 + torch.exp(error)) + integral + beta_min
+        self.integral = torch.where((raw >= beta_min) & (raw <= beta_max), integral, self.integral)
+        return raw.clamp(beta_min, beta_max), error
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        beta, error = self.beta(kl.mean().detach())
+        return IMAGE_PIXELS * mse.mean() + beta * kl.mean(), None, {"beta": beta, "kl_error": error}
+
+    def state_dict(self):
+        return {"integral": float(self.integral)}
+
+    def load_state_dict(self, state):
+        self.integral = state["integral"]
+
+
+def gaussian_nll(mse):
+    """Per-image Gaussian NLL summed over the D pixels, one σ shared by the batch at its optimum
+    σ² = batch MSE (log σ soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
+    log_sigma = 0.5 * torch.log(mse.mean())
+    log_sigma = SIGMA_LOG_MIN + nn.functional.softplus(log_sigma - SIGMA_LOG_MIN)
+    sigma2 = torch.exp(2 * log_sigma)
+    return IMAGE_PIXELS * (0.5 * mse / sigma2 + log_sigma + 0.5 * math.log(2 * math.pi)), sigma2
+
+
+class SigmaVAE(Method):
+    """σ-VAE (Rybkin et al. 2021), calibrated decoder with the optimal shared σ: loss = mean NLL + mean KL."""
+
+    kind = name = "sigma_vae"
+    logged = ("sigma2",)
+
+    def settings(self):
+        return {"log_sigma_min": SIGMA_LOG_MIN}
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        nll, sigma2 = gaussian_nll(mse)
+        return nll.mean() + kl.mean(), None, {"sigma2": sigma2.detach()}
+
+
+class FreeBits(Method):
+    """Free bits (Kingma et al. 2016) on the σ-VAE likelihood: loss = mean NLL + Σ_d max(λ, batch-mean KL_d);
+    a latent dimension below λ nats gets no KL gradient."""
+
+    kind = name = "freebits"
+    logged = ("sigma2", "dims_below_lambda")
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def settings(self):
+        return {"lambda": self.lam, "log_sigma_min": SIGMA_LOG_MIN}
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        nll, sigma2 = gaussian_nll(mse)
+        kl_per_dim = kl_dims.mean(0)
+        return (nll.mean() + kl_per_dim.clamp(min=self.lam).sum(), None,
+                {"sigma2": sigma2.detach(), "dims_below_lambda": (kl_per_dim < self.lam).sum()})
+
+
+def make_method(spec, args):
     kind, value = spec
-    return BetaVAE(value) if kind == "beta" else BOMVAE(latent_dim)
+    if kind == "beta":
+        return BetaVAE(value)
+    if kind == "bom":
+        return BOMVAE(args.latent_dim)
+    if kind == "geco":
+        return GECO(args.geco_tolerance, args.geco_rate)
+    if kind == "controlvae":
+        kl_target = args.controlvae_kl if args.controlvae_kl is not None else KL_TARGETS_PER_DIM[1] * args.latent_dim
+        return ControlVAE(kl_target, args.controlvae_kp, args.controlvae_ki)
+    if kind == "sigma_vae":
+        return SigmaVAE()
+    return FreeBits(args.freebits_lambda)
 
 
-def run_fingerprint(name, args, n_train):
+def run_fingerprint(method, args, n_train):
     """The settings a run's checkpoint must share with the command that resumes it."""
-    return {"method": name, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
 
 
@@ -449,7 +616,7 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             print(f"  {method.name}: finished earlier ({run['status']}), loaded from {checkpoint}")
             return run
         print(f"  {method.name}: resuming after epoch {len(run['history'])} from {checkpoint}")
-    fingerprint = run_fingerprint(method.name, args, images.shape[0])
+    fingerprint = run_fingerprint(method, args, images.shape[0])
     n_batches = math.ceil(images.shape[0] / args.batch_size)
     for epoch in range(len(run["history"]) + 1, args.epochs + 1):
         start = time.time()
@@ -459,8 +626,8 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
         bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}",
                    leave=False, disable=args.no_progress)
         for i, x in enumerate(batches(images, args.batch_size, order)):
-            mse, kl, sharp = forward_metrics(forward, x, args.amp)
-            loss, skip, logs = method.batch_loss(mse, kl, sharp)
+            mse, kl, sharp, kl_dims = forward_metrics(forward, x, args.amp)
+            loss, skip, logs = method.batch_loss(mse, kl, sharp, kl_dims)
             batch_means = torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach()
             step_metrics.append(batch_means)
             for key, value in logs.items():
@@ -495,7 +662,7 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
         per_step = torch.stack(step_metrics).cpu()
         epoch_means = per_step.mean(0).tolist()
         sums = {k: (v.cpu().tolist() if v.dim() else v.item()) for k, v in sums.items()}
-        sums["steps"] = steps
+        sums.update(steps=steps, batches=n_batches)
         row = {"epoch": epoch, "loss": float(stepped_loss) / steps if steps else float("nan"),
                "mse": epoch_means[0], "kl": epoch_means[1], "sharp": epoch_means[2], "steps": steps}
         row.update(method.end_epoch(epoch, sums))
@@ -601,7 +768,7 @@ def evaluate(model, images, seed):
     torch.manual_seed(seed)
     totals = torch.zeros(3, device=images.device)
     for x in batches(images, EVAL_BATCH):
-        mse, kl, sharp = forward_metrics(model, x)
+        mse, kl, sharp, _ = forward_metrics(model, x)
         totals += torch.stack([mse.sum(), kl.sum(), sharp.sum()])
     mse, kl, sharp = (totals / images.shape[0]).tolist()
     return {"mse": mse, "kl": kl, "sharp": sharp}
@@ -666,7 +833,7 @@ def time_seed_pipeline(args, device):
     def step():
         x = next(loader_batches)[0].to(device)
         optimizer.zero_grad()
-        mse, kl, sharp = forward_metrics(model, x)
+        mse, kl, sharp, _ = forward_metrics(model, x)
         loss = mse.mean() + 1e-3 * kl.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -686,7 +853,7 @@ def time_compute_ceiling(images, args):
     x = next(batches(images[:args.batch_size], args.batch_size))
 
     def step():
-        mse, kl, _ = forward_metrics(forward, x, args.amp)
+        mse, kl, _, _ = forward_metrics(forward, x, args.amp)
         loss = mse.mean() + 1e-3 * kl.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -701,8 +868,8 @@ def time_training(spec, images, args):
     subset = images[:steps * args.batch_size]
     quiet = argparse.Namespace(**dict(vars(args), epochs=1, no_progress=True))
     with redirect_stdout(io.StringIO()):
-        train_run(make_method(spec, args.latent_dim), subset[:3 * args.batch_size], quiet)   # warm-up
-        return [train_run(make_method(spec, args.latent_dim), subset, quiet)["train_seconds"] / steps
+        train_run(make_method(spec, args), subset[:3 * args.batch_size], quiet)   # warm-up
+        return [train_run(make_method(spec, args), subset, quiet)["train_seconds"] / steps
                 for _ in range(args.benchmark_repeats)]
 
 
@@ -715,7 +882,7 @@ def run_benchmark(args, train_images, test_images):
     timings = {"seed pipeline (reference)": time_seed_pipeline(args, device),
                "compute ceiling": time_compute_ceiling(train_images, args)}
     for spec in args.method_specs:
-        timings[make_method(spec, args.latent_dim).name] = time_training(spec, train_images, args)
+        timings[make_method(spec, args).name] = time_training(spec, train_images, args)
     eval_images = test_images[:2000]
     start = time.perf_counter()
     evaluate(new_model(args.latent_dim, device), eval_images, args.seed)
@@ -732,7 +899,7 @@ def run_benchmark(args, train_images, test_images):
         print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_seed']:>7.2f}x "
               f"{r['vs_ceiling']:>10.0%}")
     steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
-    methods = [make_method(spec, args.latent_dim).name for spec in args.method_specs]
+    methods = [make_method(spec, args).name for spec in args.method_specs]
     estimate = sum(medians[name] * steps_per_run + eval_seconds for name in methods)
     seed_estimate = len(methods) * ref * steps_per_run
     print(f"Estimated wall time of this comparison ({len(methods)} runs x {steps_per_run} steps + evaluation): "
@@ -867,14 +1034,18 @@ def plot_training(runs, data_sharp, path):
     finish_figure(fig, path)
 
 
+PARETO_MARKERS = {"bom": "o", "geco": "^", "controlvae": "v", "sigma_vae": "D", "freebits": "P"}
+
+
 def plot_pareto(rows, data_sharp, path):
-    """Test MSE vs KL per run; β runs as squares, BOM as a circle; sharpness (vs data) in the labels."""
+    """Test MSE vs KL per run; β runs as squares, BOM a circle, the other tuning-free methods their own
+    markers; sharpness (vs the data's) in the labels."""
     fig, ax = plt.subplots(figsize=(10, 6))
     runs = [r for r in rows if r["status"] == "ok"]
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(runs), 1)))
     for r, color in zip(runs, colors):
-        bom = r["method"] == "bom"
-        ax.scatter(r["test_mse"], r["test_kl"], s=100 if bom else 60, c=[color], marker="o" if bom else "s",
+        marker = PARETO_MARKERS.get(r["method"], "s")                   # β runs are squares
+        ax.scatter(r["test_mse"], r["test_kl"], s=110 if r["method"] == "bom" else 60, c=[color], marker=marker,
                    edgecolors="black", label=f"{r['method']} (sharp {r['test_sharp']:.4f})")
     ax.set_xlabel("test MSE (↓ better)")
     ax.set_ylabel("test KL (moderate is better)")
@@ -968,10 +1139,10 @@ def main(argv=None):
         train_images = load_mnist(args.data_dir, True, args.train_subset).to(device)
         test_images = load_mnist(args.data_dir, False, args.test_subset).to(device)
         replaced = check_inputs(args, train_images.shape[0])
-        methods = [make_method(spec, args.latent_dim) for spec in args.method_specs]
+        methods = [make_method(spec, args) for spec in args.method_specs]
         checkpoints = {m.name: os.path.join(args.out, "checkpoints", f"{m.name}_seed{args.seed}.pt") for m in methods}
-        resume_states = {name: load_checkpoint(path, run_fingerprint(name, args, train_images.shape[0]))
-                         for name, path in checkpoints.items() if args.resume and os.path.exists(path)}
+        resume_states = {m.name: load_checkpoint(checkpoints[m.name], run_fingerprint(m, args, train_images.shape[0]))
+                         for m in methods if args.resume and os.path.exists(checkpoints[m.name])}
         prepare_out(args, replaced)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ def test_sharpness_of_vertical_stripes_is_half_the_contrast():
 
 def test_beta_loss_is_mean_mse_plus_beta_mean_kl():
     loss, skip, _ = bvb.BetaVAE(0.5).batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
-                                                torch.tensor([0.1, 0.1]))
+                                                torch.tensor([0.1, 0.1]), None)
     assert loss.item() == pytest.approx(0.2 + 0.5 * 3.0)
     assert skip is None
 
@@ -126,7 +126,7 @@ def test_bom_loss_is_minus_mean_log_of_worst_score():
     mse = torch.tensor([0.1, 0.3])        # scores 0.75, 0.25
     kl = torch.tensor([15.0, 20.0])       # scores 0.5, 1.0
     sharp = torch.tensor([0.3, 0.1])      # scores 1.5, 0.5
-    loss, skip, logs = bom_with(BOX).batch_loss(mse, kl, sharp)
+    loss, skip, logs = bom_with(BOX).batch_loss(mse, kl, sharp, None)
     assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2)
     assert not skip
     assert logs["bottleneck_counts"].tolist() == [1, 1, 0]
@@ -135,7 +135,7 @@ def test_bom_loss_is_minus_mean_log_of_worst_score():
 
 def test_bom_flags_a_batch_with_one_violating_image():
     loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([0.1, 0.5]), torch.tensor([15.0, 20.0]),
-                                                torch.tensor([0.3, 0.3]))
+                                                torch.tensor([0.3, 0.3]), None)
     assert bool(skip) and logs["violations"].item() == 1 and logs["s_min_stepped"].item() == 0.0
 
 
@@ -219,6 +219,78 @@ def test_calibration_reads_only_n_batches():
     assert len(seen) == 4      # the 4th is drawn, found past the limit, and not used
 
 
+def test_geco_lambda_grows_while_violated_and_shrinks_once_satisfied():
+    geco = bvb.GECO(tolerance=0.01, rate=0.1)
+    kl = torch.tensor([30.0, 50.0])
+    loss, _, logs = geco.batch_loss(torch.tensor([0.02, 0.02]), kl, None, None)     # C = 0.02/0.01 − 1 = 1
+    assert loss.item() == pytest.approx(40.0 + 1.0 * 1.0) and logs["lambda"].item() == 1.0
+    assert float(geco.lam) == pytest.approx(math.exp(0.1))                           # λ·exp(rate·C_ma), C_ma = 1
+    lams = [float(geco.lam)]
+    for _ in range(5):
+        geco.batch_loss(torch.tensor([0.02, 0.02]), kl, None, None)
+        lams.append(float(geco.lam))
+    assert all(b > a for a, b in zip(lams, lams[1:]))
+    for _ in range(400):                                                           # C = −0.5 from now on
+        geco.batch_loss(torch.tensor([0.005, 0.005]), kl, None, None)
+    assert float(geco.c_ma) < 0 and float(geco.lam) < lams[-1]
+    before = float(geco.lam)
+    geco.batch_loss(torch.tensor([0.005, 0.005]), kl, None, None)
+    assert float(geco.lam) == pytest.approx(before * math.exp(0.1 * float(geco.c_ma)))
+
+
+def test_controlvae_beta_rises_above_set_point_falls_below_and_stays_clipped():
+    control = bvb.ControlVAE(kl_target=80.0, kp=0.01, ki=0.0001)
+    beta, error = control.beta(torch.tensor(180.0))             # e = −100: P = 0.01/(1 + e^−100), I = 0.01
+    assert error.item() == -100.0 and beta.item() == pytest.approx(0.02)
+    betas = [control.beta(torch.tensor(180.0))[0].item() for _ in range(300)]
+    assert betas[50] > betas[0] and max(betas) == 1.0            # clipped at β_max
+    assert float(control.integral) <= 1.0                        # anti-windup: no integral past the clip
+    falling = [control.beta(torch.tensor(20.0))[0].item() for _ in range(300)]   # KL below the set point
+    assert falling[0] < 1.0 and all(b <= a for a, b in zip(falling, falling[1:]))
+    assert min(falling) == 0.0 and float(control.integral) >= -0.01
+    loss, _, logs = control.batch_loss(torch.tensor([0.01, 0.03]), torch.tensor([10.0, 30.0]), None, None)
+    assert loss.item() == pytest.approx(4096 * 0.02 + logs["beta"].item() * 20.0)
+
+
+def test_sigma_vae_uses_batch_mse_as_sigma2_and_the_gaussian_nll():
+    torch.manual_seed(0)
+    x, x_recon = torch.rand(3, 1, 64, 64), torch.rand(3, 1, 64, 64)
+    mse = (x_recon - x).pow(2).flatten(1).mean(1)
+    kl = torch.tensor([5.0, 6.0, 7.0])
+    loss, _, logs = bvb.SigmaVAE().batch_loss(mse, kl, None, None)
+    sigma2 = logs["sigma2"].item()
+    soft_clipped = math.exp(2 * (-6 + math.log1p(math.exp(0.5 * math.log(mse.mean().item()) + 6))))
+    assert sigma2 == pytest.approx(soft_clipped, rel=1e-5)
+    assert sigma2 == pytest.approx(mse.mean().item(), rel=0.02)       # the soft clip's pull at log σ ≈ −0.9
+    nll = -torch.distributions.Normal(x_recon, math.sqrt(sigma2)).log_prob(x).flatten(1).sum(1)
+    assert loss.item() == pytest.approx(nll.mean().item() + 6.0, rel=1e-5)
+
+
+def test_sigma_vae_soft_clips_log_sigma_at_minus_6():
+    _, sigma2 = bvb.gaussian_nll(torch.tensor([1e-12, 1e-12]))       # log σ would be −13.8
+    assert 0.5 * math.log(sigma2.item()) == pytest.approx(-6.0, abs=1e-3)
+    _, sigma2 = bvb.gaussian_nll(torch.tensor([0.5, 0.7]))             # far above the clip: σ² = batch MSE
+    assert sigma2.item() == pytest.approx(0.6, rel=0.01)
+
+
+def test_free_bits_gives_no_kl_gradient_to_dimensions_below_lambda():
+    kl_dims = torch.tensor([[0.1, 0.6, 0.3], [0.1, 0.4, 0.3]], requires_grad=True)   # means 0.1, 0.5, 0.3
+    mse = torch.tensor([0.02, 0.02])
+    loss, _, logs = bvb.FreeBits(0.25).batch_loss(mse, kl_dims.sum(1), None, kl_dims)
+    nll, _ = bvb.gaussian_nll(mse)
+    assert loss.item() == pytest.approx(nll.mean().item() + 0.25 + 0.5 + 0.3, rel=1e-6)
+    assert logs["dims_below_lambda"].item() == 1
+    loss.backward()
+    assert kl_dims.grad[:, 0].tolist() == [0.0, 0.0]
+    assert kl_dims.grad[:, 1:].flatten().tolist() == pytest.approx([0.5] * 4)
+
+
+def test_methods_all_is_every_beta_and_every_tuning_free_method():
+    specs = bvb.parse_methods("all")
+    assert [b for kind, b in specs if kind == "beta"] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1]
+    assert [kind for kind, _ in specs if kind != "beta"] == list(bvb.TUNING_FREE)
+
+
 # ----------------------------------------------------------------------------- data
 
 def test_load_mnist_matches_seed_pil_resize(data_dir):
@@ -246,7 +318,9 @@ def test_batches_cover_every_image_once_with_a_short_last_batch():
 # ----------------------------------------------------------------------------- training loop
 
 def tiny_args(**kw):
-    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False)
+    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
+                geco_tolerance=0.01, geco_rate=0.01, controlvae_kl=None, controlvae_kp=0.01, controlvae_ki=0.0001,
+                freebits_lambda=0.25)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -256,10 +330,10 @@ def train_images(data_dir):
     return bvb.load_mnist(data_dir, train=True, subset=0)
 
 
-@pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1), ("bom", None)])
+@pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1)] + [(m, None) for m in bvb.TUNING_FREE])
 def test_every_method_trains_on_tiny_data(train_images, spec):
-    method = bvb.make_method(spec, 16)
     args = tiny_args(epochs=3)
+    method = bvb.make_method(spec, args)
     bvb.seed_everything(0)
     start = {k: v.clone() for k, v in bvb.VAE(16).state_dict().items()}
     run = bvb.train_run(method, train_images, args)
@@ -270,6 +344,8 @@ def test_every_method_trains_on_tiny_data(train_images, spec):
         assert set(run["history"][0]) >= {"s_min", "violations", "skipped_batches", "bottleneck_counts",
                                           "constraints", "squeeze_factor"}
         assert sum(run["history"][0]["bottleneck_counts"].values()) == N_TRAIN
+    for key in method.logged:
+        assert all(math.isfinite(row[key]) for row in run["history"]), key
 
 
 class ImpossibleBOM(bvb.BOMVAE):
@@ -297,8 +373,8 @@ class DivergesAt(bvb.BetaVAE):
         super().__init__(0.001)
         self.n, self.calls = n, 0
 
-    def batch_loss(self, mse, kl, sharp):
-        loss, skip, logs = super().batch_loss(mse, kl, sharp)
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        loss, skip, logs = super().batch_loss(mse, kl, sharp, kl_dims)
         self.calls += 1
         return (loss * float("inf") if self.calls >= self.n else loss), skip, logs
 
@@ -319,8 +395,8 @@ def test_divergence_is_caught_in_its_epoch_at_its_step_and_the_last_good_checkpo
 def test_amp_training_runs_and_keeps_metrics_in_fp32(train_images):
     run = bvb.train_run(bvb.BetaVAE(0.001), train_images, tiny_args(amp=True))
     assert run["status"] == "ok" and math.isfinite(run["history"][0]["mse"])
-    mse, kl, sharp = bvb.forward_metrics(run["model"], train_images[:4].float() / 255, amp=True)
-    assert mse.dtype == kl.dtype == sharp.dtype == torch.float32
+    mse, kl, sharp, kl_dims = bvb.forward_metrics(run["model"], train_images[:4].float() / 255, amp=True)
+    assert mse.dtype == kl.dtype == sharp.dtype == kl_dims.dtype == torch.float32
 
 
 def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_weights(data_dir):
@@ -337,7 +413,7 @@ def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_we
     calibrated = bom_with(bvb.calibrate(seed_model, iter([seed_batch])), latent_dim=16)
     for method in (bvb.BetaVAE(0.001), calibrated):
         torch.manual_seed(1)
-        seed_loss = method.batch_loss(*bvb.vae_metrics(seed_batch, *seed_model(seed_batch)))[0]
+        seed_loss = method.batch_loss(*bvb.vae_metrics(seed_batch, *seed_model(seed_batch)), None)[0]
         torch.manual_seed(1)
         fast_loss = method.batch_loss(*bvb.forward_metrics(fast_model, fast_batch))[0]
         assert fast_loss.item() == pytest.approx(seed_loss.item(), rel=1e-5) and math.isfinite(fast_loss.item())
@@ -548,6 +624,9 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, t
     (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 images there are"),
     (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
     (["--resume", "--overwrite"], "choose one"),
+    (["--geco-tolerance", "0"], "--geco-tolerance must be a finite number > 0"),
+    (["--controlvae-kl", "-5"], "--controlvae-kl must be a finite number > 0"),
+    (["--methods", "all,bom"], "listed twice"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(data_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
