@@ -26,6 +26,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import matplotlib.pyplot as plt
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
@@ -42,13 +43,21 @@ GRAD_CLIP = 1.0                 # max global grad norm, as in the seed
 EVAL_BATCH = 256                # evaluation batch (metrics are per image, so any size gives the same means)
 CURVE_BLOCK = 10                # training curves store means of 10 steps (fewer in epochs under 100 steps)
 LOG_EVERY = 20                  # live progress-bar values are read every 20 steps
-# BOM defaults, all from the seed
-CALIBRATION_BATCHES = 50        # batches of the untrained model that set the initial constraints
+# BOM, all from the seed; the knobs in BOM_DEFAULTS are flags (--bom-kl-scale, ...)
 KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
-SQUEEZE_K = 0.5                 # squeeze gain: factor = 1 - (s_min - 0.5) * k
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
-SQUEEZE_START_EPOCH = 3         # first epoch whose end may squeeze
+BOM_DEFAULTS = {
+    "kl_scale": 1.0,            # multiplies the per-dimension KL targets
+    "squeeze_k": 0.5,           # squeeze gain: factor = 1 - (s_min - 0.5) * k
+    "squeeze_start": 3,         # first epoch whose end may squeeze
+    "calib_batches": 50,        # batches of the untrained model that set the initial constraints
+    "mse_floor_mult": 2.0,      # mse_floor = mult * max MSE
+    "kl_low_mult": 0.1,         # kl_floor_low = mult * min KL
+    "kl_high_mult": 50.0,       # kl_floor_high = mult * max KL
+}
+BOM_SENSITIVITY = {"kl_scale": (0.5, 2.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
+CLASSIFIER_EPOCHS = 2           # training epochs of the feature classifier behind the Fréchet distances
 # the other tuning-free methods
 GECO_ALPHA = 0.99               # GECO: moving average of the constraint
 GECO_LAMBDA_RANGE = (1e-3, 1e6)  # GECO: λ is clamped to this range
@@ -96,6 +105,24 @@ def build_parser():
     p.add_argument("--controlvae-kp", type=float, default=0.01, help="ControlVAE: proportional gain")
     p.add_argument("--controlvae-ki", type=float, default=0.0001, help="ControlVAE: integral gain")
     p.add_argument("--freebits-lambda", type=float, default=0.25, help="free bits: KL floor per latent dim (nats)")
+    p.add_argument("--bom-kl-scale", type=float, default=1.0, help="BOM: multiplies its per-dimension KL targets")
+    p.add_argument("--bom-squeeze-k", type=float, default=0.5, help="BOM: squeeze gain k")
+    p.add_argument("--bom-squeeze-start", type=int, default=3, help="BOM: first epoch that may squeeze")
+    p.add_argument("--bom-calib-batches", type=int, default=50, help="BOM: calibration batches")
+    p.add_argument("--bom-mse-floor-mult", type=float, default=2.0, help="BOM: mse_floor = mult · max MSE")
+    p.add_argument("--bom-kl-low-mult", type=float, default=0.1, help="BOM: kl_floor_low = mult · min KL")
+    p.add_argument("--bom-kl-high-mult", type=float, default=50.0, help="BOM: kl_floor_high = mult · max KL")
+    p.add_argument("--bom-sensitivity", action="store_true",
+                   help="also run BOM with each of kl-scale, squeeze-k, mse-floor-mult halved/doubled-ish "
+                        "(see BOM_SENSITIVITY), to compare its spread with β-VAE's across β")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every method once per seed (default: --seed alone)")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="hold out the last N training images for choosing β (0 = train on all, no selection)")
+    p.add_argument("--iw-samples", type=int, default=100, help="importance samples of the IWAE NLL bound")
+    p.add_argument("--shard", default=None, help="K/N: run only the K-th of N slices of the (method, seed) grid")
+    p.add_argument("--report", action="store_true",
+                   help="rebuild tables, figures and verdict from the run files in --out (no training)")
     p.add_argument("--no-plots", action="store_true", help="skip the four figures")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
@@ -164,7 +191,15 @@ def parse_args(argv=None):
                              ("--benchmark-repeats", args.benchmark_repeats, 1)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for flag, value, low in (("--val-size", args.val_size, 0), ("--iw-samples", args.iw_samples, 1),
+                             ("--bom-squeeze-start", args.bom_squeeze_start, 1),
+                             ("--bom-calib-batches", args.bom_calib_batches, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--lr", args.lr), ("--geco-tolerance", args.geco_tolerance), ("--geco-rate", args.geco_rate),
+                        ("--bom-kl-scale", args.bom_kl_scale), ("--bom-squeeze-k", args.bom_squeeze_k),
+                        ("--bom-mse-floor-mult", args.bom_mse_floor_mult), ("--bom-kl-low-mult", args.bom_kl_low_mult),
+                        ("--bom-kl-high-mult", args.bom_kl_high_mult),
                         ("--controlvae-kp", args.controlvae_kp), ("--controlvae-ki", args.controlvae_ki),
                         ("--freebits-lambda", args.freebits_lambda),
                         ("--controlvae-kl", 1.0 if args.controlvae_kl is None else args.controlvae_kl)):
@@ -173,6 +208,19 @@ def parse_args(argv=None):
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
     args.method_specs = parse_methods(args.methods)
+    if args.bom_sensitivity:
+        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOM_SENSITIVITY.items()
+                              for value in values]
+    args.seeds = args.seeds if args.seeds is not None else [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds: a seed is listed twice ({' '.join(map(str, args.seeds))})")
+    if args.shard is not None:
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise UsageError(f"--shard must be K/N with 1 <= K <= N, got '{args.shard}'")
+        args.shard = (int(k), int(n))
+    if sum((args.benchmark, args.report, args.shard is not None)) > 1:
+        raise UsageError("--benchmark, --report and --shard are separate modes: use one")
     args.torch_device = resolve_device(args.device)
     return args
 
@@ -186,8 +234,9 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------- data
 
 
-def load_mnist(data_dir, train, subset):
-    """MNIST digits as uint8 (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's Resize(64))."""
+def load_mnist(data_dir, train):
+    """One MNIST file pair through torchvision: digits as uint8 (N, 1, 64, 64), resized once (bilinear,
+    byte-identical to PIL's Resize(64)), and their labels."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
     log = io.StringIO()
@@ -200,24 +249,47 @@ def load_mnist(data_dir, train, subset):
         raise UsageError(f"MNIST not found in {os.path.abspath(raw)} and could not be downloaded: "
                          f"put the four raw files there ({', '.join(MNIST_RAW_FILES)}) "
                          f"or point --data-dir at their parent folder") from None
-    digits = ds.data
-    if subset > len(digits):
-        raise UsageError(f"--{'train' if train else 'test'}-subset {subset} is larger than the "
-                         f"{len(digits)} images there are")
-    if subset:
-        digits = digits[:subset]
-    return TF.resize(digits.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
-                     interpolation=InterpolationMode.BILINEAR, antialias=True)
+    images = TF.resize(ds.data.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
+                       interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return images, ds.targets
+
+
+def load_splits(args, device):
+    """train: the training file's first N − --val-size images (or the first --train-subset of them);
+    val: its last --val-size images; test: the test file's images (or the first --test-subset)."""
+    images, labels = load_mnist(args.data_dir, train=True)
+    n_train = len(images) - args.val_size
+    if n_train < 1:
+        raise UsageError(f"--val-size {args.val_size} leaves no training images of {len(images)}")
+    if args.train_subset > n_train:
+        raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} training images there are"
+                         + (f" after holding out --val-size {args.val_size}" if args.val_size else ""))
+    test_images, test_labels = load_mnist(args.data_dir, train=False)
+    if args.test_subset > len(test_images):
+        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images there are")
+    keep = args.train_subset or n_train
+    splits = {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
+              "classifier": (images[:n_train], labels[:n_train]),
+              "test": (test_images[:args.test_subset or len(test_images)], test_labels[:args.test_subset or None])}
+    return {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+
+
+def as_float(images):
+    return images.float().div_(255)
+
+
+def index_batches(n, batch_size, generator=None, device="cpu"):
+    """Index tensors of consecutive batches over n items, shuffled when a generator is given. The last
+    batch may be smaller, as with a DataLoader's default drop_last=False."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return order.to(device).split(batch_size)
 
 
 def batches(images, batch_size, generator=None):
-    """Float batches in [0, 1] from resident uint8 images; shuffled when a generator is given.
-    The last batch may be smaller, as with a DataLoader's default drop_last=False."""
-    n = images.shape[0]
-    order = torch.randperm(n, generator=generator).to(images.device) if generator is not None else None
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-        yield images[idx].float().div_(255)
+    """Float batches in [0, 1] from resident uint8 images."""
+    for idx in index_batches(images.shape[0], batch_size, generator, images.device):
+        yield as_float(images[idx])
+
 
 # ----------------------------------------------------------------------------- model
 
@@ -326,9 +398,10 @@ BOTTLENECKS = ("mse", "kl", "sharp")
 
 
 @torch.no_grad()
-def calibrate(model, batch_iter, n_batches=CALIBRATION_BATCHES):
+def calibrate(model, batch_iter, n_batches=BOM_DEFAULTS["calib_batches"], mse_floor_mult=2.0, kl_low_mult=0.1,
+              kl_high_mult=50.0):
     """Initial constraints from the untrained model on n_batches: mse_floor = 2·max MSE,
-    kl box = [0.1·min KL, mean KL, 50·max KL], sharp_ceiling = mean sharpness."""
+    kl box = [0.1·min KL, mean KL, 50·max KL], sharp_ceiling = mean sharpness (default multipliers)."""
     model.train()
     mse, kl, sharp = [], [], []
     for i, x in enumerate(batch_iter):
@@ -337,12 +410,12 @@ def calibrate(model, batch_iter, n_batches=CALIBRATION_BATCHES):
         m, k, s, _ = forward_metrics(model, x)
         mse.append(m), kl.append(k), sharp.append(s)
     mse, kl, sharp = torch.cat(mse), torch.cat(kl), torch.cat(sharp)
-    return {"mse_floor": 2.0 * mse.max().item(), "kl_floor_low": 0.1 * kl.min().item(),
-            "kl_optimum": kl.mean().item(), "kl_floor_high": 50.0 * kl.max().item(),
+    return {"mse_floor": mse_floor_mult * mse.max().item(), "kl_floor_low": kl_low_mult * kl.min().item(),
+            "kl_optimum": kl.mean().item(), "kl_floor_high": kl_high_mult * kl.max().item(),
             "sharp_ceiling": sharp.mean().item()}
 
 
-def squeeze_factor(s_min, k=SQUEEZE_K, threshold=SQUEEZE_THRESHOLD, min_factor=SQUEEZE_MIN_FACTOR):
+def squeeze_factor(s_min, k=BOM_DEFAULTS["squeeze_k"], threshold=SQUEEZE_THRESHOLD, min_factor=SQUEEZE_MIN_FACTOR):
     """max(min_factor, 1 − (s_min − threshold)·k) when s_min > threshold, else 1.0 (no squeeze)."""
     if not s_min > threshold:
         return 1.0
@@ -405,21 +478,26 @@ class BOMVAE(Method):
     """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
     score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5."""
 
-    kind = name = "bom"
+    kind = "bom"
 
-    def __init__(self, latent_dim):
-        self.kl_targets = tuple(t * latent_dim for t in KL_TARGETS_PER_DIM)
+    def __init__(self, latent_dim, variant=(), **knobs):
+        """knobs: BOM_DEFAULTS' keys; `variant` names the knobs a sensitivity run changed (its name says them)."""
+        self.knobs = dict(BOM_DEFAULTS, **knobs)
+        self.variant = tuple(variant)
+        self.name = "bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant)
+        self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
 
     def settings(self):
-        return {"kl_targets": list(self.kl_targets), "squeeze_k": SQUEEZE_K, "squeeze_threshold": SQUEEZE_THRESHOLD,
-                "squeeze_min_factor": SQUEEZE_MIN_FACTOR, "squeeze_start_epoch": SQUEEZE_START_EPOCH,
-                "calibration_batches": CALIBRATION_BATCHES}
+        return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
+                    squeeze_min_factor=SQUEEZE_MIN_FACTOR)
 
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
-        self.calibration = calibrate(model, batches(images, batch_size, calib_order))
+        k = self.knobs
+        self.calibration = calibrate(model, batches(images, batch_size, calib_order), k["calib_batches"],
+                                     k["mse_floor_mult"], k["kl_low_mult"], k["kl_high_mult"])
         self.constraints = dict(self.calibration)
         c = self.calibration
         print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
@@ -444,7 +522,7 @@ class BOMVAE(Method):
         steps = sums["steps"]
         s_min = sums["s_min_stepped"] / steps if steps else 0.0   # the seed's mean over stepped batches
         used = dict(self.constraints)
-        factor = squeeze_factor(s_min) if epoch >= SQUEEZE_START_EPOCH else 1.0
+        factor = squeeze_factor(s_min, self.knobs["squeeze_k"]) if epoch >= self.knobs["squeeze_start"] else 1.0
         if factor < 1.0:
             self.constraints = squeeze(self.constraints, factor, self.kl_targets)
         counts = sums["bottleneck_counts"]
@@ -576,7 +654,9 @@ def make_method(spec, args):
     if kind == "beta":
         return BetaVAE(value)
     if kind == "bom":
-        return BOMVAE(args.latent_dim)
+        knobs = {k: getattr(args, f"bom_{k}") for k in BOM_DEFAULTS}
+        variant = dict(value or ())
+        return BOMVAE(args.latent_dim, variant=variant, **dict(knobs, **variant))
     if kind == "geco":
         return GECO(args.geco_tolerance, args.geco_rate)
     if kind == "controlvae":
@@ -589,7 +669,7 @@ def make_method(spec, args):
 
 def run_fingerprint(method, args, n_train):
     """The settings a run's checkpoint must share with the command that resumes it."""
-    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
 
 
@@ -732,11 +812,18 @@ def load_checkpoint(path, fingerprint):
     except Exception as e:
         raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
                          f"delete it or rerun with --overwrite") from None
-    differs = [f"{k} {saved.get(k)!r} there, {v!r} now" for k, v in fingerprint.items() if saved.get(k) != v]
-    if differs:
-        raise UsageError(f"checkpoint {path} was written with other settings ({'; '.join(differs)}): "
-                         f"use another --out, or --overwrite to start again")
+    check_fingerprint(path, saved, fingerprint)
     return state
+
+
+def check_fingerprint(path, saved, fingerprint):
+    """UsageError naming the file and each setting that differs between a saved run and this command."""
+    fingerprint = json_safe(fingerprint)
+    differs = [f"{k} {json_safe(saved.get(k))!r} there, {v!r} now" for k, v in fingerprint.items()
+               if json_safe(saved.get(k)) != v]
+    if differs:
+        raise UsageError(f"{path} was written with other settings ({'; '.join(differs)}): "
+                         f"use another --out, or --overwrite to start again")
 
 
 def restore_checkpoint(state, run, optimizer, method, order):
@@ -763,7 +850,7 @@ def mark_diverged(path, run, fingerprint):
 
 @torch.no_grad()
 def evaluate(model, images, seed):
-    """Mean test MSE, KL and sharpness per image (z sampled from q(z|x), seeded so every model sees the same noise)."""
+    """Mean MSE, KL and sharpness per image (z sampled from q(z|x), seeded so every model sees the same noise)."""
     model.eval()
     torch.manual_seed(seed)
     totals = torch.zeros(3, device=images.device)
@@ -778,6 +865,144 @@ def data_sharpness(images):
     """Mean sharpness of the images themselves: a reconstruction sharper than this is noise, not detail."""
     total = sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH))
     return total / images.shape[0]
+
+
+def gaussian_log_likelihood(sq_error_sum, sigma2):
+    """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²: −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
+    return -sq_error_sum / (2 * sigma2) - IMAGE_PIXELS / 2 * math.log(2 * math.pi * sigma2)
+
+
+def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
+    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound on −log p(x)
+    that tightens with K (K = 1 is a one-sample −ELBO). Decoder: Gaussian with variance σ²."""
+    std, d = torch.exp(0.5 * logvar), mu.shape[1]
+    log_w = []
+    for start in range(0, samples, chunk):
+        k = min(chunk, samples - start)
+        eps = torch.randn(k, *mu.shape, device=mu.device)
+        z = mu + eps * std
+        x_recon = model.decode(z.flatten(0, 1)).view(k, x.shape[0], -1)
+        log_px = gaussian_log_likelihood((x_recon - x.flatten(1)).pow(2).sum(-1), sigma2)
+        log_pz = -0.5 * (z.pow(2).sum(-1) + d * math.log(2 * math.pi))
+        log_qz = -0.5 * (eps.pow(2).sum(-1) + logvar.sum(-1) + d * math.log(2 * math.pi))
+        log_w.append(log_px + log_pz - log_qz)
+    return -(torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples))
+
+
+def active_units(mu, threshold=0.01):
+    """Latent dimensions whose posterior mean varies over the data: Var_x(E_q[z_d|x]) > 0.01."""
+    return int((mu.var(dim=0) > threshold).sum())
+
+
+def frechet_distance(a, b):
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets (rows)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()   # Tr (Σ_a Σ_b)^½
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+class DigitClassifier(nn.Module):
+    """A small MNIST CNN on the 64x64 digits; its 128-d penultimate layer is the feature space of the
+    Fréchet distances."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Conv2d(128, 128, 3, 2, 1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def classify(classifier, images):
+    """(features, predicted labels) of uint8 or float images, in evaluation batches."""
+    classifier.eval()
+    feats = torch.cat([classifier.features(x if x.is_floating_point() else as_float(x))
+                       for x in images.split(EVAL_BATCH)])
+    return feats, classifier.head(feats).argmax(1)
+
+
+def get_classifier(splits, args):
+    """The feature network: trained once (seeded) on the whole training split, whatever --train-subset the
+    VAEs use, cached in --out/classifier.pt; returns it with its test accuracy."""
+    path = os.path.join(args.out, "classifier.pt")
+    (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
+    fingerprint = {"train_images": train_x.shape[0], "epochs": CLASSIFIER_EPOCHS}
+    torch.manual_seed(0)
+    classifier = DigitClassifier().to(train_x.device)
+    if os.path.exists(path):
+        try:
+            state = torch.load(path, map_location=train_x.device, weights_only=True)
+            if state["fingerprint"] == fingerprint:
+                classifier.load_state_dict(state["model"])
+                return classifier, state["test_accuracy"]
+        except Exception:
+            pass                                          # a cache: retrain below
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(0)
+    classifier.train()
+    for epoch in range(CLASSIFIER_EPOCHS):
+        for idx in tqdm(index_batches(train_x.shape[0], 128, order, train_x.device), leave=False,
+                        desc=f"feature classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}", disable=args.no_progress):
+            loss = nn.functional.cross_entropy(classifier(as_float(train_x[idx])), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    accuracy = float((classify(classifier, test_x)[1] == test_y).float().mean())
+    print(f"Feature classifier: {accuracy:.2%} test accuracy (cached in {path})")
+    save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict(), "test_accuracy": accuracy})
+    return classifier, accuracy
+
+
+@torch.no_grad()
+def heldout_metrics(model, images, labels, sigma2, classifier, reference_features, args, seed):
+    """Per image means over a split: the notebook's MSE, KL and sharpness; −ELBO in nats under a Gaussian
+    decoder of variance σ²; the IWAE bound on −log p(x) with --iw-samples samples; active units; Fréchet
+    distances (classifier features) of reconstructions and of prior samples to the split's images; the
+    classifier's accuracy on reconstructions."""
+    model.eval()
+    torch.manual_seed(seed)
+    parts = {key: [] for key in ("mse", "kl", "sharp", "iwae", "mu", "features", "correct")}
+    for idx in index_batches(images.shape[0], EVAL_BATCH, device=images.device):
+        x = as_float(images[idx])
+        x_recon, mu, logvar = model(x)
+        for key, value in zip(("mse", "kl", "sharp"), vae_metrics(x, x_recon, mu, logvar)):
+            parts[key].append(value)
+        parts["iwae"].append(iwae_nll(model, x, mu, logvar, sigma2, args.iw_samples))
+        parts["mu"].append(mu)
+        features = classifier.features(x_recon)
+        parts["features"].append(features)
+        parts["correct"].append(classifier.head(features).argmax(1) == labels[idx])
+    p = {key: torch.cat(value) for key, value in parts.items()}
+    z = torch.randn(images.shape[0], model.latent_dim, device=images.device)
+    prior_features = torch.cat([classifier.features(model.decode(chunk)) for chunk in z.split(EVAL_BATCH)])
+    neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * p["mse"], sigma2) + p["kl"]
+    return {"mse": p["mse"].mean().item(), "kl": p["kl"].mean().item(), "sharp": p["sharp"].mean().item(),
+            "neg_elbo": neg_elbo.mean().item(), "iwae_nll": p["iwae"].mean().item(),
+            "active_units": active_units(p["mu"]), "fd_recon": frechet_distance(reference_features, p["features"]),
+            "fd_prior": frechet_distance(reference_features, prior_features),
+            "recon_accuracy": p["correct"].float().mean().item()}
+
+
+def evaluate_run(model, splits, classifier, references, args, seed):
+    """Validation and test metrics of a trained model; σ² of the Gaussian decoder is its validation MSE
+    (or the test MSE when there is no validation split), fitted the same way for every model."""
+    fit_split = "val" if args.val_size else "test"
+    sigma2 = evaluate(model, splits[fit_split][0], seed)["mse"]
+    if not (math.isfinite(sigma2) and sigma2 > 0):
+        return {"sigma2": sigma2}
+    out = {"sigma2": sigma2}
+    for split in (("val", "test") if args.val_size else ("test",)):
+        images, labels = splits[split]
+        out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split], args, seed)
+    return out
 
 # ----------------------------------------------------------------------------- benchmark
 
@@ -940,73 +1165,262 @@ def fmt(value, digits):
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-SUMMARY_FIELDS = ("method", "seed", "test_mse", "test_kl", "test_sharp", "train_seconds", "status")
+# metric: (label, digits, direction: +1 higher is better, −1 lower is better, 0 neither)
+METRICS = {
+    "mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
+    "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1), "active_units": ("active units", 1, 0),
+    "fd_recon": ("FD recon", 2, -1), "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1),
+}
+VERDICT_METRICS = ("neg_elbo", "iwae_nll", "fd_prior", "fd_recon", "recon_accuracy")
 
 
-def balanced_score(row):
-    """The seed's balanced score: 1/(MSE + 0.001) · 1/(|KL − 100| + 10) · sharpness (peaks at KL = 100)."""
-    return 1.0 / (row["test_mse"] + 0.001) * 1.0 / (abs(row["test_kl"] - 100) + 10) * row["test_sharp"]
+def mean_ci(values):
+    """(mean, half-width of the 95% Student-t interval); the half-width is nan for fewer than 2 values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, float(scipy.stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def relative(a, b):
-    return f"{100 * (a - b) / b:+.1f}%"
+def fmt(value, digits):
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def analysis(rows):
-    """The seed's analysis, computed: best β by test MSE, balanced score, BOM vs the best β."""
-    betas = [r for r in rows if r["method"].startswith("beta_") and r["status"] == "ok"]
-    bom = next((r for r in rows if r["method"] == "bom"), None)
-    lines = []
-    not_ok = [f"{r['method']} ({r['status']})" for r in rows if r["status"] not in ("ok", "reference")]
-    if not_ok:
-        lines.append(f"Runs left out of the comparison: {', '.join(not_ok)}.")
-    if betas:
-        best = min(betas, key=lambda r: r["test_mse"])
-        lines.append(f"Best β-VAE by test MSE: {best['method']} (MSE={best['test_mse']:.4f}).")
-    if bom is not None and bom["status"] == "ok":
-        lines.append(f"BOM-VAE: MSE={bom['test_mse']:.4f}, KL={bom['test_kl']:.1f}, sharpness={bom['test_sharp']:.4f}.")
-    if betas:
-        best_bal = max(betas, key=balanced_score)
-        lines.append(f"Best β-VAE by balanced score: {best_bal['method']} (score={balanced_score(best_bal):.4f}).")
-    if betas and bom is not None and bom["status"] == "ok":
-        lines.append(f"BOM-VAE balanced score: {balanced_score(bom):.4f}.")
-        mse_verdict = "lower (better)" if bom["test_mse"] < best["test_mse"] else "not lower"
-        bal_verdict = "higher (better)" if balanced_score(bom) > balanced_score(best_bal) else "not higher"
-        lines.append(f"BOM vs best β by MSE ({best['method']}): MSE {relative(bom['test_mse'], best['test_mse'])}"
-                     f" ({mse_verdict}), KL {bom['test_kl']:.1f} vs {best['test_kl']:.1f},"
-                     f" sharpness {bom['test_sharp']:.4f} vs {best['test_sharp']:.4f}.")
-        lines.append(f"BOM vs best β by balanced score ({best_bal['method']}): "
-                     f"{balanced_score(bom):.4f} vs {balanced_score(best_bal):.4f} ({bal_verdict}).")
+def fmt_ci(mean, half, digits):
+    return fmt(mean, digits) + ("" if not math.isfinite(half) else f" ± {half:.{digits}f}")
+
+
+def method_order(record):
+    if record["kind"] == "beta":
+        return (0, record["settings"]["beta"], "")
+    return (1 + bool(record["variant"]), TUNING_FREE.index(record["kind"]), record["name"])
+
+
+def load_runs(out):
+    """Every run file in --out/runs, ordered by method (β ascending, then the tuning-free methods) and seed."""
+    folder = os.path.join(out, "runs")
+    records = []
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if file.endswith(".json"):
+            with open(os.path.join(folder, file)) as f:
+                records.append(json.load(f))
+    return sorted(records, key=lambda r: (method_order(r), r["seed"]))
+
+
+def metric(record, split, key):
+    value = record.get(split, {}).get(key) if record["status"] != "diverged" else None
+    return float("nan") if value is None else value
+
+
+def aggregate(records):
+    """Per method: seeds, statuses, mean ± CI of every test and validation metric and of the train time."""
+    methods = {}
+    for r in records:
+        m = methods.setdefault(r["name"], {"name": r["name"], "kind": r["kind"], "variant": r["variant"],
+                                           "settings": r["settings"], "runs": []})
+        m["runs"].append(r)
+    betas = sum(1 for m in methods.values() if m["kind"] == "beta")
+    for m in methods.values():
+        ok = [r for r in m["runs"] if r["status"] != "diverged"]
+        m["seeds"] = [r["seed"] for r in m["runs"]]
+        m["statuses"] = sorted({r["status"] for r in m["runs"]})
+        m["test"] = {k: mean_ci([metric(r, "test", k) for r in ok]) for k in METRICS}
+        m["val"] = {k: mean_ci([metric(r, "val", k) for r in ok]) for k in METRICS}
+        m["train_seconds"] = mean_ci([r["train_seconds"] for r in m["runs"]])
+        m["runs_to_choose"] = betas if m["kind"] == "beta" else 1
+    return methods
+
+
+def choose_betas(methods):
+    """For each metric, the β whose mean validation value is best (β runs that all finished only)."""
+    betas = [m for m in methods.values() if m["kind"] == "beta" and m["statuses"] == ["ok"]]
+    chosen = {}
+    for key, (_, _, direction) in METRICS.items():
+        candidates = [m for m in betas if math.isfinite(m["val"][key][0])]
+        if direction and candidates:
+            chosen[key] = max(candidates, key=lambda m: direction * m["val"][key][0])["name"]
+    return chosen
+
+
+def paired_difference(a, b, key):
+    """Test-metric differences a − b over the seeds both ran without diverging: (mean, CI half-width, n)."""
+    b_by_seed = {r["seed"]: r for r in b["runs"] if r["status"] != "diverged"}
+    diffs = [metric(r, "test", key) - metric(b_by_seed[r["seed"]], "test", key)
+             for r in a["runs"] if r["status"] != "diverged" and r["seed"] in b_by_seed]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    return (*mean_ci(diffs), len(diffs))
+
+
+def judge(mean, half, direction):
+    """better | worse | no difference at 95% | undetermined (one seed), from the side of the CI."""
+    if not math.isfinite(half):
+        return "undetermined"
+    lo, hi = sorted((direction * (mean - half), direction * (mean + half)))     # > 0 means better
+    return "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
+
+
+def verdict(methods, chosen):
+    """Each tuning-free method against the β chosen on validation for each verdict metric, paired by seed."""
+    rows = []
+    for m in methods.values():
+        if m["kind"] == "beta" or m["variant"]:
+            continue
+        for key in VERDICT_METRICS:
+            if key not in chosen:
+                continue
+            mean, half, n = paired_difference(m, methods[chosen[key]], key)
+            rows.append({"method": m["name"], "metric": key, "beta": chosen[key], "difference": mean, "ci": half,
+                         "n": n, "judgement": judge(mean, half, METRICS[key][2])})
+    return rows
+
+
+def overall(rows, name):
+    """The statement about one method, derived from its verdict rows."""
+    mine = [r for r in rows if r["method"] == name]
+    label = "BOM-VAE" if name == "bom" else name
+    if not mine:
+        return f"{label}: no verdict (no validation-chosen β-VAE to compare with)."
+    worse = [METRICS[r["metric"]][0] for r in mine if r["judgement"] == "worse"]
+    better = [METRICS[r["metric"]][0] for r in mine if r["judgement"] == "better"]
+    if any(r["judgement"] == "undetermined" for r in mine):
+        return (f"{label}: undetermined: with {max(r['n'] for r in mine)} paired seed(s) there is no confidence "
+                f"interval; run more seeds (--seeds 0 1 2 ...).")
+    if worse:
+        return (f"{label} does not match the validation-chosen β-VAE: worse at 95% confidence on "
+                f"{', '.join(worse)}" + (f" (better on {', '.join(better)})" if better else "") + ".")
+    if len(better) == len(mine):
+        return f"{label} beats the validation-chosen β-VAE on every held-out metric at 95% confidence."
+    return (f"{label} matches the validation-chosen β-VAE: worse on no held-out metric at 95% confidence"
+            + (f", better on {', '.join(better)}" if better else "") + f" ({mine[0]['n']} paired seeds).")
+
+
+def sensitivity(methods):
+    """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid."""
+    boms = [m for m in methods.values() if m["kind"] == "bom"]
+    betas = [m for m in methods.values() if m["kind"] == "beta"]
+    if len(boms) < 2:
+        return []
+    lines = [f"| metric | BOM: range over its {len(boms)} settings | β-VAE: range over its {len(betas)} βs |",
+             "|---|---|---|"]
+    for key in VERDICT_METRICS + ("mse", "kl"):
+        label, digits, _ = METRICS[key]
+        spread = lambda group: [m["test"][key][0] for m in group if math.isfinite(m["test"][key][0])]
+        bom, beta = spread(boms), spread(betas)
+        lines.append(f"| {label} | {fmt(min(bom), digits) if bom else 'n/a'} … {fmt(max(bom), digits) if bom else 'n/a'}"
+                     f" (spread {fmt(max(bom) - min(bom), digits) if bom else 'n/a'}) | "
+                     f"{fmt(min(beta), digits) if beta else 'n/a'} … {fmt(max(beta), digits) if beta else 'n/a'}"
+                     f" (spread {fmt(max(beta) - min(beta), digits) if beta else 'n/a'}) |")
     return lines
 
 
-def write_summary(out, rows, config, lines):
-    write_json(os.path.join(out, "summary.json"), {"config": config, "runs": rows, "analysis": lines})
+def balanced_score(mse, kl, sharp):
+    """The notebook's balanced score: 1/(MSE + 0.001) · 1/(|KL − 100| + 10) · sharpness (peaks at KL = 100)."""
+    return 1.0 / (mse + 0.001) * 1.0 / (abs(kl - 100) + 10) * sharp
+
+
+def notebook_analysis(methods):
+    """The notebook's analysis, computed on seed means with β chosen on validation (not on test)."""
+    betas = [m for m in methods.values() if m["kind"] == "beta" and m["statuses"] == ["ok"]]
+    bom = methods.get("bom")
+    lines = []
+    score = lambda m, split: balanced_score(*(m[split][k][0] for k in ("mse", "kl", "sharp")))
+    if betas and math.isfinite(betas[0]["val"]["mse"][0]):
+        best = min(betas, key=lambda m: m["val"]["mse"][0])
+        lines.append(f"Best β-VAE by validation MSE: {best['name']} (test MSE {best['test']['mse'][0]:.4f}).")
+        best_bal = max(betas, key=lambda m: score(m, "val"))
+        lines.append(f"Best β-VAE by the notebook's balanced score on validation: {best_bal['name']} "
+                     f"(test score {score(best_bal, 'test'):.4f}).")
+        if bom is not None and math.isfinite(bom["test"]["mse"][0]):
+            lines.append(f"BOM-VAE: test MSE {bom['test']['mse'][0]:.4f} "
+                         f"({100 * (bom['test']['mse'][0] / best['test']['mse'][0] - 1):+.1f}% vs {best['name']}), "
+                         f"balanced score {score(bom, 'test'):.4f} vs {score(best_bal, 'test'):.4f} "
+                         f"({'higher' if score(bom, 'test') > score(best_bal, 'test') else 'not higher'}).")
+    return lines
+
+
+SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for k in METRICS),
+                  *(f"val_{k}" for k in METRICS))
+
+
+def write_report(out, records, reference, config):
+    """summary.json/.csv/.md from the run records; returns the summary dict."""
+    methods = aggregate(records)
+    chosen = choose_betas(methods)
+    rows = verdict(methods, chosen)
+    statements = [overall(rows, m["name"]) for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
+    analysis = notebook_analysis(methods)
+    per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
+                 **{f"test_{k}": metric(r, "test", k) for k in METRICS},
+                 **{f"val_{k}": metric(r, "val", k) for k in METRICS}} for r in records]
+    per_seed.append({"method": "data", "seed": None, "status": "reference", "train_seconds": None,
+                     **{f"test_{k}": None for k in METRICS}, **{f"val_{k}": None for k in METRICS},
+                     "test_sharp": reference["test_data_sharpness"]})
+    summary = {"config": config, "reference": reference, "runs": per_seed,
+               "methods": {name: {k: m[k] for k in ("kind", "variant", "seeds", "statuses", "test", "val",
+                                                    "train_seconds", "runs_to_choose")}
+                           for name, m in methods.items()},
+               "chosen_beta": chosen, "verdict": rows, "statements": statements, "analysis": analysis,
+               "sensitivity": sensitivity(methods)}
+    write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_FIELDS})
+    for r in per_seed:
+        writer.writerow({k: ("" if r.get(k) is None or (isinstance(r[k], float) and not math.isfinite(r[k]))
+                             else r[k]) for k in SUMMARY_FIELDS})
     write_text(os.path.join(out, "summary.csv"), table.getvalue())
-    md = ["# BOM-VAE vs β-VAE: test metrics", "",
-          f"epochs={config['epochs']}, seed={config['seed']}, train images={config['train_images']}, "
-          f"test images={config['test_images']}, device={config['device']}", "",
-          "| method | seed | MSE ↓ | KL | sharpness | train s | status |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['method']} | {'' if r['seed'] is None else r['seed']} | {fmt(r['test_mse'], 4)} | {fmt(r['test_kl'], 1)} | "
-                  f"{fmt(r['test_sharp'], 4)} | {fmt(r['train_seconds'], 1)} | {r['status']} |")
-    md += ["", "`data` is the test images' own sharpness: a reconstruction sharper than it is noise, not detail.",
-           "", "## Analysis", ""] + [f"- {line}" for line in lines]
-    write_text(os.path.join(out, "summary.md"), "\n".join(md) + "\n")
-    print_table(rows)
+    write_text(os.path.join(out, "summary.md"), summary_markdown(summary, methods, config))
+    print("\n" + summary_markdown(summary, methods, config))
+    return summary
 
 
-def print_table(rows):
-    print("\n" + "=" * 72 + "\nFINAL RESULTS (test set)\n" + "=" * 72)
-    print(f"{'method':<16} {'MSE':>10} {'KL':>10} {'sharpness':>10} {'train s':>9}  status")
-    for r in rows:
-        print(f"{r['method']:<16} {fmt(r['test_mse'], 4):>10} {fmt(r['test_kl'], 1):>10} "
-              f"{fmt(r['test_sharp'], 4):>10} {fmt(r['train_seconds'], 1):>9}  {r['status']}")
+def summary_markdown(summary, methods, config):
+    seeds = sorted({s for m in methods.values() for s in m["seeds"]})
+    md = ["# BOM-VAE vs β-VAE", "",
+          f"{config['epochs']} epochs, seeds {' '.join(map(str, seeds))}, {config['train_images']} training / "
+          f"{config['val_images']} validation / {config['test_images']} test images, "
+          f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}.", "",
+          "## Test metrics (mean ± 95% CI over seeds)", "",
+          "| method | seeds | runs to choose its setting | " + " | ".join(METRICS[k][0] for k in METRICS)
+          + " | train s | status |", "|" + "---|" * (len(METRICS) + 5)]
+    for m in methods.values():
+        md.append(f"| {m['name']} | {len(m['seeds'])} | {m['runs_to_choose']} | "
+                  + " | ".join(fmt_ci(*m["test"][k], METRICS[k][1]) for k in METRICS)
+                  + f" | {fmt_ci(*m['train_seconds'], 1)} | {', '.join(m['statuses'])} |")
+    ref = summary["reference"]
+    md += ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f} (a reconstruction "
+           f"sharper than that is noise, not detail); the feature classifier behind the Fréchet distances (FD) "
+           f"has {ref['classifier_test_accuracy']:.2%} test accuracy. −ELBO and IWAE use a Gaussian decoder "
+           f"whose σ² is each model's validation MSE. Runs to choose its setting: β-VAE needs its whole β grid "
+           f"per seed to pick β on validation; the other methods run once with their defaults."]
+    if summary["chosen_beta"]:
+        md += ["", "## β chosen on validation (per metric)", "",
+               "| metric | chosen β-VAE |", "|---|---|"]
+        md += [f"| {METRICS[k][0]} | {name} |" for k, name in summary["chosen_beta"].items()]
+    if summary["analysis"]:
+        md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
+    if summary["sensitivity"]:
+        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]
+    md += ["", "## Verdict: does BOM match or beat β-VAE without tuning?", ""]
+    if summary["verdict"]:
+        names = list(dict.fromkeys(r["method"] for r in summary["verdict"]))
+        md += ["Difference on the test set, method − validation-chosen β-VAE, paired by seed, mean ± 95% CI; "
+               "the word says which side the interval lies on.", "",
+               "| metric | chosen β | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+        for key in VERDICT_METRICS:
+            cells = [r for r in summary["verdict"] if r["metric"] == key]
+            if cells:
+                arrow = "lower" if METRICS[key][2] < 0 else "higher"
+                md.append(f"| {METRICS[key][0]} ({arrow} is better) | {cells[0]['beta']} | " + " | ".join(
+                    f"{fmt_ci(r['difference'], r['ci'], METRICS[key][1])} {r['judgement']}" for r in cells) + " |")
+        md.append("")
+    else:
+        md += ["No verdict: it needs β-VAE runs with a validation split (--val-size > 0) and tuning-free runs.", ""]
+    md += [f"- {statement}" for statement in summary["statements"]]
+    return "\n".join(md) + "\n"
 
 
 def finish_figure(fig, path):
@@ -1017,19 +1431,25 @@ def finish_figure(fig, path):
     plt.close(fig)
 
 
-def plot_training(runs, data_sharp, path):
-    """Training MSE (log), KL and sharpness per block of steps, x in epochs; data sharpness as a line."""
+def plot_training(records, data_sharp, path):
+    """Training MSE (log), KL and sharpness against epochs, mean over seeds per method (the shortest run's
+    length); the data's own sharpness as a dashed line. BOM's sensitivity runs are left out."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, run in runs.items():
-        curve = np.array(run["curve"], dtype=float).reshape(-1, 4)
-        marker = "o" if len(curve) < 30 else None
+    curves = {}
+    for r in records:
+        if not r["variant"] and r["curve"]["values"]:
+            curves.setdefault(r["name"], []).append(np.array(r["curve"]["values"], dtype=float))
+    for name, group in curves.items():
+        length = min(len(c) for c in group)
+        curve = np.mean([c[:length] for c in group], axis=0)
+        marker = "o" if length < 30 else None
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], label=name, alpha=0.8, marker=marker, ms=3)
+            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", alpha=0.8, marker=marker, ms=3)
     axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data")
     for ax, title in zip(axes, ("MSE (↓ better)", "KL divergence", "Sharpness (data = dashed)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     finish_figure(fig, path)
 
@@ -1037,20 +1457,23 @@ def plot_training(runs, data_sharp, path):
 PARETO_MARKERS = {"bom": "o", "geco": "^", "controlvae": "v", "sigma_vae": "D", "freebits": "P"}
 
 
-def plot_pareto(rows, data_sharp, path):
-    """Test MSE vs KL per run; β runs as squares, BOM a circle, the other tuning-free methods their own
-    markers; sharpness (vs the data's) in the labels."""
+def plot_pareto(methods, data_sharp, path):
+    """Test MSE vs KL, mean ± 95% CI over seeds per method; β runs as squares, BOM a circle, the other
+    tuning-free methods their own markers; sensitivity runs small and grey; sharpness in the labels."""
     fig, ax = plt.subplots(figsize=(10, 6))
-    runs = [r for r in rows if r["status"] == "ok"]
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(runs), 1)))
-    for r, color in zip(runs, colors):
-        marker = PARETO_MARKERS.get(r["method"], "s")                   # β runs are squares
-        ax.scatter(r["test_mse"], r["test_kl"], s=110 if r["method"] == "bom" else 60, c=[color], marker=marker,
-                   edgecolors="black", label=f"{r['method']} (sharp {r['test_sharp']:.4f})")
+    shown = [m for m in methods.values() if math.isfinite(m["test"]["mse"][0]) and math.isfinite(m["test"]["kl"][0])]
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(shown), 1)))
+    for m, color in zip(shown, colors):
+        (x, dx), (y, dy) = m["test"]["mse"], m["test"]["kl"]
+        ci = lambda h: 0 if not math.isfinite(h) else h
+        style = dict(c="lightgrey", marker="o", ms=5) if m["variant"] else dict(
+            c=color, marker=PARETO_MARKERS.get(m["kind"], "s"), ms=10 if m["kind"] == "bom" else 7)
+        ax.errorbar(x, y, xerr=ci(dx), yerr=ci(dy), ls="none", mec="black", capsize=3, ecolor="grey",
+                    mfc=style.pop("c"), **style, label=f"{m['name']} (sharp {m['test']['sharp'][0]:.4f})")
     ax.set_xlabel("test MSE (↓ better)")
     ax.set_ylabel("test KL (moderate is better)")
-    ax.set_title(f"Pareto front: MSE vs KL (data sharpness {data_sharp:.4f})")
-    ax.legend()
+    ax.set_title(f"MSE vs KL, mean ± 95% CI over seeds (data sharpness {data_sharp:.4f})")
+    ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     finish_figure(fig, path)
 
@@ -1072,40 +1495,110 @@ def image_grid(rows_of_images, labels, title, path):
 
 
 @torch.no_grad()
-def plot_images(runs, test_images, seed, latent_dim, out):
+def plot_images(models, test_images, latent_dim, out):
+    """Reconstructions of the first 8 test images and decodings of 8 shared prior samples, per model."""
     originals = next(batches(test_images[:8], 8))
-    recons, samples = [], []
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     z = torch.randn(8, latent_dim, device=test_images.device)
-    for run in runs.values():
-        run["model"].eval()
-        recons.append(run["model"](originals)[0])
-        samples.append(run["model"].decode(z))
-    names = list(runs)
+    recons, samples = [], []
+    for model in models.values():
+        model.eval()
+        recons.append(model(originals)[0])
+        samples.append(model.decode(z))
+    names = list(models)
     image_grid([originals] + recons, ["original"] + names, "Reconstructions of the first 8 test images",
                os.path.join(out, "reconstructions_comparison.png"))
     image_grid(samples, names, "Samples from the prior (same z for all models)",
                os.path.join(out, "samples_comparison.png"))
 
+
+def build_report(args, splits):
+    """Tables, figures and verdict from every run file in --out (and the first seed's checkpoints for the
+    image figures)."""
+    records = load_runs(args.out)
+    if not records:
+        raise UsageError(f"no run files in {os.path.join(args.out, 'runs')}")
+    reference = records[0]["reference"]
+    config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
+    summary = write_report(args.out, records, reference, config)
+    if not args.no_plots:
+        device = splits["test"][0].device
+        plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
+        plot_pareto(aggregate(records), reference["test_data_sharpness"], os.path.join(args.out, "pareto_comparison.png"))
+        first_seed = min(r["seed"] for r in records)
+        models = {}
+        for r in records:
+            path = os.path.join(args.out, "checkpoints", f"{r['name']}_seed{r['seed']}.pt")
+            if r["seed"] == first_seed and not r["variant"] and r["status"] != "diverged" and os.path.exists(path):
+                model = new_model(r["config"]["latent_dim"], device)
+                model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+                models[r["name"]] = model
+        if models:
+            plot_images(models, splits["test"][0], records[0]["config"]["latent_dim"], args.out)
+    print(f"\nWrote {os.path.abspath(args.out)}")
+    return summary
+
+
 # ----------------------------------------------------------------------------- main
 
 
-RESULT_PATHS = ("summary.json", "summary.csv", "summary.md", "runs", "checkpoints", "training_comparison.png",
-                "pareto_comparison.png", "reconstructions_comparison.png", "samples_comparison.png")
+REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "pareto_comparison.png",
+                "reconstructions_comparison.png", "samples_comparison.png")
 
 
-def check_inputs(args, n_train):
-    """Checks that need the data or --out; returns the result paths in --out that --overwrite replaces."""
+def run_grid(args):
+    """The (method, seed) runs of this invocation: every method for every seed, or the K-th of N slices."""
+    grid = [(make_method(spec, args), seed) for seed in args.seeds for spec in args.method_specs]
+    if args.shard:
+        k, n = args.shard
+        grid = grid[k - 1::n]
+    return grid
+
+
+def run_paths(args, method, seed):
+    name = f"{method.name}_seed{seed}"
+    return os.path.join(args.out, "runs", f"{name}.json"), os.path.join(args.out, "checkpoints", f"{name}.pt")
+
+
+def check_inputs(args, n_train, grid):
+    """Checks that need the data or --out; returns the paths in --out that --overwrite replaces."""
     if args.batch_size > n_train:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
-    owned = ("benchmark.json",) if args.benchmark else RESULT_PATHS
+    if args.report:
+        return []
+    if args.benchmark:
+        owned = ["benchmark.json"]
+    else:
+        owned = [os.path.relpath(p, args.out) for method, seed in grid for p in run_paths(args, method, seed)]
+        if not args.shard:
+            owned += ["runs", "checkpoints", *REPORT_PATHS]
     existing = [p for p in owned if os.path.exists(os.path.join(args.out, p))]
     if existing and not (args.resume or args.overwrite):
-        raise UsageError(f"--out {args.out} already holds results ({', '.join(existing)}): "
-                         f"add --resume to continue them or --overwrite to replace them")
+        raise UsageError(f"--out {args.out} already holds results ({', '.join(existing[:4])}"
+                         f"{', ...' if len(existing) > 4 else ''}): add --resume to continue them or --overwrite "
+                         f"to replace them")
     return existing if args.overwrite else []
+
+
+def plan_resume(args, grid, n_train):
+    """With --resume: the runs whose run file is complete (skipped) and the loaded checkpoints of the others."""
+    done, states = set(), {}
+    for method, seed in grid:
+        run_file, checkpoint = run_paths(args, method, seed)
+        fingerprint = run_fingerprint(method, argparse.Namespace(**dict(vars(args), seed=seed)), n_train)
+        if args.resume and os.path.exists(run_file):
+            try:
+                with open(run_file) as f:
+                    saved = json.load(f)["fingerprint"]
+            except (OSError, ValueError, KeyError):
+                raise UsageError(f"run file {run_file} is unreadable; delete it or rerun with --overwrite") from None
+            check_fingerprint(run_file, saved, fingerprint)
+            done.add(run_file)
+        elif args.resume and os.path.exists(checkpoint):
+            states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
+    return done, states
 
 
 def prepare_out(args, replaced):
@@ -1114,7 +1607,7 @@ def prepare_out(args, replaced):
         for name in replaced:
             path = os.path.join(args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        for sub in ([] if args.benchmark else ["runs", "checkpoints"]):
+        for sub in ([] if args.benchmark or args.report else ["runs", "checkpoints"]):
             os.makedirs(os.path.join(args.out, sub), exist_ok=True)
         os.makedirs(args.out, exist_ok=True)
         atomic_write(os.path.join(args.out, ".write-test"), lambda tmp: open(tmp, "w").close())
@@ -1130,77 +1623,90 @@ def resume_command(args):
     return " ".join(["python", "bom_vs_beta.py"] + [shlex.quote(a) for a in argv])
 
 
+def run_config(args, splits):
+    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
+    config.update(device=str(args.torch_device), torch=torch.__version__, train_images=splits["train"][0].shape[0],
+                  val_images=splits["val"][0].shape[0], test_images=splits["test"][0].shape[0])
+    return config
+
+
+def run_one(method, seed, splits, args, evaluation_tools, resume_from):
+    """Train one (method, seed), evaluate it on validation and test, and write its run file."""
+    run_args = argparse.Namespace(**dict(vars(args), seed=seed))
+    run_file, checkpoint = run_paths(args, method, seed)
+    print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
+    run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
+    classifier, references, reference = evaluation_tools
+    metrics = {} if run["status"] == "diverged" else evaluate_run(run["model"], splits, classifier, references,
+                                                                   args, seed)
+    test = metrics.get("test", {})
+    print(f"  test: " + ", ".join(f"{METRICS[k][0]} {fmt(test.get(k, float('nan')), METRICS[k][1])}" for k in METRICS)
+          + f" ({run['train_seconds']:.1f} s, {run['status']})")
+    write_json(run_file, {"name": method.name, "kind": method.kind, "variant": bool(getattr(method, "variant", ())),
+                          "seed": seed, "settings": method.settings(),
+                          "fingerprint": run_fingerprint(method, run_args, splits["train"][0].shape[0]),
+                          "config": dict(run_config(run_args, splits), **method.config()),
+                          "status": run["status"], "diverged_at": run["diverged_at"],
+                          "train_seconds": run["train_seconds"], "reference": reference, **metrics,
+                          "history": run["history"],
+                          "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}})
+
+
+def evaluation_tools(splits, args):
+    """What every run's evaluation shares: the feature classifier, the features of the real validation
+    and test images, and the reference values (data sharpness, classifier accuracy)."""
+    classifier, accuracy = get_classifier(splits, args)
+    references = {split: classify(classifier, splits[split][0])[0] for split in ("val", "test")
+                  if splits[split][0].shape[0]}
+    return classifier, references, {"test_data_sharpness": data_sharpness(splits["test"][0]),
+                                    "classifier_test_accuracy": accuracy}
+
+
 def main(argv=None):
-    """Run the comparison (or --benchmark); returns the summary rows (or the benchmark report).
-    Bad input exits with status 2 before anything is written; Ctrl-C keeps every completed epoch."""
+    """Run the comparison (or one shard of it, or --report, or --benchmark); returns the summary (or the
+    benchmark report). Bad input exits with status 2 before anything is written; Ctrl-C keeps every
+    completed epoch."""
     try:
         args = parse_args(argv)
-        device = args.torch_device
-        train_images = load_mnist(args.data_dir, True, args.train_subset).to(device)
-        test_images = load_mnist(args.data_dir, False, args.test_subset).to(device)
-        replaced = check_inputs(args, train_images.shape[0])
-        methods = [make_method(spec, args) for spec in args.method_specs]
-        checkpoints = {m.name: os.path.join(args.out, "checkpoints", f"{m.name}_seed{args.seed}.pt") for m in methods}
-        resume_states = {m.name: load_checkpoint(checkpoints[m.name], run_fingerprint(m, args, train_images.shape[0]))
-                         for m in methods if args.resume and os.path.exists(checkpoints[m.name])}
+        splits = load_splits(args, args.torch_device)
+        grid = run_grid(args)
+        n_train = splits["train"][0].shape[0]
+        replaced = check_inputs(args, n_train, grid)
+        done, resume_states = plan_resume(args, grid, n_train)
         prepare_out(args, replaced)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if device.type == "cuda":
+    if args.torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
-        return run_benchmark(args, train_images, test_images)
+        return run_benchmark(args, splits["train"][0], splits["test"][0])
+    if not args.report:
+        print(f"Device: {args.torch_device} | train {n_train}, validation {splits['val'][0].shape[0]}, "
+              f"test {splits['test'][0].shape[0]} images | {args.epochs} epochs | {len(grid)} runs"
+              + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""))
+        try:
+            tools = evaluation_tools(splits, args)
+            for method, seed in grid:
+                run_file, checkpoint = run_paths(args, method, seed)
+                if run_file in done:
+                    print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
+                    continue
+                run_one(method, seed, splits, args, tools, resume_states.get(checkpoint))
+        except KeyboardInterrupt:
+            print(f"\nInterrupted. Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; "
+                  f"resume with:\n  {resume_command(args)}", file=sys.stderr)
+            raise SystemExit(130) from None
+        if args.shard:
+            print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, rebuild the report with:\n"
+                  f"  python bom_vs_beta.py --report --out {shlex.quote(args.out)} --data-dir "
+                  f"{shlex.quote(args.data_dir)}")
+            return None
     try:
-        return run_comparison(args, methods, train_images, test_images, checkpoints, resume_states)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; "
-              f"resume with:\n  {resume_command(args)}", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def run_comparison(args, methods, train_images, test_images, checkpoints, resume_states):
-    device = train_images.device
-    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
-    config.update(device=str(device), torch=torch.__version__, train_images=train_images.shape[0],
-                  test_images=test_images.shape[0])
-    print(f"Device: {device} | train {train_images.shape[0]} images, test {test_images.shape[0]} images, "
-          f"{args.epochs} epochs, seed {args.seed}")
-
-    runs, rows = {}, []
-    for method in methods:
-        print(f"\n{'=' * 60}\nTraining {method.name}\n{'=' * 60}")
-        run = train_run(method, train_images, args, checkpoints[method.name], resume_states.get(method.name))
-        if run["status"] == "diverged":
-            test = {"mse": float("nan"), "kl": float("nan"), "sharp": float("nan")}
-        else:
-            test = evaluate(run["model"], test_images, args.seed)
-        print(f"  test: MSE={test['mse']:.4f}, KL={test['kl']:.1f}, sharpness={test['sharp']:.4f} "
-              f"({run['train_seconds']:.1f} s, {run['status']})")
-        runs[method.name] = run
-        rows.append({"method": method.name, "seed": args.seed, "test_mse": test["mse"], "test_kl": test["kl"],
-                     "test_sharp": test["sharp"], "train_seconds": run["train_seconds"], "status": run["status"]})
-        write_json(os.path.join(args.out, "runs", f"{method.name}_seed{args.seed}.json"),
-                   {"config": dict(config, **method.config()), "status": run["status"],
-                    "diverged_at": run["diverged_at"], "test": test, "train_seconds": run["train_seconds"],
-                    "history": run["history"],
-                    "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}})
-
-    data_sharp = data_sharpness(test_images)
-    rows.append({"method": "data", "seed": None, "test_mse": None, "test_kl": None, "test_sharp": data_sharp,
-                 "train_seconds": None, "status": "reference"})
-    lines = analysis(rows)
-    write_summary(args.out, rows, config, lines)
-    print("\nANALYSIS")
-    for line in lines:
-        print(f"  {line}")
-    if not args.no_plots:
-        plot_training(runs, data_sharp, os.path.join(args.out, "training_comparison.png"))
-        plot_pareto(rows, data_sharp, os.path.join(args.out, "pareto_comparison.png"))
-        plot_images({name: run for name, run in runs.items() if run["status"] != "diverged"},
-                    test_images, args.seed, args.latent_dim, args.out)
-    print(f"\nWrote {os.path.abspath(args.out)}")
-    return rows
+        return build_report(args, splits)
+    except UsageError as e:
+        print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def data_dir(tmp_path_factory):
 
 
 def run_args(data_dir, out, *extra):
+    """Tiny real runs: 80 training, 16 validation and 40 test images, 3 importance samples."""
     return ["--data-dir", data_dir, "--out", str(out), "--batch-size", "32", "--device", "cpu",
+            "--val-size", "16", "--iw-samples", "3",
             "--no-progress", *extra]
 
 
@@ -294,18 +296,25 @@ def test_methods_all_is_every_beta_and_every_tuning_free_method():
 # ----------------------------------------------------------------------------- data
 
 def test_load_mnist_matches_seed_pil_resize(data_dir):
-    images = bvb.load_mnist(data_dir, train=False, subset=0)
+    images, labels = bvb.load_mnist(data_dir, train=False)
     assert images.shape == (N_TEST, 1, 64, 64) and images.dtype == torch.uint8
     seed_pipeline = datasets.MNIST(data_dir, train=False, download=False,
                                    transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
     reference = torch.stack([seed_pipeline[i][0] for i in range(N_TEST)])
     assert torch.equal(images.float() / 255, reference)
+    assert labels.tolist() == [seed_pipeline[i][1] for i in range(N_TEST)]
 
 
-def test_subset_takes_the_first_images(data_dir):
-    full = bvb.load_mnist(data_dir, train=True, subset=0)
-    part = bvb.load_mnist(data_dir, train=True, subset=10)
-    assert part.shape[0] == 10 and torch.equal(part, full[:10])
+def test_splits_hold_out_the_last_training_images_for_validation(data_dir):
+    full, labels = bvb.load_mnist(data_dir, train=True)
+    args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10, test_subset=8)
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    assert torch.equal(splits["train"][0], full[:10]) and torch.equal(splits["val"][0], full[80:])
+    assert torch.equal(splits["classifier"][0], full[:80]) and torch.equal(splits["val"][1], labels[80:])
+    assert splits["test"][0].shape[0] == 8
+    args.val_size, args.train_subset = 0, 0
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    assert splits["train"][0].shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
 
 
 def test_batches_cover_every_image_once_with_a_short_last_batch():
@@ -320,14 +329,14 @@ def test_batches_cover_every_image_once_with_a_short_last_batch():
 def tiny_args(**kw):
     base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
                 geco_tolerance=0.01, geco_rate=0.01, controlvae_kl=None, controlvae_kp=0.01, controlvae_ki=0.0001,
-                freebits_lambda=0.25)
+                freebits_lambda=0.25, val_size=0, **{f"bom_{k}": v for k, v in bvb.BOM_DEFAULTS.items()})
     base.update(kw)
     return types.SimpleNamespace(**base)
 
 
 @pytest.fixture(scope="module")
 def train_images(data_dir):
-    return bvb.load_mnist(data_dir, train=True, subset=0)
+    return bvb.load_mnist(data_dir, train=True)[0]
 
 
 @pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1)] + [(m, None) for m in bvb.TUNING_FREE])
@@ -403,7 +412,7 @@ def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_we
     seed_data = datasets.MNIST(data_dir, train=True, download=False,
                                transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
     seed_batch = torch.stack([seed_data[i][0] for i in range(16)])          # the seed's PIL pipeline
-    fast_batch = next(bvb.batches(bvb.load_mnist(data_dir, train=True, subset=16), 16))
+    fast_batch = next(bvb.batches(bvb.load_mnist(data_dir, train=True)[0][:16], 16))
     torch.manual_seed(0)
     seed_model = bvb.VAE(16)                                                # plain layout, as in the seed
     fast_model = bvb.new_model(16, torch.device("cpu"))                     # channels_last on the CPU
@@ -493,9 +502,8 @@ def test_run_killed_mid_training_resumes_to_the_same_metrics(data_dir, tmp_path)
 def test_resume_skips_finished_runs_and_reproduces_the_summary(data_dir, tmp_path, capsys):
     first = bvb.main(run_args(data_dir, tmp_path, *SMALL))
     again = bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
-    assert "finished earlier (ok)" in capsys.readouterr().out
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
-    assert strip(again) == strip(first)
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert again["runs"] == first["runs"]
 
 
 def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
@@ -516,6 +524,7 @@ def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, t
 
 def test_corrupt_checkpoint_is_named_in_a_one_line_error(data_dir, tmp_path, capsys):
     bvb.main(run_args(data_dir, tmp_path, *SMALL))
+    (tmp_path / "runs" / "bom_seed0.json").unlink()             # as if killed before the run file was written
     path = tmp_path / "checkpoints" / "bom_seed0.pt"
     path.write_bytes(path.read_bytes()[:5000])
     before = (tmp_path / "summary.json").read_text()
@@ -532,7 +541,12 @@ def test_checkpoint_from_other_settings_says_what_differs(data_dir, tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume", "--latent-dim", "8"))
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "beta_0.001_seed0.pt" in err and "latent_dim 16 there, 8 now" in err
+    assert exit_info.value.code == 2 and "beta_0.001_seed0.json" in err and "latent_dim 16 there, 8 now" in err
+    (tmp_path / "runs" / "beta_0.001_seed0.json").unlink()
+    with pytest.raises(SystemExit):
+        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume", "--latent-dim", "8"))
+    err = capsys.readouterr().err.strip()
+    assert "beta_0.001_seed0.pt" in err and "latent_dim 16 there, 8 now" in err
 
 
 class WritesAFile:
@@ -567,6 +581,143 @@ def test_existing_results_are_refused_then_replaced_only_on_purpose(data_dir, tm
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["beta_0.01_seed0.pt"]
 
 
+# ----------------------------------------------------------------------------- held-out metrics and the verdict
+
+class ConstantDecoder(torch.nn.Module):
+    """Decodes every z to the same image c: log p(x|z) does not depend on z."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def decode(self, z):
+        return self.c.expand(z.shape[0], *self.c.shape[1:])
+
+
+def test_iwae_equals_the_elbo_when_the_posterior_is_the_prior_and_the_decoder_ignores_z():
+    torch.manual_seed(0)
+    x, c = torch.rand(2, 1, 64, 64), torch.rand(1, 1, 64, 64)
+    mu, logvar = torch.zeros(2, 5), torch.zeros(2, 5)          # q(z|x) = p(z): KL = 0, p(z)/q(z|x) = 1
+    sigma2 = 0.05
+    expected = -torch.distributions.Normal(c, math.sqrt(sigma2)).log_prob(x).flatten(1).sum(1)   # −ELBO = NLL
+    for samples in (1, 7, 25):
+        got = bvb.iwae_nll(ConstantDecoder(c), x, mu, logvar, sigma2, samples, chunk=4)
+        assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+def test_iwae_with_one_sample_is_the_one_sample_elbo():
+    torch.manual_seed(0)
+    model = bvb.VAE(6).eval()
+    x = torch.rand(3, 1, 64, 64)
+    mu, logvar = torch.randn(3, 6) * 0.5, torch.randn(3, 6) * 0.3
+    torch.manual_seed(1)
+    got = bvb.iwae_nll(model, x, mu, logvar, 0.02, 1)
+    torch.manual_seed(1)
+    eps = torch.randn(1, 3, 6)[0]
+    z = mu + eps * torch.exp(0.5 * logvar)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    log_px = torch.distributions.Normal(model.decode(z), math.sqrt(0.02)).log_prob(x).flatten(1).sum(1)
+    elbo = log_px + torch.distributions.Normal(0, 1).log_prob(z).sum(1) - q.log_prob(z).sum(1)
+    assert got.tolist() == pytest.approx((-elbo).tolist(), rel=1e-5)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_of_gaussians_matches_the_formula():
+    torch.manual_seed(0)
+    a = torch.randn(500, 4)
+    assert bvb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # exact sample moments: a centered set scaled per dimension and shifted has known mean and covariance
+    base = torch.tensor([[1.0, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1]])   # mean 0, cov (4/3)·I
+    b = base * torch.tensor([2.0, 1, 3]) + torch.tensor([1.0, 0, -2])
+    var_a, var_b = torch.full((3,), 4 / 3), torch.tensor([4.0, 1, 9]) * 4 / 3
+    expected = (1 + 0 + 4) + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum().item()
+    assert bvb.frechet_distance(base, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_active_units_count_dimensions_whose_posterior_mean_varies():
+    mu = torch.zeros(100, 4)
+    mu[:, 0] = torch.linspace(-1, 1, 100)                      # variance ≈ 0.34
+    mu[:, 1] = torch.linspace(-0.1, 0.1, 100)                  # variance ≈ 0.0034
+    mu[:, 2] = 5.0                                             # constant
+    assert bvb.active_units(mu) == 1
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = bvb.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(bvb.mean_ci([1.0])[1]) and bvb.mean_ci([1.0, float("nan")])[0] == 1.0
+
+
+def test_judgement_takes_the_side_of_the_interval_and_the_metric_direction():
+    assert bvb.judge(-5.0, 1.0, -1) == "better" and bvb.judge(5.0, 1.0, -1) == "worse"
+    assert bvb.judge(0.5, 1.0, -1) == "not distinguishable" and bvb.judge(5.0, 1.0, 1) == "better"
+    assert bvb.judge(-5.0, float("nan"), -1) == "undetermined"
+
+
+def fake_run(name, kind, seed, val, test, settings=None):
+    return {"name": name, "kind": kind, "variant": False, "seed": seed, "status": "ok", "train_seconds": 1.0,
+            "settings": settings or ({"beta": float(name[5:])} if kind == "beta" else {}),
+            "val": {k: val.get(k, 1.0) for k in bvb.METRICS}, "test": {k: test.get(k, 1.0) for k in bvb.METRICS}}
+
+
+def test_beta_is_chosen_on_validation_and_the_verdict_is_computed_from_paired_seeds():
+    records = []
+    for seed, noise in ((0, 0.0), (1, 0.2), (2, -0.2)):
+        # beta_0.1 is best on validation, beta_0.001 would be best on test: the choice must ignore test
+        records.append(fake_run("beta_0.001", "beta", seed, {"neg_elbo": 12.0}, {"neg_elbo": 5.0 + noise}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"neg_elbo": 10.0}, {"neg_elbo": 9.0 + noise}))
+        records.append(fake_run("bom", "bom", seed, {"neg_elbo": 11.0}, {"neg_elbo": 7.0 + noise}))
+    methods = bvb.aggregate(records)
+    chosen = bvb.choose_betas(methods)
+    assert chosen["neg_elbo"] == "beta_0.1"
+    rows = [r for r in bvb.verdict(methods, chosen) if r["metric"] == "neg_elbo"]
+    assert rows[0]["difference"] == pytest.approx(-2.0) and rows[0]["ci"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[0]["judgement"] == "better" and rows[0]["n"] == 3
+    assert methods["beta_0.1"]["runs_to_choose"] == 2 and methods["bom"]["runs_to_choose"] == 1
+    statement = bvb.overall(bvb.verdict(methods, chosen), "bom")
+    assert statement.startswith("BOM-VAE matches") and "better on −ELBO" in statement
+    worse = [dict(r, judgement="worse") if r["metric"] == "fd_prior" else r for r in bvb.verdict(methods, chosen)]
+    assert bvb.overall(worse, "bom").startswith("BOM-VAE does not match") and "FD prior" in bvb.overall(worse, "bom")
+
+
+SHARD_RUN = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,beta:0.1,bom", "--seeds", "0", "1"]
+
+
+def comparable(summary):
+    """A summary without what legitimately differs between invocations: timings and the invocation's flags."""
+    strip = lambda row: {k: v for k, v in row.items() if k != "train_seconds"}
+    methods = {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in summary["methods"].items()}
+    return ([strip(r) for r in summary["runs"]], methods, summary["verdict"], summary["statements"],
+            summary["chosen_beta"], summary["analysis"])
+
+
+def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
+    whole = bvb.main(run_args(data_dir, tmp_path / "whole", *SHARD_RUN))
+    sharded = tmp_path / "sharded"
+    assert bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "1/2")) is None
+    assert not (sharded / "summary.json").exists() and len(os.listdir(sharded / "runs")) == 3
+    bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "2/2"))
+    report = bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--report"))
+    assert comparable(report) == comparable(whole)
+    assert len(whole["runs"]) == 7 and whole["methods"]["bom"]["seeds"] == [0, 1]
+    for name in ("training_comparison.png", "pareto_comparison.png", "reconstructions_comparison.png",
+                 "samples_comparison.png"):
+        assert (sharded / name).stat().st_size > 0
+    md = (tmp_path / "whole" / "summary.md").read_text()
+    assert " ± " in md and md.rstrip().splitlines()[-1].startswith("- BOM-VAE")
+
+
+def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp_path):
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
+                                "--methods", "beta:0.001,beta:0.1,bom", "--bom-sensitivity"))
+    names = set(summary["methods"])
+    assert {"bom_kl_scale0.5", "bom_kl_scale2", "bom_squeeze_k0.25", "bom_squeeze_k1", "bom_mse_floor_mult1.5",
+            "bom_mse_floor_mult4"} <= names
+    run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
+    assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
+    assert summary["sensitivity"][0].startswith("| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs")
+    assert all(r["method"] == "bom" for r in summary["verdict"])         # variants are not in the verdict
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
@@ -583,7 +734,7 @@ def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
     assert methods == ["beta_0.0001", "beta_0.001", "beta_0.01", "beta_0.1", "bom", "data"]
     data_row = summary["runs"][-1]
     assert data_row["status"] == "reference" and data_row["test_mse"] is None
-    test_images = bvb.load_mnist(data_dir, train=False, subset=0)
+    test_images = bvb.load_mnist(data_dir, train=False)[0]
     assert data_row["test_sharp"] == pytest.approx(bvb.sharpness(test_images.float() / 255).mean().item(), rel=1e-5)
     assert sorted(os.listdir(out / "runs")) == sorted(f"{m}_seed0.json" for m in methods[:-1])
     bom = json.loads((out / "runs" / "bom_seed0.json").read_text())
@@ -591,9 +742,13 @@ def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
                                                  "sharp_ceiling"}
     assert len(bom["history"]) == 3 and bom["history"][2]["squeeze_factor"] <= 1.0
     md = (out / "summary.md").read_text()
-    assert "## Analysis" in md and "Best β-VAE by test MSE" in md
+    assert "Best β-VAE by validation MSE" in md and md.index("## Verdict") > md.index("## Test metrics")
+    assert "BOM-VAE: undetermined" in md                      # one seed: no confidence interval
     assert len((out / "summary.csv").read_text().strip().splitlines()) == 7
-    assert "Best β-VAE by test MSE" in proc.stdout
+    assert "## Verdict" in proc.stdout
+    for row in summary["runs"][:-1]:
+        assert all(math.isfinite(row[f"test_{k}"]) for k in bvb.METRICS), row["method"]
+        assert math.isfinite(row["val_neg_elbo"])
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, tmp_path):
@@ -601,7 +756,8 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, t
     first = bvb.main(run_args(data_dir, tmp_path / "a", *common))
     second = bvb.main(run_args(data_dir, tmp_path / "b", *common))
     other = bvb.main(run_args(data_dir, tmp_path / "c", *common, "--seed", "1"))
-    metrics = lambda rows: [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"]) for r in rows]
+    metrics = lambda summary: [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["test_iwae_nll"])
+                               for r in summary["runs"]]
     assert metrics(first) == metrics(second)
     assert metrics(first) != metrics(other)
 
@@ -620,8 +776,12 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, t
     (["--epochs", "two"], "invalid int value"),
     (["--lr", "-0.001"], "--lr must be a finite number > 0"),
     (["--methods", "beta:"], "needs a number"),
-    (["--train-subset", "97"], "--train-subset 97 is larger than the 96 images there are"),
-    (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 images there are"),
+    (["--train-subset", "81"], "--train-subset 81 is larger than the 80 training images there are after holding"),
+    (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 test images there are"),
+    (["--val-size", "96"], "--val-size 96 leaves no training images"),
+    (["--seeds", "0", "0"], "a seed is listed twice"),
+    (["--shard", "3/2"], "--shard must be K/N"),
+    (["--shard", "1/2", "--report"], "separate modes"),
     (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
     (["--resume", "--overwrite"], "choose one"),
     (["--geco-tolerance", "0"], "--geco-tolerance must be a finite number > 0"),
@@ -689,7 +849,7 @@ def test_truncated_data_file_is_reported_as_unreadable(data_dir, tmp_path, capsy
     images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:1000])
     with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--data-dir", str(broken), "--out", str(tmp_path / "out"), "--device", "cpu"])
+        bvb.main(["--data-dir", str(broken), "--out", str(tmp_path / "out"), "--device", "cpu", "--val-size", "16"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "could not read MNIST from" in err and not (tmp_path / "out").exists()
