@@ -2,12 +2,14 @@
 
 BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint
 scores (MSE, KL box, sharpness) and tightens the constraints with an adaptive squeeze.
-β-VAE minimizes mean MSE + β·mean KL for a grid of β. Both train the same conv VAE
-in one shared loop; test metrics, tables, four figures and a computed analysis land in --out.
+β-VAE minimizes mean MSE + β·mean KL for a grid of β; GECO, ControlVAE, σ-VAE and free
+bits are the other methods that claim to need no tuning. All train the same conv VAE in
+one shared loop, per seed from the same weights; held-out metrics with confidence
+intervals, β chosen on validation, figures and a computed verdict land in --out.
 
-    python bom_vs_beta.py --epochs 20 --device cuda          # the full comparison
-    python bom_vs_beta.py --epochs 2 --train-subset 6400     # a quick look on a CPU
-    main(["--epochs", "2"])                                  # from a notebook cell
+    python bom_vs_beta.py --epochs 20 --device cuda                    # the notebook's comparison
+    python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, a verdict with CIs
+    main(["--epochs", "2"])                                            # from a notebook cell
 """
 import argparse
 import csv
@@ -95,7 +97,7 @@ def build_parser():
     p.add_argument("--data-dir", default="./data",
                    help="folder holding MNIST/raw/ (downloaded there when missing)")
     p.add_argument("--out", default="results", help="folder for tables, run histories and figures")
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images (0 = all 60,000)")
+    p.add_argument("--train-subset", type=int, default=0, help="train on the first N training images (0 = all left after --val-size)")
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
     p.add_argument("--geco-tolerance", type=float, default=0.01,
                    help="GECO: the per-pixel MSE it must reach (its remaining hyperparameter)")
@@ -113,8 +115,8 @@ def build_parser():
     p.add_argument("--bom-kl-low-mult", type=float, default=0.1, help="BOM: kl_floor_low = mult · min KL")
     p.add_argument("--bom-kl-high-mult", type=float, default=50.0, help="BOM: kl_floor_high = mult · max KL")
     p.add_argument("--bom-sensitivity", action="store_true",
-                   help="also run BOM with each of kl-scale, squeeze-k, mse-floor-mult halved/doubled-ish "
-                        "(see BOM_SENSITIVITY), to compare its spread with β-VAE's across β")
+                   help="also run BOM with kl-scale 0.5/2, squeeze-k 0.25/1, mse-floor-mult 1.5/4 "
+                        "(BOM_SENSITIVITY), to compare its spread with β-VAE's across β")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every method once per seed (default: --seed alone)")
     p.add_argument("--val-size", type=int, default=5000,
@@ -188,11 +190,8 @@ def parse_args(argv=None):
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
                              ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
-                             ("--benchmark-repeats", args.benchmark_repeats, 1)):
-        if value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value, low in (("--val-size", args.val_size, 0), ("--iw-samples", args.iw_samples, 1),
-                             ("--bom-squeeze-start", args.bom_squeeze_start, 1),
+                             ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
+                             ("--iw-samples", args.iw_samples, 1), ("--bom-squeeze-start", args.bom_squeeze_start, 1),
                              ("--bom-calib-batches", args.bom_calib_batches, 1)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
@@ -267,10 +266,9 @@ def load_splits(args, device):
     test_images, test_labels = load_mnist(args.data_dir, train=False)
     if args.test_subset > len(test_images):
         raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images there are")
-    keep = args.train_subset or n_train
+    keep, n_test = args.train_subset or n_train, args.test_subset or len(test_images)
     splits = {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
-              "classifier": (images[:n_train], labels[:n_train]),
-              "test": (test_images[:args.test_subset or len(test_images)], test_labels[:args.test_subset or None])}
+              "classifier": (images[:n_train], labels[:n_train]), "test": (test_images[:n_test], test_labels[:n_test])}
     return {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
 
 
@@ -1098,9 +1096,28 @@ def time_training(spec, images, args):
                 for _ in range(args.benchmark_repeats)]
 
 
-def run_benchmark(args, train_images, test_images):
+def time_evaluation(splits, args):
+    """Seconds to evaluate one run (validation and test metrics) with these flags, from a timed
+    evaluation of an untrained model on up to 500 images per split, scaled to the splits' sizes."""
+    device = splits["test"][0].device
+    small = {name: (x[:500], y[:500]) for name, (x, y) in splits.items()}
+    torch.manual_seed(0)
+    classifier = DigitClassifier().to(device)      # untrained: the same compute as the trained one
+    references = {name: classify(classifier, small[name][0])[0] for name in ("val", "test") if len(small[name][0])}
+    model = new_model(args.latent_dim, device)
+    sync(device)
+    start = time.perf_counter()
+    evaluate_run(model, small, classifier, references, args, args.seed)
+    sync(device)
+    timed = small["test"][0].shape[0] + (small["val"][0].shape[0] if args.val_size else 0)
+    total = splits["test"][0].shape[0] + (splits["val"][0].shape[0] if args.val_size else 0)
+    return (time.perf_counter() - start) * total / timed
+
+
+def run_benchmark(args, splits):
     """Print and save ms/step and images/s of each method, the seed's pipeline and the compute ceiling,
     and estimate the wall time of the whole comparison with these flags."""
+    train_images = splits["train"][0]
     device = train_images.device
     print(f"Benchmark on {machine_name(device)} ({device}), torch {torch.__version__}, batch {args.batch_size}, "
           f"median of {args.benchmark_repeats} x {args.benchmark_steps} steps")
@@ -1108,11 +1125,7 @@ def run_benchmark(args, train_images, test_images):
                "compute ceiling": time_compute_ceiling(train_images, args)}
     for spec in args.method_specs:
         timings[make_method(spec, args).name] = time_training(spec, train_images, args)
-    eval_images = test_images[:2000]
-    start = time.perf_counter()
-    evaluate(new_model(args.latent_dim, device), eval_images, args.seed)
-    sync(device)
-    eval_seconds = (time.perf_counter() - start) * test_images.shape[0] / eval_images.shape[0]
+    eval_seconds = time_evaluation(splits, args)
 
     medians = {name: statistics.median(t) for name, t in timings.items()}
     ref, ceiling = medians["seed pipeline (reference)"], medians["compute ceiling"]
@@ -1125,12 +1138,14 @@ def run_benchmark(args, train_images, test_images):
               f"{r['vs_ceiling']:>10.0%}")
     steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
     methods = [make_method(spec, args).name for spec in args.method_specs]
-    estimate = sum(medians[name] * steps_per_run + eval_seconds for name in methods)
-    seed_estimate = len(methods) * ref * steps_per_run
-    print(f"Estimated wall time of this comparison ({len(methods)} runs x {steps_per_run} steps + evaluation): "
-          f"{estimate / 60:.1f} min; the seed's pipeline would train for {seed_estimate / 60:.1f} min")
+    seeds = len(args.seeds)
+    estimate = seeds * sum(medians[name] * steps_per_run + eval_seconds for name in methods)
+    seed_estimate = seeds * len(methods) * ref * steps_per_run
+    print(f"Estimated wall time of this comparison ({len(methods)} methods x {seeds} seed(s), {steps_per_run} "
+          f"steps and {eval_seconds:.0f} s of evaluation per run): {estimate / 60:.1f} min; the seed's pipeline "
+          f"would train for {seed_estimate / 60:.1f} min")
     report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
-              "flags": {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device")},
+              "flags": {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")},
               "paths": rows, "eval_seconds_per_run": eval_seconds,
               "estimated_comparison_seconds": estimate, "seed_pipeline_training_seconds": seed_estimate}
     write_json(os.path.join(args.out, "benchmark.json"), report)
@@ -1183,10 +1198,6 @@ def mean_ci(values):
     if len(values) < 2:
         return mean, float("nan")
     return mean, float(scipy.stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def fmt(value, digits):
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def fmt_ci(mean, half, digits):
@@ -1341,6 +1352,20 @@ def notebook_analysis(methods):
     return lines
 
 
+def sharpness_against_data(methods, data_sharp):
+    """Each method's test sharpness as a multiple of the test images' own: more than 10% above it is
+    high-frequency noise, not detail; more than 10% below, blur."""
+    lines = []
+    for m in methods.values():
+        sharp = m["test"]["sharp"][0]
+        if not m["variant"] and math.isfinite(sharp):
+            ratio = sharp / data_sharp
+            word = ("sharper than the data: high-frequency noise, not detail" if ratio > 1.1 else
+                    "blurrier than the data" if ratio < 0.9 else "within 10% of the data's")
+            lines.append(f"{m['name']}: {sharp:.4f}, {ratio:.2f}x the data's ({word})")
+    return lines
+
+
 SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for k in METRICS),
                   *(f"val_{k}" for k in METRICS))
 
@@ -1352,6 +1377,7 @@ def write_report(out, records, reference, config):
     rows = verdict(methods, chosen)
     statements = [overall(rows, m["name"]) for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
     analysis = notebook_analysis(methods)
+    sharpness_lines = sharpness_against_data(methods, reference["test_data_sharpness"])
     per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
                  **{f"test_{k}": metric(r, "test", k) for k in METRICS},
                  **{f"val_{k}": metric(r, "val", k) for k in METRICS}} for r in records]
@@ -1363,6 +1389,7 @@ def write_report(out, records, reference, config):
                                                     "train_seconds", "runs_to_choose")}
                            for name, m in methods.items()},
                "chosen_beta": chosen, "verdict": rows, "statements": statements, "analysis": analysis,
+               "sharpness_against_data": sharpness_lines,
                "sensitivity": sensitivity(methods)}
     write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO()
@@ -1396,6 +1423,8 @@ def summary_markdown(summary, methods, config):
            f"has {ref['classifier_test_accuracy']:.2%} test accuracy. −ELBO and IWAE use a Gaussian decoder "
            f"whose σ² is each model's validation MSE. Runs to choose its setting: β-VAE needs its whole β grid "
            f"per seed to pick β on validation; the other methods run once with their defaults."]
+    md += ["", f"## Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})", ""]
+    md += [f"- {line}" for line in summary["sharpness_against_data"]]
     if summary["chosen_beta"]:
         md += ["", "## β chosen on validation (per metric)", "",
                "| metric | chosen β-VAE |", "|---|---|"]
@@ -1640,7 +1669,7 @@ def run_one(method, seed, splits, args, evaluation_tools, resume_from):
     metrics = {} if run["status"] == "diverged" else evaluate_run(run["model"], splits, classifier, references,
                                                                    args, seed)
     test = metrics.get("test", {})
-    print(f"  test: " + ", ".join(f"{METRICS[k][0]} {fmt(test.get(k, float('nan')), METRICS[k][1])}" for k in METRICS)
+    print("  test: " + ", ".join(f"{METRICS[k][0]} {fmt(test.get(k, float('nan')), METRICS[k][1])}" for k in METRICS)
           + f" ({run['train_seconds']:.1f} s, {run['status']})")
     write_json(run_file, {"name": method.name, "kind": method.kind, "variant": bool(getattr(method, "variant", ())),
                           "seed": seed, "settings": method.settings(),
@@ -1680,7 +1709,7 @@ def main(argv=None):
     if args.torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
-        return run_benchmark(args, splits["train"][0], splits["test"][0])
+        return run_benchmark(args, splits)
     if not args.report:
         print(f"Device: {args.torch_device} | train {n_train}, validation {splits['val'][0].shape[0]}, "
               f"test {splits['test'][0].shape[0]} images | {args.epochs} epochs | {len(grid)} runs"

@@ -436,16 +436,17 @@ def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_we
 def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     report = bvb.main(run_args(data_dir, out, "--benchmark", "--benchmark-steps", "2", "--benchmark-repeats", "2",
-                               "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2"))
+                               "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2", "--seeds", "0", "1"))
     saved = json.loads((out / "benchmark.json").read_text())
     assert set(saved["paths"]) == {"seed pipeline (reference)", "compute ceiling", "beta_0.001", "bom"}
     for row in saved["paths"].values():
         assert len(row["repeats_ms"]) == 2 and row["ms_per_step"] > 0
         assert row["images_per_s"] == pytest.approx(32 * 1000 / row["ms_per_step"])
     assert saved["paths"]["seed pipeline (reference)"]["vs_seed"] == pytest.approx(1.0)
-    per_run = 2 * 3                                              # 2 epochs x ceil(96 / 32) steps
-    expected = sum(saved["paths"][m]["ms_per_step"] / 1000 * per_run + saved["eval_seconds_per_run"]
-                   for m in ("beta_0.001", "bom"))
+    per_run = 2 * 3                                              # 2 epochs x ceil(80 / 32) steps
+    expected = 2 * sum(saved["paths"][m]["ms_per_step"] / 1000 * per_run + saved["eval_seconds_per_run"]
+                       for m in ("beta_0.001", "bom"))        # x 2 seeds
+    assert saved["eval_seconds_per_run"] > 0
     assert saved["estimated_comparison_seconds"] == pytest.approx(expected)
     assert report["machine"] == saved["machine"] and "vs ceiling" in capsys.readouterr().out
     assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
@@ -853,3 +854,11 @@ def test_truncated_data_file_is_reported_as_unreadable(data_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "could not read MNIST from" in err and not (tmp_path / "out").exists()
+
+
+def test_sharpness_is_judged_against_the_data_within_ten_percent():
+    methods = {name: {"name": name, "variant": False, "test": {"sharp": (sharp, float("nan"))}}
+               for name, sharp in (("bom", 0.26), ("beta_0.0001", 0.0275), ("sigma_vae", 0.02))}
+    lines = bvb.sharpness_against_data(methods, 0.026)
+    assert lines[0] == "bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
+    assert "within 10% of the data's" in lines[1] and "blurrier than the data" in lines[2]
