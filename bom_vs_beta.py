@@ -665,6 +665,22 @@ def make_method(spec, args):
     return FreeBits(args.freebits_lambda)
 
 
+def optimizer_step(optimizer, model, loss, skip):
+    """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch
+    with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips
+    it on the device through its found_inf input, so no host sync; another Adam needs one."""
+    fused = optimizer.defaults["fused"]
+    if skip is not None and not fused and bool(skip):
+        return ~skip
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    if skip is not None and fused:
+        optimizer.found_inf = skip.float()
+    optimizer.step()
+    return torch.ones((), dtype=torch.bool, device=loss.device) if skip is None else ~skip
+
+
 def run_fingerprint(method, args, n_train):
     """The settings a run's checkpoint must share with the command that resumes it."""
     return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
@@ -710,15 +726,11 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             step_metrics.append(batch_means)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0) + value.detach()
-            if skip is None or not skip:               # BOM's violating batch takes no optimizer step
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                optimizer.step()
-                steps += 1
-                stepped_loss = stepped_loss + loss.detach()
-                bad = ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
-                first_bad_step = torch.where(bad, i + 1, first_bad_step)
+            stepped = optimizer_step(optimizer, model, loss, skip)
+            steps = steps + stepped
+            stepped_loss = stepped_loss + torch.where(stepped, loss.detach(), 0.0)
+            bad = stepped & ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
+            first_bad_step = torch.where(bad, i + 1, first_bad_step)
             if (i + 1) % LOG_EVERY == 0 or i + 1 == n_batches:     # the only host syncs inside an epoch
                 bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{batch_means[0].item():.4f}",
                                 kl=f"{batch_means[1].item():.1f}",
@@ -737,6 +749,7 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
                 mark_diverged(checkpoint, run, fingerprint)
             break
 
+        steps = int(steps)
         per_step = torch.stack(step_metrics).cpu()
         epoch_means = per_step.mean(0).tolist()
         sums = {k: (v.cpu().tolist() if v.dim() else v.item()) for k, v in sums.items()}

@@ -862,3 +862,21 @@ def test_sharpness_is_judged_against_the_data_within_ten_percent():
     lines = bvb.sharpness_against_data(methods, 0.026)
     assert lines[0] == "bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
     assert "within 10% of the data's" in lines[1] and "blurrier than the data" in lines[2]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_step_leaves_weights_and_adam_state_alone_fused_or_not(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    loss = lambda: model(torch.randn(3, 4)).pow(2).sum()
+    assert bvb.optimizer_step(optimizer, model, loss(), None).item()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in optimizer.state_dict()["state"].items()}
+    assert not bvb.optimizer_step(optimizer, model, loss(), torch.tensor(True)).item()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k][kk], after[k][kk]) for k in state for kk in state[k])
+    assert bvb.optimizer_step(optimizer, model, loss(), torch.tensor(False)).item()
+    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict()["state"][0]["step"].item() == 2
