@@ -1465,8 +1465,8 @@ def summary_markdown(summary, methods, config):
     return "\n".join(md) + "\n"
 
 
-def finish_figure(fig, path):
-    fig.tight_layout()
+def finish_figure(fig, path, top=1.0):
+    fig.tight_layout(rect=(0, 0, 1, top))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
     if "ipykernel" in sys.modules:
         plt.show()
@@ -1481,12 +1481,12 @@ def plot_training(records, data_sharp, path):
     for r in records:
         if not r["variant"] and r["curve"]["values"]:
             curves.setdefault(r["name"], []).append(np.array(r["curve"]["values"], dtype=float))
-    for name, group in curves.items():
+    for i, (name, group) in enumerate(curves.items()):
         length = min(len(c) for c in group)
         curve = np.mean([c[:length] for c in group], axis=0)
-        marker = "o" if length < 30 else None
+        style = dict(color=f"C{i % 10}", ls="-" if i < 10 else "--", marker="o" if length < 30 else None, ms=3)
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", alpha=0.8, marker=marker, ms=3)
+            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", alpha=0.8, **style)
     axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data")
     for ax, title in zip(axes, ("MSE (↓ better)", "KL divergence", "Sharpness (data = dashed)")):
         ax.set_title(title)
@@ -1531,9 +1531,8 @@ def image_grid(rows_of_images, labels, title, path):
                 ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
         axes[row, 0].set_ylabel(label, fontsize=11)
-    if title:
-        fig.suptitle(title, fontsize=14)
-    finish_figure(fig, path)
+    fig.suptitle(title, fontsize=14)
+    finish_figure(fig, path, top=1 - 0.6 / fig.get_figheight())      # room for the title above the rows
 
 
 @torch.no_grad()
