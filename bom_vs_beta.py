@@ -224,6 +224,11 @@ def parse_args(argv=None):
     return args
 
 
+def with_flags(args, **changes):
+    """A copy of the parsed flags with some changed (a run's own seed, a benchmark's single epoch)."""
+    return argparse.Namespace(**dict(vars(args), **changes))
+
+
 def seed_everything(seed):
     """One place for every random source: python, numpy, torch (CPU and GPU)."""
     random.seed(seed)
@@ -1007,9 +1012,9 @@ def evaluate_run(model, splits, classifier, references, args, seed):
     (or the test MSE when there is no validation split), fitted the same way for every model."""
     fit_split = "val" if args.val_size else "test"
     sigma2 = evaluate(model, splits[fit_split][0], seed)["mse"]
-    if not (math.isfinite(sigma2) and sigma2 > 0):
-        return {"sigma2": sigma2}
     out = {"sigma2": sigma2}
+    if not (math.isfinite(sigma2) and sigma2 > 0):
+        return out
     for split in (("val", "test") if args.val_size else ("test",)):
         images, labels = splits[split]
         out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split], args, seed)
@@ -1102,7 +1107,7 @@ def time_training(spec, images, args):
     """Seconds per step of the real training loop (train_run, one epoch of --benchmark-steps batches)."""
     steps = min(args.benchmark_steps, math.ceil(images.shape[0] / args.batch_size))
     subset = images[:steps * args.batch_size]
-    quiet = argparse.Namespace(**dict(vars(args), epochs=1, no_progress=True))
+    quiet = with_flags(args, epochs=1, no_progress=True)
     with redirect_stdout(io.StringIO()):
         train_run(make_method(spec, args), subset[:3 * args.batch_size], quiet)   # warm-up
         return [train_run(make_method(spec, args), subset, quiet)["train_seconds"] / steps
@@ -1384,7 +1389,7 @@ SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for
 
 
 def write_report(out, records, reference, config):
-    """summary.json/.csv/.md from the run records; returns the summary dict."""
+    """summary.json/.csv/.md from the run records; returns the summary dict and the per-method aggregates."""
     methods = aggregate(records)
     chosen = choose_betas(methods)
     rows = verdict(methods, chosen)
@@ -1412,9 +1417,10 @@ def write_report(out, records, reference, config):
         writer.writerow({k: ("" if r.get(k) is None or (isinstance(r[k], float) and not math.isfinite(r[k]))
                              else r[k]) for k in SUMMARY_FIELDS})
     write_text(os.path.join(out, "summary.csv"), table.getvalue())
-    write_text(os.path.join(out, "summary.md"), summary_markdown(summary, methods, config))
-    print("\n" + summary_markdown(summary, methods, config))
-    return summary
+    markdown = summary_markdown(summary, methods, config)
+    write_text(os.path.join(out, "summary.md"), markdown)
+    print("\n" + markdown)
+    return summary, methods
 
 
 def summary_markdown(summary, methods, config):
@@ -1561,11 +1567,11 @@ def build_report(args, splits):
         raise UsageError(f"no run files in {os.path.join(args.out, 'runs')}")
     reference = records[0]["reference"]
     config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
-    summary = write_report(args.out, records, reference, config)
+    summary, methods = write_report(args.out, records, reference, config)
     if not args.no_plots:
         device = splits["test"][0].device
         plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
-        plot_pareto(aggregate(records), reference["test_data_sharpness"], os.path.join(args.out, "pareto_comparison.png"))
+        plot_pareto(methods, reference["test_data_sharpness"], os.path.join(args.out, "pareto_comparison.png"))
         first_seed = min(r["seed"] for r in records)
         models = {}
         for r in records:
@@ -1628,7 +1634,7 @@ def plan_resume(args, grid, n_train):
     done, states = set(), {}
     for method, seed in grid:
         run_file, checkpoint = run_paths(args, method, seed)
-        fingerprint = run_fingerprint(method, argparse.Namespace(**dict(vars(args), seed=seed)), n_train)
+        fingerprint = run_fingerprint(method, with_flags(args, seed=seed), n_train)
         if args.resume and os.path.exists(run_file):
             try:
                 with open(run_file) as f:
@@ -1673,7 +1679,7 @@ def run_config(args, splits):
 
 def run_one(method, seed, splits, args, evaluation_tools, resume_from):
     """Train one (method, seed), evaluate it on validation and test, and write its run file."""
-    run_args = argparse.Namespace(**dict(vars(args), seed=seed))
+    run_args = with_flags(args, seed=seed)
     run_file, checkpoint = run_paths(args, method, seed)
     print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
     run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
