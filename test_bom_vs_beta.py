@@ -6,9 +6,11 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -54,10 +56,14 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+CACHE = tempfile.mkdtemp(prefix="bom_vs_beta_classifiers_")
+
+
 def run_args(data_dir, out, *extra):
-    """Tiny real runs: 80 training, 16 validation and 40 test images, 3 importance samples."""
+    """Tiny real runs: 80 training, 16 validation and 40 test images, 3 importance samples; the feature
+    classifier is cached for the whole session in CACHE, not in the user's cache."""
     return ["--data-dir", data_dir, "--out", str(out), "--batch-size", "32", "--device", "cpu",
-            "--val-size", "16", "--iw-samples", "3",
+            "--val-size", "16", "--iw-samples", "3", "--cache-dir", CACHE,
             "--no-progress", *extra]
 
 
@@ -221,23 +227,42 @@ def test_calibration_reads_only_n_batches():
     assert len(seen) == 4      # the 4th is drawn, found past the limit, and not used
 
 
-def test_geco_lambda_grows_while_violated_and_shrinks_once_satisfied():
-    geco = bvb.GECO(tolerance=0.01, rate=0.1)
-    kl = torch.tensor([30.0, 50.0])
-    loss, _, logs = geco.batch_loss(torch.tensor([0.02, 0.02]), kl, None, None)     # C = 0.02/0.01 − 1 = 1
-    assert loss.item() == pytest.approx(40.0 + 1.0 * 1.0) and logs["lambda"].item() == 1.0
-    assert float(geco.lam) == pytest.approx(math.exp(0.1))                           # λ·exp(rate·C_ma), C_ma = 1
-    lams = [float(geco.lam)]
-    for _ in range(5):
-        geco.batch_loss(torch.tensor([0.02, 0.02]), kl, None, None)
-        lams.append(float(geco.lam))
-    assert all(b > a for a, b in zip(lams, lams[1:]))
-    for _ in range(400):                                                           # C = −0.5 from now on
+def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
+    geco = bvb.GECO(tolerance=0.01, rate=1e-4, speedup=10.0)
+    kl, d = torch.tensor([30.0, 50.0]), bvb.IMAGE_PIXELS
+    loss, _, logs = geco.batch_loss(torch.tensor([0.02, 0.02]), kl, None, None)     # C = D·(0.02 − 0.01) = 40.96
+    assert loss.item() == pytest.approx(40.0 + 1.0 * 0.01 * d) and logs["lambda"].item() == 1.0
+    assert float(geco.lam) == pytest.approx(math.exp(1e-4 * 40.96))                 # debiased C_ma = C at step 1
+    geco.batch_loss(torch.tensor([0.005, 0.005]), kl, None, None)                   # C = −20.48
+    c_ma = (0.99 * 0.01 * 40.96 + 0.01 * -20.48) / (1 - 0.99 ** 2)                  # m_2 / (1 − α²) = 9.93 > 0
+    assert float(geco.lam) == pytest.approx(math.exp(1e-4 * 40.96 + 1e-4 * c_ma), rel=1e-5)
+    for _ in range(300):
         geco.batch_loss(torch.tensor([0.005, 0.005]), kl, None, None)
-    assert float(geco.c_ma) < 0 and float(geco.lam) < lams[-1]
-    before = float(geco.lam)
+    before, m = float(geco.lam), float(geco.ma)
     geco.batch_loss(torch.tensor([0.005, 0.005]), kl, None, None)
-    assert float(geco.lam) == pytest.approx(before * math.exp(0.1 * float(geco.c_ma)))
+    c_ma = (0.99 * m + 0.01 * -20.48) / (1 - 0.99 ** 303)                           # < 0: met, 10x the rate
+    assert c_ma < 0 and float(geco.lam) == pytest.approx(before * math.exp(10 * 1e-4 * c_ma), rel=1e-5)
+    assert 1e-10 < float(geco.lam) < before
+
+
+def test_geco_settles_lambda_and_meets_its_constraint_on_a_toy_problem():
+    """x̂ = θ·1 (every pixel), target 1: MSE = (1 − θ)²; 'KL' = 50·θ² pulls θ to 0. Minimizing KL subject to
+    MSE ≤ 0.01 gives θ = 0.9 and λ* = 100·0.9 / (2·D·0.1) (stationarity of KL + λ·D·(MSE − tol))."""
+    theta = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.02)
+    geco = bvb.GECO(tolerance=0.01, rate=2e-5, speedup=10.0)
+    lams, mses = [], []
+    for _ in range(3000):
+        mse = ((1 - theta) ** 2).reshape(1)
+        loss, _, _ = geco.batch_loss(mse, 50 * theta.reshape(1) ** 2, None, None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lams.append(float(geco.lam)), mses.append(mse.item())
+    lam_star = 100 * 0.9 / (2 * bvb.IMAGE_PIXELS * 0.1)
+    assert statistics.fmean(mses[-500:]) == pytest.approx(0.01, rel=0.1)
+    assert statistics.fmean(lams[-500:]) == pytest.approx(lam_star, rel=0.2)
+    assert max(lams[-500:]) / min(lams[-500:]) < 1.1 and max(lams) < 100       # settled, never near its bounds
 
 
 def test_controlvae_beta_rises_above_set_point_falls_below_and_stays_clipped():
@@ -307,7 +332,7 @@ def test_load_mnist_matches_seed_pil_resize(data_dir):
 
 def test_splits_hold_out_the_last_training_images_for_validation(data_dir):
     full, labels = bvb.load_mnist(data_dir, train=True)
-    args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10, test_subset=8)
+    args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10, test_subset=8, quick=False)
     splits = bvb.load_splits(args, torch.device("cpu"))
     assert torch.equal(splits["train"][0], full[:10]) and torch.equal(splits["val"][0], full[80:])
     assert torch.equal(splits["classifier"][0], full[:80]) and torch.equal(splits["val"][1], labels[80:])
@@ -315,6 +340,10 @@ def test_splits_hold_out_the_last_training_images_for_validation(data_dir):
     args.val_size, args.train_subset = 0, 0
     splits = bvb.load_splits(args, torch.device("cpu"))
     assert splits["train"][0].shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
+    with pytest.MonkeyPatch.context() as patch:                  # --quick trains the classifier on a slice
+        patch.setattr(bvb, "QUICK_CLASSIFIER_IMAGES", 50)
+        splits = bvb.load_splits(types.SimpleNamespace(**dict(vars(args), quick=True)), torch.device("cpu"))
+        assert torch.equal(splits["classifier"][0], full[:50])
 
 
 def test_batches_cover_every_image_once_with_a_short_last_batch():
@@ -328,7 +357,7 @@ def test_batches_cover_every_image_once_with_a_short_last_batch():
 
 def tiny_args(**kw):
     base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
-                geco_tolerance=0.01, geco_rate=0.01, controlvae_kl=None, controlvae_kp=0.01, controlvae_ki=0.0001,
+                geco_tolerance=0.01, geco_rate=1e-5, geco_speedup=10.0, controlvae_kl=None, controlvae_kp=0.01, controlvae_ki=0.0001,
                 freebits_lambda=0.25, val_size=0, **{f"bom_{k}": v for k, v in bvb.BOM_DEFAULTS.items()})
     base.update(kw)
     return types.SimpleNamespace(**base)
@@ -654,30 +683,93 @@ def test_judgement_takes_the_side_of_the_interval_and_the_metric_direction():
     assert bvb.judge(-5.0, float("nan"), -1) == "undetermined"
 
 
-def fake_run(name, kind, seed, val, test, settings=None):
+def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 64):
     return {"name": name, "kind": kind, "variant": False, "seed": seed, "status": "ok", "train_seconds": 1.0,
-            "settings": settings or ({"beta": float(name[5:])} if kind == "beta" else {}),
+            "settings": settings or ({"beta": float(name[5:])} if kind == "beta" else {}), "history": list(history),
+            "reference": {"classifier_sha256": sha},
             "val": {k: val.get(k, 1.0) for k in bvb.METRICS}, "test": {k: test.get(k, 1.0) for k in bvb.METRICS}}
 
 
-def test_beta_is_chosen_on_validation_and_the_verdict_is_computed_from_paired_seeds():
+def two_betas_and_sigma_vae():
+    """beta_0.001 is best on validation IWAE NLL, beta_0.1 on validation FD prior; sigma_vae is 2 nats better on
+    test IWAE than beta_0.001 and 10 worse on FD prior than beta_0.1; a shared seed offset cancels in the pairs."""
     records = []
     for seed, noise in ((0, 0.0), (1, 0.2), (2, -0.2)):
-        # beta_0.1 is best on validation, beta_0.001 would be best on test: the choice must ignore test
-        records.append(fake_run("beta_0.001", "beta", seed, {"neg_elbo": 12.0}, {"neg_elbo": 5.0 + noise}))
-        records.append(fake_run("beta_0.1", "beta", seed, {"neg_elbo": 10.0}, {"neg_elbo": 9.0 + noise}))
-        records.append(fake_run("bom", "bom", seed, {"neg_elbo": 11.0}, {"neg_elbo": 7.0 + noise}))
+        records.append(fake_run("beta_0.001", "beta", seed, {"iwae_nll": 10.0, "fd_prior": 50.0},
+                                {"iwae_nll": 10.0 + noise, "fd_prior": 50.0 + noise}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 20.0, "fd_prior": 30.0},
+                                {"iwae_nll": 20.0 + noise, "fd_prior": 30.0 + noise}))
+        records.append(fake_run("sigma_vae", "sigma_vae", seed, {}, {"iwae_nll": 8.0 + noise, "fd_prior": 40.0 + noise}))
+    return bvb.aggregate(records)
+
+
+def test_one_beta_vae_per_criterion_is_compared_on_every_metric_and_the_statements_follow_it():
+    methods = two_betas_and_sigma_vae()
+    assert bvb.choose_beta(methods, "iwae_nll") == "beta_0.001" and bvb.choose_beta(methods, "fd_prior") == "beta_0.1"
+    by_iwae = bvb.verdict(methods, dict.fromkeys(bvb.VERDICT_METRICS, "beta_0.001"))
+    row = {r["metric"]: r for r in by_iwae}
+    assert {r["beta"] for r in by_iwae} == {"beta_0.001"} and len(by_iwae) == len(bvb.VERDICT_METRICS)
+    assert row["iwae_nll"]["difference"] == pytest.approx(-2.0) and row["iwae_nll"]["judgement"] == "better"
+    assert row["fd_prior"]["difference"] == pytest.approx(-10.0) and row["fd_prior"]["judgement"] == "better"
+    assert row["mse"]["judgement"] == "not distinguishable" and row["iwae_nll"]["n"] == 3
+    assert bvb.family_judgements(by_iwae, "sigma_vae") == {
+        "likelihood": "better", "samples": "better", "reconstructions": "not distinguishable"}
+    statement = bvb.overall(by_iwae, methods, "sigma_vae", "B1")
+    assert statement.startswith("sigma_vae matches B1 and beats it on likelihood and samples:")
+    assert "Its own objective among these: −ELBO" in statement
+    by_fd = bvb.verdict(methods, dict.fromkeys(bvb.VERDICT_METRICS, "beta_0.1"))
+    assert bvb.overall(by_fd, methods, "sigma_vae", "B2").startswith("sigma_vae does not match B2: likelihood better")
+    envelope = {r["metric"]: r["beta"] for r in bvb.verdict(methods, {"iwae_nll": "beta_0.001", "fd_prior": "beta_0.1"})}
+    assert envelope == {"iwae_nll": "beta_0.001", "fd_prior": "beta_0.1"}
+
+
+def test_beta_is_chosen_on_validation_never_on_test_and_within_a_grid_when_asked():
+    records = []
+    for seed in (0, 1):
+        # beta_0.1 is best on validation, beta_1e-05 would be best on test: the choice must ignore test
+        records.append(fake_run("beta_1e-05", "beta", seed, {"iwae_nll": 12.0}, {"iwae_nll": 5.0}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 10.0}, {"iwae_nll": 9.0}))
     methods = bvb.aggregate(records)
-    chosen = bvb.choose_betas(methods)
-    assert chosen["neg_elbo"] == "beta_0.1"
-    rows = [r for r in bvb.verdict(methods, chosen) if r["metric"] == "neg_elbo"]
-    assert rows[0]["difference"] == pytest.approx(-2.0) and rows[0]["ci"] == pytest.approx(0.0, abs=1e-9)
-    assert rows[0]["judgement"] == "better" and rows[0]["n"] == 3
-    assert methods["beta_0.1"]["runs_to_choose"] == 2 and methods["bom"]["runs_to_choose"] == 1
-    statement = bvb.overall(bvb.verdict(methods, chosen), "bom")
-    assert statement.startswith("BOM-VAE matches") and "better on −ELBO" in statement
-    worse = [dict(r, judgement="worse") if r["metric"] == "fd_prior" else r for r in bvb.verdict(methods, chosen)]
-    assert bvb.overall(worse, "bom").startswith("BOM-VAE does not match") and "FD prior" in bvb.overall(worse, "bom")
+    assert bvb.choose_beta(methods, "iwae_nll") == "beta_0.1"
+    assert bvb.choose_beta(methods, "iwae_nll", (1e-5,)) == "beta_1e-05"
+    assert bvb.choose_beta(methods, "iwae_nll", (1e-3,)) is None
+    assert bvb.edge_note(methods, "beta_0.1").startswith("beta_0.1 is the largest β of the sweep")
+    assert methods["beta_0.1"]["runs_to_choose"] == 2
+
+
+def test_a_constrained_run_that_misses_its_target_is_flagged_and_one_that_reaches_it_is_not():
+    geco = {"kind": "geco", "settings": {"tolerance": 0.01}, "history": [{"mse": 0.02}, {"mse": 0.0029}]}
+    control = {"kind": "controlvae", "settings": {"kl_target": 80.0}, "history": [{"kl": 77.1}]}
+    assert bvb.target_checks(geco) == [("training MSE", 0.0029, 0.01)] and bvb.missed(bvb.target_checks(geco)[0])
+    assert not bvb.missed(bvb.target_checks(control)[0])                   # |77.1/80 − 1| = 3.6% ≤ 30%
+    assert not bvb.missed(("training MSE", 0.0071, 0.01)) and bvb.missed(("training MSE", 0.0069, 0.01))
+    records = [fake_run("beta_0.001", "beta", s, {}, {}) for s in (0, 1)]
+    records += [fake_run("geco", "geco", s, {}, {}, {"tolerance": 0.01}, [{"mse": 0.0029 if s else 0.009}])
+                for s in (0, 1)]
+    methods = bvb.aggregate(records)
+    assert methods["geco"]["missed_target"] == [1]
+    statement = bvb.overall(bvb.verdict(methods, dict.fromkeys(bvb.VERDICT_METRICS, "beta_0.001")), methods,
+                            "geco", "B")
+    assert statement.startswith("geco did not reach its own target within ±30% (seeds 1; training MSE 0.0029 vs 0.01")
+    assert "geco matches B" in statement
+
+
+def test_report_refuses_runs_evaluated_with_different_classifiers(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    for seed, sha in ((0, "a" * 64), (1, "b" * 64)):
+        (tmp_path / "runs" / f"beta_0.1_seed{seed}.json").write_text(json.dumps(fake_run("beta_0.1", "beta", seed, {}, {},
+                                                                                          sha=sha)))
+    with pytest.raises(bvb.UsageError, match="2 different feature classifiers"):
+        bvb.load_runs(str(tmp_path))
+    (tmp_path / "runs" / "beta_0.1_seed1.json").write_text(json.dumps(fake_run("beta_0.1", "beta", 1, {}, {})))
+    assert [r["seed"] for r in bvb.load_runs(str(tmp_path))] == [0, 1]
+
+
+def test_student_t_quantile_matches_published_values():
+    published = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 30: 2.042272, 100: 1.983972}
+    for dof, value in published.items():
+        assert bvb.t_quantile(dof) == pytest.approx(value, abs=1e-5)
+    assert bvb.t_quantile(5, 0.95) == pytest.approx(2.015048, abs=1e-5)
 
 
 SHARD_RUN = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,beta:0.1,bom", "--seeds", "0", "1"]
@@ -687,8 +779,8 @@ def comparable(summary):
     """A summary without what legitimately differs between invocations: timings and the invocation's flags."""
     strip = lambda row: {k: v for k, v in row.items() if k != "train_seconds"}
     methods = {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in summary["methods"].items()}
-    return ([strip(r) for r in summary["runs"]], methods, summary["verdict"], summary["statements"],
-            summary["chosen_beta"], summary["analysis"])
+    return ([strip(r) for r in summary["runs"]], methods, summary["selected"], summary["notebook_grid"],
+            summary["oracle_envelope"], summary["analysis"])
 
 
 def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
@@ -704,7 +796,9 @@ def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
                  "samples_comparison.png"):
         assert (sharded / name).stat().st_size > 0
     md = (tmp_path / "whole" / "summary.md").read_text()
-    assert " ± " in md and md.rstrip().splitlines()[-1].startswith("- BOM-VAE")
+    verdict = md.split("## Verdict")[1]
+    assert " ± " in md and "\n- BOM-VAE" in verdict and "unadjusted 95% Student-t intervals over 2 seeds" in verdict
+    assert verdict.index("### Against the notebook's grid") < verdict.index("### Oracle envelope")
 
 
 def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp_path):
@@ -716,7 +810,7 @@ def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp
     run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
     assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
     assert summary["sensitivity"][0].startswith("| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs")
-    assert all(r["method"] == "bom" for r in summary["verdict"])         # variants are not in the verdict
+    assert all(r["method"] == "bom" for r in summary["selected"]["verdict"])   # variants are not in the verdict
 
 
 # ----------------------------------------------------------------------------- command line
@@ -840,7 +934,7 @@ def test_notebook_kernel_argv_is_ignored(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1234.json"])
     args = bvb.parse_args()
-    assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == "results"
+    assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == os.path.join("results", "default")
     assert bvb.parse_args(["--epochs", "2"]).epochs == 2
 
 
