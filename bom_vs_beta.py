@@ -1362,9 +1362,12 @@ def load_runs(out):
         if file.endswith(".json"):
             try:
                 with open(os.path.join(folder, file)) as f:
-                    records.append(json.load(f))
+                    record = json.load(f)
             except (OSError, ValueError):
-                raise UsageError(f"run file {os.path.join(folder, file)} is unreadable") from None
+                record = None
+            if not (isinstance(record, dict) and {"name", "reference"} <= record.keys()):
+                raise UsageError(f"run file {os.path.join(folder, file)} is unreadable")
+            records.append(record)
     hashes = sorted({r["reference"].get("classifier_sha256") for r in records} - {None})
     if len(hashes) > 1:
         raise UsageError(f"the run files in {folder} were evaluated with {len(hashes)} different feature classifiers "
@@ -1861,9 +1864,11 @@ def plan_resume(args, grid, n_train):
             try:
                 with open(run_file) as f:
                     saved = json.load(f)["fingerprint"]
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
+                saved = None
+            if not isinstance(saved, dict):
                 raise UsageError(f"run file {run_file} is unreadable: move it away to rerun that run, or use a fresh "
-                                 f"--out") from None
+                                 f"--out")
             check_fingerprint(run_file, saved, fingerprint)
             done.add(run_file)
         elif args.resume and os.path.exists(checkpoint):

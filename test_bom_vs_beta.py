@@ -1,9 +1,11 @@
 """Quick checks of bom_vs_beta.py: scores and metrics at hand-computed points, the squeeze rule,
 the shared training loop, calibration, the data path on tiny IDX files, the CLI and its errors.
 No network and no real MNIST: a fixture writes its own IDX files and goes through torchvision's loader."""
+import ast
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -14,6 +16,7 @@ import tempfile
 import time
 import types
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
@@ -121,8 +124,8 @@ def test_beta_loss_is_mean_mse_plus_beta_mean_kl():
     assert skip is None
 
 
-def bom_with(constraints, latent_dim=128):
-    method = bvb.BOMVAE(latent_dim)
+def bom_with(constraints, latent_dim=128, **knobs):
+    method = bvb.BOMVAE(latent_dim, **knobs)
     method.constraints = dict(constraints)
     return method
 
@@ -468,16 +471,8 @@ def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path
                                "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2", "--seeds", "0", "1"))
     saved = json.loads((out / "benchmark.json").read_text())
     assert set(saved["paths"]) == {"seed pipeline (reference)", "compute ceiling", "beta_0.001", "bom"}
-    for row in saved["paths"].values():
-        assert len(row["repeats_ms"]) == 2 and row["ms_per_step"] > 0
-        assert row["images_per_s"] == pytest.approx(32 * 1000 / row["ms_per_step"])
-    assert saved["paths"]["seed pipeline (reference)"]["vs_seed"] == pytest.approx(1.0)
-    per_run = 2 * 3                                              # 2 epochs x ceil(80 / 32) steps
-    expected = 2 * sum(saved["paths"][m]["ms_per_step"] / 1000 * per_run + saved["eval_seconds_per_run"]
-                       for m in ("beta_0.001", "bom"))        # x 2 seeds
-    assert saved["eval_seconds_per_run"] > 0
-    assert saved["estimated_comparison_seconds"] == pytest.approx(expected)
-    assert report["machine"] == saved["machine"] and "vs ceiling" in capsys.readouterr().out
+    assert all(len(row["repeats_ms"]) == 2 for row in saved["paths"].values())   # the arithmetic: a test below
+    assert saved == json.loads(json.dumps(bvb.json_safe(report))) and "vs ceiling" in capsys.readouterr().out
     assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
 
 
@@ -508,32 +503,46 @@ def script(*argv):
     return [sys.executable, os.path.join(HERE, "bom_vs_beta.py"), *argv]
 
 
-def test_run_killed_mid_training_resumes_to_the_same_metrics(data_dir, tmp_path):
+STATEFUL = ["--epochs", "3", "--latent-dim", "16", "--methods", "geco,controlvae,bom", "--bom-squeeze-start", "1",
+            "--no-plots"]
+
+
+def test_stateful_runs_killed_mid_training_resume_to_the_same_metrics(data_dir, tmp_path):
+    """SIGKILL inside epoch 2 of each of GECO, ControlVAE and BOM in turn (after their state has moved: λ, the
+    integral, a squeeze), resuming each time; the result equals an uninterrupted run's exactly."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(script(*run_args(data_dir, reference, *SMALL)), check=True, capture_output=True, timeout=300)
-    first = killed / "checkpoints" / "beta_0.001_seed0.pt"
-    proc = subprocess.Popen(script(*run_args(data_dir, killed, *SMALL)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)                 # after epoch 1 of the first run: inside epoch 2
-    proc.wait()
-    state = torch.load(first, weights_only=True)
-    assert not state["finished"] and len(state["history"]) < 3
+    bvb.main(run_args(data_dir, reference, *STATEFUL))
+    for i, name in enumerate(("geco", "controlvae", "bom")):
+        checkpoint = killed / "checkpoints" / f"{name}_seed0.pt"
+        proc = subprocess.Popen(script(*run_args(data_dir, killed, *STATEFUL, *(["--resume"] if i else []))),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)             # after epoch 1 of this run: inside epoch 2
+        proc.wait()
+        state = torch.load(checkpoint, weights_only=True)
+        assert not state["finished"] and len(state["history"]) < 3, name
+        moved = {"geco": float(state["method"].get("lambda", 1.0)) != 1.0,
+                 "controlvae": state["method"].get("integral", 0.0) != 0.0,
+                 "bom": state["method"].get("constraints") != state["method"].get("calibration")}
+        assert moved[name], name
     assert not (killed / "summary.json").exists()
-    resumed = subprocess.run(script(*run_args(data_dir, killed, *SMALL, "--resume")),
+    resumed = subprocess.run(script(*run_args(data_dir, killed, *STATEFUL, "--resume")),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stdout
+    assert "bom: resuming after epoch" in resumed.stdout
     assert summary_metrics(killed) == summary_metrics(reference)
+    for name in ("geco", "controlvae", "bom"):
+        history = lambda out: json.loads((out / "runs" / f"{name}_seed0.json").read_text())["history"]
+        assert history(killed) == history(reference), name
 
 
 def test_resume_skips_finished_runs_and_reproduces_the_summary(data_dir, tmp_path, capsys):
     first = bvb.main(run_args(data_dir, tmp_path, *SMALL))
     again = bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
     assert capsys.readouterr().out.count("finished earlier") == 2
-    assert again["runs"] == first["runs"]
+    assert [r["seed"] for r in again["runs"]] == [r["seed"] for r in first["runs"]]
 
 
 def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
@@ -792,9 +801,8 @@ def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
     report = bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--report"))
     assert comparable(report) == comparable(whole)
     assert len(whole["runs"]) == 7 and whole["methods"]["bom"]["seeds"] == [0, 1]
-    for name in ("training_comparison.png", "pareto_comparison.png", "reconstructions_comparison.png",
-                 "samples_comparison.png"):
-        assert (sharded / name).stat().st_size > 0
+    for name in FIGURES:
+        assert_drawn(sharded / name)
     md = (tmp_path / "whole" / "summary.md").read_text()
     verdict = md.split("## Verdict")[1]
     assert " ± " in md and "\n- BOM-VAE" in verdict and "unadjusted 95% Student-t intervals over 2 seeds" in verdict
@@ -821,9 +829,8 @@ def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
                            *run_args(data_dir, out, "--epochs", "3", "--latent-dim", "16")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for name in ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "pareto_comparison.png",
-                 "reconstructions_comparison.png", "samples_comparison.png"):
-        assert (out / name).stat().st_size > 0, name
+    for name in FIGURES:
+        assert_drawn(out / name)
     summary = json.loads((out / "summary.json").read_text())
     methods = [r["method"] for r in summary["runs"]]
     assert methods == ["beta_0.0001", "beta_0.001", "beta_0.01", "beta_0.1", "bom", "data"]
@@ -835,7 +842,7 @@ def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
     bom = json.loads((out / "runs" / "bom_seed0.json").read_text())
     assert set(bom["config"]["calibration"]) == {"mse_floor", "kl_floor_low", "kl_optimum", "kl_floor_high",
                                                  "sharp_ceiling"}
-    assert len(bom["history"]) == 3 and bom["history"][2]["squeeze_factor"] <= 1.0
+    assert len(bom["history"]) == 3 and [h["epoch"] for h in bom["history"]] == [1, 2, 3]
     md = (out / "summary.md").read_text()
     assert "Best β-VAE by validation MSE" in md and md.index("## Verdict") > md.index("## Test metrics")
     assert "BOM-VAE: undetermined" in md                      # one seed: no confidence interval
@@ -974,3 +981,584 @@ def test_a_skipped_step_leaves_weights_and_adam_state_alone_fused_or_not(fused):
     assert bvb.optimizer_step(optimizer, model, loss(), torch.tensor(False)).item()
     assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert optimizer.state_dict()["state"][0]["step"].item() == 2
+
+
+# ----------------------------------------------------------------------------- audit: helpers
+
+def tree(root):
+    """Every folder and file under root, files with their bytes: equal trees mean nothing was written."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel + os.sep] = None
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.join(rel, name)] = f.read()
+    return out
+
+
+# BOM knobs that differ from every default; with 80 training images of batch 32, 2 calibration batches
+# read 64 images (the default 50 would read all three batches).
+BOM_FLAGS = ["--bom-kl-scale", "2", "--bom-squeeze-k", "0.25", "--bom-squeeze-start", "2",
+             "--bom-calib-batches", "2", "--bom-mse-floor-mult", "3", "--bom-kl-low-mult", "0.2",
+             "--bom-kl-high-mult", "10"]
+SHARED = ["--methods", "beta:0.0001,bom", "--epochs", "1", "--latent-dim", "16", *BOM_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def shared_out(data_dir, tmp_path_factory):
+    """One tiny real run with figures, shared read-only; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("shared") / "out"
+    bvb.main(run_args(data_dir, out, *SHARED))
+    return out
+
+
+def copy_of(shared_out, tmp_path):
+    dest = tmp_path / "out"
+    shutil.copytree(shared_out, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- IWAE on a linear-Gaussian model
+
+D, LATENT, SIGMA2 = bvb.IMAGE_PIXELS, 3, 0.05
+SCALES = torch.tensor([1.5, 1.0, 0.6], dtype=torch.float64)
+
+
+class LinearGaussian:
+    """decode(z) = W z + b with orthogonal columns of W (WᵀW = diag(s²)): p(x) = N(b, W Wᵀ + σ² I) and the
+    exact posterior p(z|x) = N(S Wᵀ(x − b)/σ², S), S = diag(1 / (1 + s²/σ²)), is diagonal like q."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(D, LATENT, generator=g, dtype=torch.float64))
+        self.W = q * SCALES
+        self.b = 0.3 * torch.randn(D, generator=g, dtype=torch.float64)
+
+    def decode(self, z):
+        return z @ self.W.T + self.b
+
+    def sample_x(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, LATENT, generator=g, dtype=torch.float64)
+        noise = math.sqrt(SIGMA2) * torch.randn(n, D, generator=g, dtype=torch.float64)
+        return (self.decode(z) + noise).view(n, 1, 64, 64)
+
+    def exact_nll(self, x):
+        p = torch.distributions.LowRankMultivariateNormal(self.b, self.W, torch.full((D,), SIGMA2, dtype=torch.float64))
+        return -p.log_prob(x.flatten(1))
+
+    def posterior(self, x):
+        var = 1 / (1 + SCALES ** 2 / SIGMA2)
+        return var * ((x.flatten(1) - self.b) @ self.W) / SIGMA2, var.log().expand(x.shape[0], LATENT)
+
+
+def test_iwae_equals_the_exact_nll_for_any_k_and_chunking_when_q_is_the_exact_posterior():
+    # q = p(z|x): every weight p(x, z)/q(z|x) equals p(x), so −log mean w = −log p(x) exactly, last chunk partial or not
+    model = LinearGaussian()
+    x = model.sample_x(4, seed=1)
+    mu, logvar = model.posterior(x)
+    exact = model.exact_nll(x)
+    assert exact.abs().min() > 10                                 # a real density value, not a trivial zero
+    for samples, chunk in ((1, 10), (25, 10), (25, 25), (25, 7), (25, 100), (3, 1)):
+        torch.manual_seed(samples + chunk)
+        got = bvb.iwae_nll(model, x, mu, logvar, SIGMA2, samples, chunk=chunk)
+        assert got.shape == (4,)
+        assert got.tolist() == pytest.approx(exact.tolist(), rel=1e-9, abs=1e-7), (samples, chunk)
+
+
+def mismatched_q(model, x):
+    """q off the posterior: mean shifted by one posterior sd, variance e² times too large (wider than the
+    posterior, so the weights stay bounded and their averages well behaved)."""
+    mu, logvar = model.posterior(x)
+    return mu + torch.exp(0.5 * logvar), logvar + 2.0
+
+
+# KL(q || p(z|x)) of mismatched_q: ½(σq²/σp² − 1 − log(σq²/σp²) + Δμ²/σp²) = ½(e² − 1 − 2 + 1) per dim
+KL_Q_TO_POSTERIOR = LATENT * 0.5 * (math.e ** 2 - 2)
+
+
+def test_iwae_with_one_sample_is_above_the_exact_nll_by_the_kl_to_the_posterior_on_average():
+    # E[−log w] = −log p(x) + KL(q || p(z|x)) for K = 1 (about 8.08 nats here), averaged over 4 images x 500 draws
+    model = LinearGaussian()
+    x = model.sample_x(4, seed=2).repeat(500, 1, 1, 1)
+    mu, logvar = mismatched_q(model, x)
+    torch.manual_seed(0)
+    gap = bvb.iwae_nll(model, x, mu, logvar, SIGMA2, 1) - model.exact_nll(x)
+    se = gap.std().item() / math.sqrt(gap.numel())
+    assert gap.mean().item() == pytest.approx(KL_Q_TO_POSTERIOR, abs=5 * se)
+    assert se < 0.05 * KL_Q_TO_POSTERIOR
+
+
+def test_iwae_bound_is_above_the_exact_nll_and_tightens_as_k_grows():
+    # mean over 4 images (and repeated draws) of IWAE_K − (−log p(x)) for K = 1, 10, 200, q not the posterior
+    model = LinearGaussian()
+    images = model.sample_x(4, seed=3)
+    gaps, ses = {}, {}
+    for samples, repeats in ((1, 100), (10, 100), (200, 5)):
+        x = images.repeat(repeats, 1, 1, 1)
+        mu, logvar = mismatched_q(model, x)
+        torch.manual_seed(samples)
+        gap = bvb.iwae_nll(model, x, mu, logvar, SIGMA2, samples, chunk=10) - model.exact_nll(x)
+        gaps[samples], ses[samples] = gap.mean().item(), gap.std().item() / math.sqrt(gap.numel())
+    for samples in gaps:                                          # a bound: never below −log p(x) beyond noise
+        assert gaps[samples] > -4 * ses[samples], (samples, gaps)
+    for k, more in ((1, 10), (10, 200)):                          # each step down by more than 3 standard errors
+        assert gaps[k] - gaps[more] > 3 * math.hypot(ses[k], ses[more]), (gaps, ses)
+    assert gaps[200] < 0.05 * KL_Q_TO_POSTERIOR < 0.5 * gaps[1]
+
+
+def test_iwae_with_a_partial_last_chunk_uses_exactly_k_draws_and_matches_a_direct_computation(monkeypatch):
+    # the same 25 draws fed through torch.randn: chunk 10 (10 + 10 + 5), 7 (7 + 7 + 7 + 4), 25 and 100 must agree
+    # with −log (1/25) Σ_k p(x|z_k) p(z_k)/q(z_k|x) computed with torch.distributions
+    model = LinearGaussian()
+    x = model.sample_x(3, seed=4)
+    mu, logvar = mismatched_q(model, x)
+    eps = torch.randn(25, 3, LATENT, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    std = torch.exp(0.5 * logvar)
+    z = mu + eps * std
+    normal = torch.distributions.Normal
+    log_w = (normal(model.decode(z), math.sqrt(SIGMA2)).log_prob(x.flatten(1)).sum(-1)
+             + normal(0.0, 1.0).log_prob(z).sum(-1) - normal(mu, std).log_prob(z).sum(-1))
+    expected = -(torch.logsumexp(log_w, 0) - math.log(25))
+    real_randn = torch.randn
+    for chunk in (10, 7, 25, 100):
+        used = []
+
+        def stream(*size, **kw):
+            assert tuple(size[1:]) == (3, LATENT)
+            start = sum(used)
+            used.append(size[0])
+            return eps[start:start + size[0]]
+        monkeypatch.setattr(torch, "randn", stream)
+        got = bvb.iwae_nll(model, x, mu, logvar, SIGMA2, 25, chunk=chunk)
+        monkeypatch.setattr(torch, "randn", real_randn)
+        assert sum(used) == 25 and max(used) == min(chunk, 25), (chunk, used)
+        assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-10), chunk
+    assert log_w.std(0).min() > 0.1                                # q is not the posterior: the weights differ
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+def test_frechet_distance_with_non_commuting_covariances_at_a_hand_computed_point():
+    # a = {±(1,0), ±(0,2)}: mean 0, Σa = (2/3)·A, A = diag(1, 4); b = {±(1,1), ±(0,1)} + (1, −2): Σb = (2/3)·B,
+    # B = [[1, 1], [1, 2]]. For 2x2, Tr √M = √(tr M + 2√det M): Tr √(AB) = √(9 + 2·√(4·1)) = √13, so
+    # FD = |(1, −2)|² + (2/3)(tr A + tr B − 2√13) = 5 + (2/3)(8 − 2√13)
+    a = torch.tensor([[1.0, 0], [-1, 0], [0, 2], [0, -2]])
+    b = torch.tensor([[1.0, 1], [-1, -1], [0, 1], [0, -1]]) + torch.tensor([1.0, -2])
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    assert np.allclose(ca, np.diag([2 / 3, 8 / 3])) and np.allclose(cb, [[2 / 3, 2 / 3], [2 / 3, 4 / 3]])
+    assert not np.allclose(ca @ cb, cb @ ca)
+    assert bvb.frechet_distance(a, b) == pytest.approx(5 + 2 / 3 * (8 - 2 * math.sqrt(13)), rel=1e-9)
+    assert bvb.frechet_distance(b, a) == pytest.approx(5 + 2 / 3 * (8 - 2 * math.sqrt(13)), rel=1e-9)
+
+
+def test_frechet_distance_with_random_non_commuting_covariances_matches_the_eigenvalues_of_the_product():
+    # Tr (Σa Σb)^½ = Σ √λ_i over the eigenvalues of Σa Σb (real, ≥ 0: it is similar to Σa^½ Σb Σa^½)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) + rng.normal(size=5)
+    b = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)) * 0.7 + rng.normal(size=5)
+    ca, cb = np.cov(a.T), np.cov(b.T)
+    assert np.linalg.norm(ca @ cb - cb @ ca) > 0.1 * np.linalg.norm(ca @ cb)
+    eig = np.linalg.eigvals(ca @ cb)
+    assert np.abs(eig.imag).max() < 1e-8 * np.abs(eig.real).max() and eig.real.min() > 0
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb)
+                - 2 * np.sqrt(eig.real).sum())
+    got = bvb.frechet_distance(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # the commuting shortcut Σ(√var_a − √var_b)² on the diagonals would be wrong here
+    naive = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.sum((np.sqrt(np.diag(ca)) - np.sqrt(np.diag(cb))) ** 2)
+    assert abs(got - naive) > 0.05 * abs(expected)
+
+
+# ----------------------------------------------------------------------------- BOM: skipping, squeeze, calibration
+
+def test_end_epoch_averages_s_min_over_the_stepped_batches_only():
+    # batch means of s_min 0.5, 0.2 (skipped: adds 0 to s_min_stepped), 0.7: stepped mean (0.5 + 0.7)/2 = 0.6 →
+    # factor 1 − (0.6 − 0.5)·0.5 = 0.95; a mean over all 3 batches (1.4/3, or 1.2/3) is below 0.5: no squeeze
+    sums = {"steps": 2, "batches": 3, "s_min": 0.5 + 0.2 + 0.7, "s_min_stepped": 0.5 + 0.0 + 0.7, "violations": 5,
+            "skipped": 1, "bottleneck_counts": [60, 30, 6]}
+    method = bom_with(BOX, squeeze_start=3)
+    row = method.end_epoch(3, sums)
+    assert row["s_min"] == pytest.approx(0.6) and row["squeeze_factor"] == pytest.approx(0.95)
+    assert row["violations"] == 5 and row["skipped_batches"] == 1 and row["constraints"] == BOX
+    assert method.constraints["mse_floor"] == pytest.approx(0.4 * 0.95)
+    assert method.constraints["kl_optimum"] == pytest.approx(20.0 + (0.625 * 128 - 20.0) * 0.05)
+    stalled = bom_with(BOX).end_epoch(5, dict(sums, steps=0, s_min_stepped=0.0, skipped=3))
+    assert stalled["s_min"] == 0.0 and stalled["squeeze_factor"] == 1.0
+
+
+class RecordingBOM(bvb.BOMVAE):
+    """BOM with fixed constraints after its calibration (MSE floor 0.15, a KL box and a sharpness ceiling no
+    image can miss), recording each batch's mean s_min, loss and skip."""
+
+    def setup(self, model, images, batch_size, seed):
+        super().setup(model, images, batch_size, seed)
+        self.constraints = {"mse_floor": 0.15, "kl_floor_low": -1e6, "kl_optimum": 0.0, "kl_floor_high": 1e6,
+                            "sharp_ceiling": 1e-6}
+        self.seen = []
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        loss, skip, logs = super().batch_loss(mse, kl, sharp, kl_dims)
+        self.seen.append((logs["s_min"].item(), loss.item(), bool(skip), int(logs["violations"])))
+        return loss, skip, logs
+
+
+def test_an_epoch_with_one_skipped_batch_of_three_steps_twice_and_squeezes_from_the_stepped_mean():
+    # 24 mid-gray images in 3 batches of 8 (MSE ≈ 0.04 under the untrained model, score ≈ 0.7), 4 of them made
+    # black (MSE ≈ 0.3, score ≈ −1), all in the epoch's 2nd batch: that batch is skipped, the other two step
+    images = torch.full((24, 1, 64, 64), 128, dtype=torch.uint8)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))    # train_run's first epoch order
+    images[order[8:12]] = 0
+    method = RecordingBOM(16, squeeze_start=1)
+    run = bvb.train_run(method, images, tiny_args(epochs=1, batch_size=8))
+    row = run["history"][0]
+    assert [skip for _, _, skip, _ in method.seen] == [False, True, False]
+    assert [v for _, _, _, v in method.seen] == [0, 4, 0]
+    assert row["steps"] == 2 and row["skipped_batches"] == 1 and row["violations"] == 4
+    s = [s for s, _, _, _ in method.seen]
+    stepped_mean, all_mean = (s[0] + s[2]) / 2, sum(s) / 3
+    assert stepped_mean > 0.5 >= all_mean                          # the design: only the right mean squeezes
+    assert row["s_min"] == pytest.approx(stepped_mean, rel=1e-6)
+    assert row["loss"] == pytest.approx((method.seen[0][1] + method.seen[2][1]) / 2, rel=1e-6)
+    factor = max(0.5, 1 - (stepped_mean - 0.5) * 0.5)
+    assert row["squeeze_factor"] == pytest.approx(factor, rel=1e-6) and factor < 1
+    assert method.constraints["mse_floor"] == pytest.approx(0.15 * factor, rel=1e-6)
+    assert row["constraints"]["mse_floor"] == 0.15 and run["status"] == "ok"
+
+
+@pytest.mark.parametrize("mse, kl, sharp, which", [
+    (0.4, 20.0, 0.3, "mse"),          # MSE at its floor: (0.4 − 0.4)/0.4 = 0
+    (0.1, 10.0, 0.3, "kl"),           # KL at the box's low floor: (10 − 10)/(20 − 10) = 0
+    (0.1, 60.0, 0.3, "kl"),           # KL at the box's high floor: (60 − 60)/(60 − 20) = 0
+    (0.1, 20.0, 0.0, "sharp"),        # sharpness 0: 0/0.2 = 0
+])
+def test_a_score_of_exactly_zero_is_a_violation_and_skips_the_batch(mse, kl, sharp, which):
+    # image 0 scores exactly 0 on one bottleneck, image 1 scores min(0.75, 1, 1.5) = 0.75
+    loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([mse, 0.1]), torch.tensor([kl, 20.0]),
+                                                torch.tensor([sharp, 0.3]), None)
+    scores = bvb.constraint_scores(torch.tensor([mse]), torch.tensor([kl]), torch.tensor([sharp]), BOX)[0]
+    assert scores[bvb.BOTTLENECKS.index(which)].item() == 0.0 and scores.min().item() == 0.0
+    assert bool(skip) and logs["violations"].item() == 1 and logs["skipped"].item() == 1
+    assert logs["s_min_stepped"].item() == 0.0 and logs["s_min"].item() == pytest.approx(0.375)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(-(math.log(1e-12) + math.log(0.75)) / 2)
+
+
+class PerBatchOutputs(torch.nn.Module):
+    """Stands in for the VAE: call i returns batch i's stripes (contrast a: MSE vs zeros a²/2, sharpness a/2)
+    and 1-d means μ (log σ² = 0: KL = μ²/2)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches, self.calls = batches, 0
+
+    def forward(self, x):
+        contrasts, mus = self.batches[self.calls]
+        self.calls += 1
+        recon = torch.zeros(len(contrasts), 1, 8, 8)
+        for i, a in enumerate(contrasts):
+            recon[i, ..., ::2] = a
+        mu = torch.tensor(mus).view(-1, 1)
+        return recon, mu, torch.zeros_like(mu)
+
+
+def test_calibration_takes_max_mse_min_kl_and_max_kl_over_all_batches_read():
+    # MSE per batch: [0.02, 0.08], [0.18, 0.005], [0.045, 0.045] -> max 0.18 in batch 2
+    # KL per batch:  [2, 4.5], [8, 18], [0.5, 4.5] -> min 0.5 in batch 3, max 18 in batch 2, mean 37.5/6
+    # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with n_batches=3
+    model = PerBatchOutputs([([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]),
+                             ([0.9, 0.9], [10.0, 0.0])])
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), n_batches=3, mse_floor_mult=3.0,
+                      kl_low_mult=0.2, kl_high_mult=10.0)
+    assert model.calls == 3
+    assert c["mse_floor"] == pytest.approx(3.0 * 0.18)
+    assert c["kl_floor_low"] == pytest.approx(0.2 * 0.5)
+    assert c["kl_optimum"] == pytest.approx(37.5 / 6)
+    assert c["kl_floor_high"] == pytest.approx(10.0 * 18.0)
+    assert c["sharp_ceiling"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.05 + 0.15 + 0.15) / 6)
+
+
+def test_bom_flags_reach_the_method():
+    args = bvb.parse_args(["--device", "cpu", "--latent-dim", "16", *BOM_FLAGS])
+    method = bvb.make_method(("bom", None), args)
+    assert method.name == "bom"
+    assert method.knobs == {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2,
+                            "mse_floor_mult": 3.0, "kl_low_mult": 0.2, "kl_high_mult": 10.0}
+    assert method.kl_targets == pytest.approx((0.390625 * 32, 0.625 * 32, 1.171875 * 32))    # per dim x 16 x 2
+    row = bom_with(BOX, **method.knobs).end_epoch(2, {"steps": 1, "s_min_stepped": 0.9, "violations": 0,
+                                                      "skipped": 0, "bottleneck_counts": [1, 0, 0]})
+    assert row["squeeze_factor"] == pytest.approx(1 - 0.4 * 0.25)        # k = 0.25 from epoch 2 on
+
+
+def test_non_default_bom_flags_are_recorded_in_the_run_file_and_used_by_calibration(shared_out, data_dir):
+    run = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
+    knobs = {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2, "mse_floor_mult": 3.0,
+             "kl_low_mult": 0.2, "kl_high_mult": 10.0}
+    assert {k: run["settings"][k] for k in knobs} == knobs
+    assert run["settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
+    assert {k: run["config"][k] for k in knobs} == knobs
+    assert {k: run["config"][f"bom_{k}"] for k in knobs} == knobs
+    assert run["fingerprint"]["method_settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
+    assert len(run["history"]) == 1 and run["history"][0]["squeeze_factor"] == 1.0    # epoch 1 < squeeze start 2
+    # the recorded calibration: the untrained model's metrics on 2 batches (calibration order seeded with seed + 1)
+    # through the multipliers 3 (max MSE), 0.2 (min KL) and 10 (max KL)
+    images = bvb.load_mnist(data_dir, train=True)[0][:80]
+    bvb.seed_everything(0)
+    model = bvb.new_model(16, torch.device("cpu")).train()
+    with torch.no_grad():
+        metrics = [bvb.forward_metrics(model, x)[:3] for x, _ in
+                   zip(bvb.batches(images, 32, torch.Generator().manual_seed(1)), range(2))]
+    mse, kl, sharp = (torch.cat(parts) for parts in zip(*metrics))
+    assert mse.numel() == 64
+    expected = {"mse_floor": 3.0 * mse.max().item(), "kl_floor_low": 0.2 * kl.min().item(),
+                "kl_optimum": kl.mean().item(), "kl_floor_high": 10.0 * kl.max().item(),
+                "sharp_ceiling": sharp.mean().item()}
+    assert run["config"]["calibration"] == pytest.approx(expected, rel=1e-6)
+    assert run["history"][0]["constraints"] == pytest.approx(expected, rel=1e-6)
+
+
+class LenientBOM(bvb.BOMVAE):
+    """BOM whose constraints every image meets comfortably (s_min ≈ 0.99): the squeeze must act."""
+
+    def setup(self, model, images, batch_size, seed):
+        super().setup(model, images, batch_size, seed)
+        self.constraints = {"mse_floor": 10.0, "kl_floor_low": -1e6, "kl_optimum": 0.0, "kl_floor_high": 1e6,
+                            "sharp_ceiling": 1e-6}
+
+
+def test_squeeze_factor_and_the_next_epochs_constraints_follow_the_rule(train_images):
+    # epoch 1 is before squeeze_start 2 (factor 1 although s_min > 0.5);
+    # epoch 2 squeezes by max(0.5, 1 − (s_min − 0.5)·0.5) and moves each KL edge that fraction to its target
+    method = LenientBOM(16, squeeze_start=2)
+    run = bvb.train_run(method, train_images[:16], tiny_args(epochs=2, batch_size=8))
+    first, second = run["history"]
+    assert first["s_min"] > 0.5 and first["squeeze_factor"] == 1.0
+    assert second["constraints"] == first["constraints"]
+    s = second["s_min"]
+    factor = max(0.5, 1 - (s - 0.5) * 0.5)
+    assert s > 0.5 and factor < 0.8 and second["squeeze_factor"] == pytest.approx(factor, rel=1e-9)
+    low, opt, high = (t * 16 for t in bvb.KL_TARGETS_PER_DIM)
+    c = method.constraints
+    assert c["mse_floor"] == pytest.approx(10.0 * factor)
+    assert c["kl_floor_low"] == pytest.approx(-1e6 + (low + 1e6) * (1 - factor))
+    assert c["kl_optimum"] == pytest.approx(opt * (1 - factor))
+    assert c["kl_floor_high"] == pytest.approx(1e6 + (high - 1e6) * (1 - factor))
+    assert c["sharp_ceiling"] == 1e-6
+
+
+# ----------------------------------------------------------------------------- the file as a notebook cell
+
+KERNEL_ARGV = ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
+               "/root/.local/share/jupyter/runtime/kernel-1234.json"]
+
+
+def test_the_file_pasted_into_a_notebook_cell_ignores_the_kernel_argv(tmp_path, monkeypatch, capsys):
+    # the source run as __main__ under a kernel's argv, in an empty folder: the default run stops at the one-line
+    # MNIST error (./data is empty, the download is stubbed out), so the argv was NOT parsed as flags
+    from torchvision import datasets
+    downloads = []
+
+    def offline(self):
+        downloads.append(self.root)
+        raise RuntimeError("no download in this test")
+    monkeypatch.setattr(datasets.MNIST, "download", offline)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", KERNEL_ARGV)
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(HERE, "bom_vs_beta.py")) as f:
+        cell = compile(f.read(), "<notebook cell>", "exec")
+    with pytest.raises(SystemExit) as exit_info:
+        exec(cell, {"__name__": "__main__"})
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert "unrecognized arguments" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error: MNIST not found in")
+    assert os.path.join(str(tmp_path), "data", "MNIST", "raw") in err
+    assert downloads == ["./data"]                                  # the default --data-dir, tried once
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_resume_hint_in_a_notebook_is_a_main_call_that_resumes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    args = bvb.parse_args(["--epochs", "2", "--out", "it's here", "--overwrite", "--device", "cpu"])
+    hint = bvb.resume_command(args)
+    assert hint.startswith("main([") and hint.endswith("'--resume'])")
+    argv = ast.literal_eval(hint[len("main("):-1])
+    assert argv == ["--epochs", "2", "--out", "it's here", "--device", "cpu", "--resume"]
+    again = bvb.parse_args(argv)
+    assert again.resume and not again.overwrite and again.out == "it's here" and again.epochs == 2
+    assert bvb.resume_command(bvb.parse_args(None)) == "main(['--resume'])"     # a cell's main(): defaults
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    hint = bvb.resume_command(args)
+    assert shlex.split(hint) == ["python", "bom_vs_beta.py", *argv]
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+HOSTILE_FLAGS = [
+    (["--iw-samples", "0"], "--iw-samples"),
+    (["--val-size", "-1"], "--val-size"),
+    (["--bom-kl-scale", "0"], "--bom-kl-scale"),
+    (["--bom-squeeze-k", "-1"], "--bom-squeeze-k"),
+    (["--bom-squeeze-start", "0"], "--bom-squeeze-start"),
+    (["--bom-calib-batches", "0"], "--bom-calib-batches"),
+    (["--bom-mse-floor-mult", "0"], "--bom-mse-floor-mult"),
+    (["--bom-kl-low-mult", "0"], "--bom-kl-low-mult"),
+    (["--bom-kl-high-mult", "-2"], "--bom-kl-high-mult"),
+    (["--lr", "inf"], "--lr"),
+    (["--methods", ""], "--methods"),
+    (["--shard", "0/2"], "--shard"),
+    (["--shard", "3/2"], "--shard"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flag_is_a_one_line_error_and_writes_nothing(data_dir, tmp_path, capsys, flags, flag):
+    out = tmp_path / "out"
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *flags))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and flag in err, err
+    assert not out.exists() and tree(tmp_path) == before
+
+
+def test_report_without_run_files_is_a_one_line_error_and_creates_no_out(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "no run files" in err
+    assert not out.exists(), sorted(os.listdir(tmp_path))
+
+
+def test_report_on_an_existing_out_without_run_files_leaves_it_untouched(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "no run files" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\xff\xfe not json at all",
+    b'{"name": "beta_0.0001", "fingerprint": {"method": "beta_0.0',     # cut off mid-write
+    b"null",
+    b"[1, 2, 3]",
+    b'{"fingerprint": "beta_0.0001"}',
+], ids=["binary", "truncated", "null", "list", "fingerprint-not-a-dict"])
+def test_unreadable_run_file_under_resume_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
+                                                                                  capsys, garbage):
+    out = copy_of(shared_out, tmp_path)
+    run_file = out / "runs" / "beta_0.0001_seed0.json"
+    run_file.write_bytes(garbage)
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:"), err
+    assert str(run_file) in err
+    assert tree(tmp_path) == before
+
+
+def test_unreadable_run_file_under_report_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
+                                                                                  capsys):
+    out = copy_of(shared_out, tmp_path)
+    (out / "runs" / "beta_0.0001_seed0.json").write_bytes(b"\x00\xff\xfe not json at all")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "beta_0.0001_seed0" in err
+    assert tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- figures, benchmark arithmetic, resume
+
+FIGURES = {  # file: (figsize in inches as the script sets it, least share of coloured pixels: curves, markers)
+    "training_comparison.png": ((15, 4), 0.002), "pareto_comparison.png": ((10, 6), 0.0003),
+    "reconstructions_comparison.png": ((16, 2 * 3), 0.0), "samples_comparison.png": ((16, 2 * 2), 0.0)}
+# 2 methods: 3 rows of reconstructions (originals + 2 models), 2 rows of samples; grids use the gray colormap
+
+
+def assert_drawn(path):
+    """A figure of the width the script sets (at 150 dpi) with real content on it, whatever its row count."""
+    image = mpimg.imread(path)[..., :3].mean(-1)
+    assert image.shape[1] == FIGURES[path.name][0][0] * 150 and image.std() > 0.05, path.name
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_report_figures_have_the_set_pixel_size_and_are_not_blank(shared_out, name):
+    # pixels = figsize x 150 dpi, and real content (many grey levels, visible contrast,
+    # coloured curves and markers in the plots, none in the grayscale image grids)
+    image = mpimg.imread(shared_out / name)[..., :3]
+    (width, height), colour_share = FIGURES[name]
+    assert image.shape[:2] == (height * 150, width * 150)
+    gray = image.mean(-1)
+    assert gray.std() > 0.05
+    assert len(np.unique((gray * 255).round())) > 20
+    assert (gray < 0.5).mean() > 0.005                    # ink: axes, lines, markers or image pixels
+    coloured = ((image.max(-1) - image.min(-1)) > 0.3).mean()
+    assert (coloured > colour_share) if colour_share else (coloured == 0.0)
+
+
+def test_reconstruction_figure_shows_the_test_digits_in_its_first_row(shared_out):
+    # fake digits are bright strokes on black: the "original" row holds large black areas, drawn on a fixed scale
+    image = mpimg.imread(shared_out / "reconstructions_comparison.png")[..., :3].mean(-1)
+    first_row = image[: image.shape[0] // 3]
+    assert (first_row < 0.02).mean() > 0.2 and (first_row > 0.9).mean() > 0.1
+
+
+def test_benchmark_report_arithmetic_from_known_timings(tmp_path, monkeypatch):
+    # known seconds per step in, hand-computed speeds, ratios and wall-time estimates out.
+    # medians: seed 0.2 s, ceiling 0.05 s, beta_0.001 0.1 s, bom 0.25 s; 2 epochs x ceil(80/32) = 6 steps, 2 seeds,
+    # 7 s of evaluation per run: estimate 2·((0.1·6 + 7) + (0.25·6 + 7)) = 32.2 s, seed's 2·2·0.2·6 = 4.8 s
+    per_spec = {("beta", 0.001): [0.1, 0.1, 0.1], ("bom", None): [0.4, 0.2, 0.25]}
+    monkeypatch.setattr(bvb, "time_seed_pipeline", lambda args, device: [0.3, 0.1, 0.2])
+    monkeypatch.setattr(bvb, "time_compute_ceiling", lambda images, args: [0.05, 0.04, 0.06])
+    monkeypatch.setattr(bvb, "time_training", lambda spec, images, args: per_spec[spec])
+    monkeypatch.setattr(bvb, "time_evaluation", lambda splits, args: 7.0)
+    args = bvb.parse_args(["--benchmark", "--epochs", "2", "--seeds", "0", "1", "--methods", "beta:0.001,bom",
+                           "--batch-size", "32", "--device", "cpu", "--out", str(tmp_path)])
+    x, y = torch.zeros(80, 1, 64, 64, dtype=torch.uint8), torch.zeros(80, dtype=torch.long)
+    bvb.run_benchmark(args, {"train": (x, y), "val": (x[:0], y[:0]), "test": (x[:8], y[:8])})
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    expected = {"seed pipeline (reference)": (200.0, 160.0, 1.0, 0.25),
+                "compute ceiling": (50.0, 640.0, 4.0, 1.0),
+                "beta_0.001": (100.0, 320.0, 2.0, 0.5),
+                "bom": (250.0, 128.0, 0.8, 0.2)}
+    assert set(saved["paths"]) == set(expected)
+    for name, (ms, per_s, vs_seed, vs_ceiling) in expected.items():
+        row = saved["paths"][name]
+        assert (row["ms_per_step"], row["images_per_s"], row["vs_seed"], row["vs_ceiling"]) == pytest.approx(
+            (ms, per_s, vs_seed, vs_ceiling)), name
+    assert saved["paths"]["bom"]["repeats_ms"] == pytest.approx([400.0, 200.0, 250.0])
+    assert saved["eval_seconds_per_run"] == 7.0
+    assert saved["estimated_comparison_seconds"] == pytest.approx(32.2)
+    assert saved["seed_pipeline_training_seconds"] == pytest.approx(4.8)
+
+
+def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out, data_dir, tmp_path, capsys):
+    # the β run's file is gone but its finished checkpoint is there: --resume must load it (no training) and
+    # evaluate it again to the same numbers, and keep the BOM run's file as it is
+    out = copy_of(shared_out, tmp_path)
+    original = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    bom_file = (out / "runs" / "bom_seed0.json").read_bytes()
+    (out / "runs" / "beta_0.0001_seed0.json").unlink()
+    bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    printed = capsys.readouterr().out
+    assert "beta_0.0001: finished earlier" in printed and "loaded from" in printed
+    assert "bom, seed 0: finished earlier, kept from" in printed and "epoch 1/1" not in printed
+    again = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    for split in ("val", "test"):
+        assert again[split] == original[split], split
+    assert again["history"] == original["history"] and again["train_seconds"] == original["train_seconds"]
+    assert (out / "runs" / "bom_seed0.json").read_bytes() == bom_file
