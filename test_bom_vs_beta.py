@@ -606,13 +606,108 @@ def test_a_checkpoint_cannot_run_code(data_dir, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_rerun_says_resume(
+        tmp_path, monkeypatch, capsys):
+    """In a copy of the repository (the script and a committed experiment under results/), the headline
+    command's flags (--epochs 20, the device aside) with the data holding 5,000 validation images starts
+    training in results/default; the same command again is refused, offering a fresh --out and --resume, and
+    naming what --overwrite would delete; the committed folder is never touched."""
+    repo = tmp_path / "clone"
+    committed = repo / "results" / "e5_methods-all_n6400_test2000_s0-1-2_val2000_iw16"
+    (committed / "runs").mkdir(parents=True)
+    (committed / "runs" / "bom_seed0.json").write_text('{"name": "bom"}')
+    (committed / "summary.md").write_text("# committed")
+    shutil.copy(os.path.join(HERE, "bom_vs_beta.py"), repo)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    write_idx(raw, "train-images-idx3-ubyte", fake_digits(5064, rng))      # 64 to train on, 5,000 to validate
+    write_idx(raw, "train-labels-idx1-ubyte", rng.integers(0, 10, 5064))
+    write_idx(raw, "t10k-images-idx3-ubyte", fake_digits(16, rng))
+    write_idx(raw, "t10k-labels-idx1-ubyte", rng.integers(0, 10, 16))
+    before = tree(committed)
+    monkeypatch.chdir(repo)
+    started, train_run = [], bvb.train_run
+
+    def interrupt(method, images, args, checkpoint=None, resume_from=None):
+        if checkpoint is None:                                    # the wall-time estimate's few timed steps
+            return train_run(method, images, args)
+        started.append((method.name, images.shape[0], args.epochs))
+        raise KeyboardInterrupt                                   # the first real run has started: Ctrl-C
+    monkeypatch.setattr(bvb, "train_run", interrupt)
+    headline = ["--epochs", "20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--cache-dir", CACHE,
+                "--iw-samples", "100", "--no-progress"]
+    assert bvb.parse_args(headline).out == os.path.join("results", "default")
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(headline)
+    assert exit_info.value.code == 130 and started == [("beta_0.0001", 64, 20)]
+    captured = capsys.readouterr()
+    assert "writing to results/default" in captured.out and "Estimated wall time" in captured.out
+    assert "--resume" in captured.err and (repo / "results" / "default" / "runs").is_dir()
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(headline)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "give this run a fresh folder (--out results/default-2)" in err and "--resume" in err
+    assert err.index("--out results/default-2") < err.index("--overwrite would delete runs, checkpoints")
+    assert tree(committed) == before
+
+
+def test_default_out_is_named_from_the_settings_that_change_results():
+    name = lambda *argv: bvb.parse_args(["--device", "cpu", *argv]).out
+    assert name() == name("--epochs", "20", "--data-dir", "elsewhere", "--no-progress") == os.path.join("results", "default")
+    assert name("--epochs", "5", "--seeds", "0", "1") == os.path.join("results", "e5_s0-1")
+    assert name("--methods", "all", "--lr", "0.0003") == os.path.join("results", "methods-all_lr-0.0003")
+    assert name("--seeds", "0", "1") != name("--seeds", "0", "2") and name("--out", "mine") == "mine"
+    many = "beta:0.001,beta:0.002,beta:0.003,beta:0.004,beta:0.005,bom,geco"        # over 80 characters: cut, hashed
+    long = name("--methods", many, "--bom-kl-scale", "2")
+    assert len(os.path.basename(long)) == 60 + 1 + 8 and long != name("--methods", many, "--bom-kl-scale", "3")
+    quick = bvb.parse_args(["--quick", "--device", "cpu"])
+    assert (quick.epochs, quick.train_subset, quick.val_size, quick.test_subset, quick.iw_samples) == (3, 512, 256, 256, 8)
+    assert quick.out == os.path.join("results", "quick") and bvb.parse_args(["--quick", "--epochs", "1"]).epochs == 1
+    assert name("--quick", "--epochs", "1") == os.path.join("results", "quick_e1")
+
+
+def test_classifier_is_trained_once_per_training_set_and_a_corrupt_or_foreign_cache_is_retrained(
+        data_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache)))
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    _, accuracy, sha = bvb.get_classifier(splits, args)
+    [path] = cache.iterdir()
+    assert "trained on 80 images" in capsys.readouterr().out and 0 <= accuracy <= 1
+    stamp = path.stat().st_mtime_ns
+    assert bvb.get_classifier(splits, args)[2] == sha and path.stat().st_mtime_ns == stamp
+    assert "loaded from" in capsys.readouterr().out
+    path.write_bytes(b"not a checkpoint")                              # corrupt: retrained, same seeded weights
+    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, fingerprint=dict(state["fingerprint"], epochs=1)), path)   # another setting: retrained
+    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
+    other = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache), "--val-size", "8"))
+    bvb.get_classifier(bvb.load_splits(other, torch.device("cpu")), other)           # 88 other images: own file
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_prepare_caches_the_classifier_and_writes_no_results(data_dir, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert bvb.main(run_args(data_dir, out, "--prepare", "--cache-dir", str(cache))) is None
+    assert "Feature classifier ready" in capsys.readouterr().out
+    assert not out.exists() and len(list(cache.iterdir())) == 1
+    summary = bvb.main(run_args(data_dir, out, "--cache-dir", str(cache), *SMALL[:4], "--methods", "beta:0.1"))
+    assert "loaded from" in capsys.readouterr().out
+    run = json.loads((out / "runs" / "beta_0.1_seed0.json").read_text())
+    assert run["reference"]["classifier_sha256"] == summary["reference"]["classifier_sha256"]
+    assert len(run["reference"]["classifier_sha256"]) == 64
+
+
 def test_existing_results_are_refused_then_replaced_only_on_purpose(data_dir, tmp_path, capsys):
     bvb.main(run_args(data_dir, tmp_path, *SMALL))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
         bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots"))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "already holds results" in err and "--overwrite" in err
+    assert exit_info.value.code == 2 and "already holds results" in err and "--overwrite would delete runs" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
                       "--methods", "beta:0.01", "--overwrite"))
