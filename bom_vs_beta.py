@@ -1013,6 +1013,17 @@ def default_cache_dir():
                         "bom_vs_beta")
 
 
+def cached_classifier(path, fingerprint, device):
+    """The classifier cached at path when it loads and was trained with `fingerprint`; None otherwise."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        classifier = DigitClassifier().to(device)
+        classifier.load_state_dict(state["model"])
+        return classifier if state["fingerprint"] == fingerprint else None
+    except Exception:                                     # absent or corrupt: retrained
+        return None
+
+
 def get_classifier(splits, args):
     """The feature network behind the FDs: trained once (seeded) on the whole training split, whatever
     --train-subset the VAEs use, and cached in --cache-dir under a fingerprint of those images and its settings;
@@ -1022,14 +1033,12 @@ def get_classifier(splits, args):
     fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
     path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
-    torch.manual_seed(0)
-    classifier = DigitClassifier().to(train_x.device)
-    try:
-        state = torch.load(path, map_location=train_x.device, weights_only=True)
-        assert state["fingerprint"] == fingerprint
-        classifier.load_state_dict(state["model"])
+    classifier = cached_classifier(path, fingerprint, train_x.device)
+    if classifier is not None:
         print(f"Feature classifier: loaded from {path}")
-    except Exception:                                     # absent, corrupt or another fingerprint: retrain
+    else:
+        torch.manual_seed(0)
+        classifier = DigitClassifier().to(train_x.device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_LR)
         order = torch.Generator().manual_seed(0)
         classifier.train()
