@@ -141,7 +141,8 @@ def build_parser():
                    help="run every method once per seed (default: --seed alone)")
     p.add_argument("--val-size", type=int, default=5000,
                    help="hold out the last N training images for choosing β (0 = train on all, no selection)")
-    p.add_argument("--iw-samples", type=int, default=100, help="importance samples of the IWAE NLL bound")
+    p.add_argument("--iw-samples", type=int, default=50,
+                   help="importance samples of the IWAE NLL bound (an upper bound on −log p(x) for any K)")
     p.add_argument("--select-by", default="iwae_nll", choices=SELECTABLE,
                    help="the validation metric that picks the one β-VAE every method is compared with")
     p.add_argument("--shard", default=None, help="K/N: run only the K-th of N slices of the (method, seed) grid")

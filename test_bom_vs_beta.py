@@ -636,7 +636,7 @@ def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_r
         raise KeyboardInterrupt                                   # the first real run has started: Ctrl-C
     monkeypatch.setattr(bvb, "train_run", interrupt)
     headline = ["--epochs", "20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--cache-dir", CACHE,
-                "--iw-samples", "100", "--no-progress"]
+                "--no-progress"]
     assert bvb.parse_args(headline).out == os.path.join("results", "default")
     with pytest.raises(SystemExit) as exit_info:
         bvb.main(headline)
