@@ -1518,9 +1518,9 @@ def overall(rows, methods, name, baseline):
     better = [f for f, w in families.items() if w == "better"]
     head = (f"does not match {baseline}" if worse else f"beats {baseline}" if len(better) == len(families) else
             f"matches {baseline}" + (f" and beats it on {' and '.join(better)}" if better else ""))
-    detail = "; ".join(f"{family} {word} (" + ", ".join(
-        f"{METRICS[r['metric']][0]} {r['judgement']}" for r in rows if r["method"] == name and r["metric"] in keys)
-        + ")" for family, word in families.items() for keys in [FAMILIES[family]])
+    detail = "; ".join(f"{family} {word} (" + ", ".join(f"{METRICS[r['metric']][0]} {r['judgement']}" for r in rows
+                                                       if r["method"] == name and r["metric"] in FAMILIES[family])
+                       + ")" for family, word in families.items())
     return f"{flag}{label} {head}: {detail}. Its own objective among these: {OWN_OBJECTIVE[m['kind']]}."
 
 
@@ -1610,7 +1610,8 @@ def write_report(out, records, reference, config, select_by):
                                                     "train_seconds", "runs_to_choose", "targets", "missed_target")}
                            for name, m in methods.items()},
                "select_by": select_by, **comparisons,
-               "edge_notes": [note for note in {edge_note(methods, n) for n in (baseline, notebook) if n} if note],
+               "edge_notes": [note for note in dict.fromkeys(edge_note(methods, n) for n in (baseline, notebook) if n)
+                              if note],
                "oracle_envelope": {"chosen": envelope, "verdict": verdict(methods, envelope)},
                "analysis": notebook_analysis(methods),
                "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
