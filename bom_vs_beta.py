@@ -61,6 +61,11 @@ BOM_DEFAULTS = {
     "kl_high_mult": 50.0,       # kl_floor_high = mult * max KL
 }
 BOM_SENSITIVITY = {"kl_scale": (0.5, 2.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
+BOM_ABLATIONS = {               # bom:<name> changes exactly one component of the notebook's BOM
+    "sharp=data": "sharpness ceiling = the training images' own mean sharpness, not the untrained decoder's",
+    "sharp=off": "no sharpness score: the MSE score and the KL box only",
+    "squeeze=1": "squeezes from the end of epoch 1, not 3",
+}
 CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances: epochs, batch, Adam lr
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 1e-3
@@ -100,7 +105,8 @@ def build_parser():
                    help="where to train; auto picks cuda, then mps, then cpu")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
-                        "freebits; 'all' = β in 1e-6..0.1 and every tuning-free method")
+                        "freebits, bom:<ablation> (" + ", ".join(BOM_ABLATIONS) + "); 'ablations' = every "
+                        "bom:<ablation>; 'all' = β in 1e-6..0.1, every tuning-free method and every ablation")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds weights, batch order and sampling; every method gets the same start")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
@@ -169,16 +175,22 @@ def build_parser():
 
 
 def parse_methods(text):
-    """'beta:0.001,bom' -> [('beta', 0.001), ('bom', None)]; 'all' is every β of ALL_BETAS and every
-    tuning-free method; raises UsageError on anything else."""
+    """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')]; 'ablations' is
+    every BOM ablation, 'all' every β of ALL_BETAS, every tuning-free method and every ablation; raises
+    UsageError on anything else."""
     specs = []
     items = [s.strip() for s in text.split(",")]
-    if "all" in items:
-        i = items.index("all")
-        items[i:i + 1] = [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE)
+    ablations = [f"bom:{name}" for name in BOM_ABLATIONS]
+    for keyword, expansion in (("all", [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations),
+                               ("ablations", ablations)):
+        if keyword in items:
+            i = items.index(keyword)
+            items[i:i + 1] = expansion
     for item in items:
         if item in TUNING_FREE:
             spec = (item, None)
+        elif item in ablations:
+            spec = ("bom", item[4:])
         elif item.startswith("beta:"):
             try:
                 beta = float(item[5:])
@@ -188,7 +200,8 @@ def parse_methods(text):
                 raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
             spec = ("beta", beta)
         else:
-            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)} or all)")
+            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)}, "
+                             f"{', '.join(ablations)}, ablations or all)")
         if spec in specs:
             raise UsageError(f"--methods: '{item}' is listed twice")
         specs.append(spec)
@@ -444,10 +457,12 @@ def box_score(value, floor_low, optimum, floor_high):
 
 
 def constraint_scores(mse, kl, sharp, c):
-    """Scores (N, 3) in the order BOTTLENECKS, under constraints c (a dict of floats)."""
-    return torch.stack([lower_better_score(mse, c["mse_floor"]),
-                        box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]),
-                        higher_better_score(sharp, c["sharp_ceiling"])], dim=1)
+    """Scores (N, 3) in the order BOTTLENECKS under constraints c (a dict of floats); (N, 2) without the
+    sharpness score when c["sharp_ceiling"] is None."""
+    scores = [lower_better_score(mse, c["mse_floor"]), box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"])]
+    if c["sharp_ceiling"] is not None:
+        scores.append(higher_better_score(sharp, c["sharp_ceiling"]))
+    return torch.stack(scores, dim=1)
 
 
 BOTTLENECKS = ("mse", "kl", "sharp")
@@ -532,32 +547,38 @@ class BetaVAE(Method):
 
 class BOMVAE(Method):
     """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
-    score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5."""
+    score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5.
+    An ablation (a key of BOM_ABLATIONS) changes one of these components."""
 
     kind = "bom"
 
-    def __init__(self, latent_dim, variant=(), **knobs):
+    def __init__(self, latent_dim, variant=(), ablation=None, **knobs):
         """knobs: BOM_DEFAULTS' keys; `variant` names the knobs a sensitivity run changed (its name says them)."""
+        if ablation == "squeeze=1":
+            knobs["squeeze_start"] = 1
         self.knobs = dict(BOM_DEFAULTS, **knobs)
-        self.variant = tuple(variant)
-        self.name = "bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant)
+        self.variant, self.ablation = tuple(variant), ablation
+        self.name = "bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant) + (f"_{ablation}" if ablation else "")
         self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
 
     def settings(self):
         return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
-                    squeeze_min_factor=SQUEEZE_MIN_FACTOR)
+                    squeeze_min_factor=SQUEEZE_MIN_FACTOR, **({"ablation": self.ablation} if self.ablation else {}))
 
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
         k = self.knobs
-        self.calibration = calibrate(model, batches(images, batch_size, calib_order), k["calib_batches"],
-                                     k["mse_floor_mult"], k["kl_low_mult"], k["kl_high_mult"])
-        self.constraints = dict(self.calibration)
-        c = self.calibration
+        c = calibrate(model, batches(images, batch_size, calib_order), k["calib_batches"],
+                      k["mse_floor_mult"], k["kl_low_mult"], k["kl_high_mult"])
+        if self.ablation == "sharp=data":
+            c["sharp_ceiling"] = data_sharpness(images)
+        elif self.ablation == "sharp=off":
+            c["sharp_ceiling"] = None
+        self.calibration, self.constraints = c, dict(c)
         print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
-              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], sharp_ceiling={c['sharp_ceiling']:.4f}")
+              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], sharp_ceiling={fmt(c['sharp_ceiling'], 4)}")
         if c["kl_floor_high"] < self.kl_targets[2]:
             print(f"  warning: KL upper floor {c['kl_floor_high']:.1f} is below its target "
                   f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
@@ -714,6 +735,8 @@ def make_method(spec, args):
         return BetaVAE(value)
     if kind == "bom":
         knobs = {k: getattr(args, f"bom_{k}") for k in BOM_DEFAULTS}
+        if isinstance(value, str):
+            return BOMVAE(args.latent_dim, ablation=value, **knobs)
         variant = dict(value or ())
         return BOMVAE(args.latent_dim, variant=variant, **dict(knobs, **variant))
     if kind == "geco":

@@ -191,6 +191,54 @@ def test_bom_end_epoch_squeezes_only_from_start_epoch_and_above_threshold():
     assert row["bottleneck_counts"] == {"mse": 5, "kl": 2, "sharp": 1}
 
 
+STRIPES = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+STRIPES[:2, ..., ::2] = 255                              # sharpness 0.5 (|Δ| = 1 across, 0 down), twice; then 0, 0
+
+
+def bom_set_up(ablation=None):
+    """A BOM (or an ablation) calibrated on FixedOutputs against STRIPES: KL 2 and 6, sharpness 0.1 and 0.3."""
+    mus = torch.zeros(2, 4)
+    mus[0, 0], mus[1, :3] = 2.0, 2.0
+    method = bvb.BOMVAE(4, ablation=ablation)
+    method.setup(FixedOutputs([0.2, 0.6], mus), STRIPES, 2, seed=0)
+    return method
+
+
+def test_ablation_sharp_data_sets_the_ceiling_to_the_training_images_mean_sharpness_and_nothing_else():
+    plain, ablated = bom_set_up(), bom_set_up("sharp=data")
+    assert plain.calibration["sharp_ceiling"] == pytest.approx(0.2)      # the untrained outputs' mean
+    assert ablated.calibration == dict(plain.calibration, sharp_ceiling=pytest.approx(0.25))   # (0.5+0.5+0+0)/4
+    assert ablated.name == "bom_sharp=data" and ablated.settings()["ablation"] == "sharp=data"
+    assert "ablation" not in plain.settings() and ablated.knobs == plain.knobs
+    # sharpness 0.05 scores 0.05/0.25 = 0.2 under the data's ceiling, 0.25 under the untrained one
+    loss, _, logs = ablated.batch_loss(torch.tensor([0.0]), torch.tensor([4.0]), torch.tensor([0.05]), None)
+    assert loss.item() == pytest.approx(-math.log(0.2)) and logs["bottleneck_counts"].tolist() == [0, 0, 1]
+
+
+def test_ablation_sharp_off_scores_mse_and_kl_only():
+    method = bom_set_up("sharp=off")
+    assert method.calibration == dict(bom_set_up().calibration, sharp_ceiling=None)
+    method.constraints = dict(BOX, sharp_ceiling=None)
+    mse = torch.tensor([0.1, 0.3])        # scores 0.75, 0.25
+    kl = torch.tensor([15.0, 20.0])       # scores 0.5, 1.0
+    sharp = torch.tensor([0.0, 0.0])      # would score 0 (a violation) with a ceiling
+    loss, skip, logs = method.batch_loss(mse, kl, sharp, None)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2) and not skip
+    assert logs["bottleneck_counts"].tolist() == [1, 1, 0]
+    assert bvb.squeeze(method.constraints, 0.5, (50.0, 80.0, 150.0))["sharp_ceiling"] is None
+
+
+def test_ablation_squeeze_1_squeezes_from_the_first_epoch_and_overrides_the_start_flag():
+    sums = {"steps": 4, "s_min_stepped": 3.6, "violations": 0, "skipped": 0, "bottleneck_counts": [5, 2, 1]}
+    plain, early = bom_with(BOX), bom_with(BOX, ablation="squeeze=1")
+    assert plain.end_epoch(1, sums)["squeeze_factor"] == 1.0 and plain.constraints == BOX
+    assert early.end_epoch(1, sums)["squeeze_factor"] == pytest.approx(0.8)
+    assert early.constraints["mse_floor"] == pytest.approx(0.32) and early.name == "bom_squeeze=1"
+    args = bvb.parse_args(["--methods", "bom:squeeze=1", "--bom-squeeze-start", "5"])
+    method = bvb.make_method(args.method_specs[0], args)
+    assert method.knobs == dict(bvb.BOM_DEFAULTS, squeeze_start=1) and method.settings()["ablation"] == "squeeze=1"
+
+
 class FixedOutputs(torch.nn.Module):
     """Stands in for the VAE: image i is vertical stripes of contrast a_i, μ_i fixed, log σ² = 0."""
 
@@ -315,10 +363,17 @@ def test_free_bits_gives_no_kl_gradient_to_dimensions_below_lambda():
     assert kl_dims.grad[:, 1:].flatten().tolist() == pytest.approx([0.5] * 4)
 
 
-def test_methods_all_is_every_beta_and_every_tuning_free_method():
+def test_methods_all_is_every_beta_every_tuning_free_method_and_every_ablation():
     specs = bvb.parse_methods("all")
     assert [b for kind, b in specs if kind == "beta"] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1]
-    assert [kind for kind, _ in specs if kind != "beta"] == list(bvb.TUNING_FREE)
+    assert [spec for spec in specs if spec[0] != "beta"] == [(k, None) for k in bvb.TUNING_FREE] + [
+        ("bom", "sharp=data"), ("bom", "sharp=off"), ("bom", "squeeze=1")]
+    assert bvb.parse_methods("bom,ablations") == [("bom", None), ("bom", "sharp=data"), ("bom", "sharp=off"),
+                                                  ("bom", "squeeze=1")]
+    with pytest.raises(bvb.UsageError, match="unknown method 'bom:sharp=blur'.*bom:sharp=off"):
+        bvb.parse_methods("bom:sharp=blur")
+    with pytest.raises(bvb.UsageError, match="listed twice"):
+        bvb.parse_methods("ablations,bom:sharp=off")
 
 
 # ----------------------------------------------------------------------------- data
