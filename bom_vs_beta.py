@@ -1549,7 +1549,7 @@ def overall(rows, methods, name, baseline):
 
 def sensitivity(methods):
     """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid."""
-    boms = [m for m in methods.values() if m["kind"] == "bom"]
+    boms = [m for m in methods.values() if m["kind"] == "bom" and "ablation" not in m["settings"]]
     betas = [m for m in methods.values() if m["kind"] == "beta"]
     if len(boms) < 2:
         return []
@@ -1605,6 +1605,69 @@ def sharpness_against_data(methods, data_sharp):
     return lines
 
 
+def history_mean(m, value):
+    """Seed mean of value(history) over m's runs that did not diverge."""
+    histories = [r["history"] for r in m["runs"] if r["status"] != "diverged" and r["history"]]
+    return statistics.fmean(value(h) for h in histories) if histories else float("nan")
+
+
+def bottleneck_shares(row):
+    """{score: share of the epoch's images whose worst score it was}."""
+    counts = row["bottleneck_counts"]
+    return {k: v / max(sum(counts.values()), 1) for k, v in counts.items()}
+
+
+def bom_diagnosis(methods, data_sharp, baseline):
+    """Why BOM ends where it does, from the run files of BOM and its ablations: the last epoch's constraints
+    against their targets, the worst score's share of images per epoch, and per ablation what changing its
+    one component moved (test differences ablation − BOM paired by seed, and the share of BOM's gap to the
+    β-VAE `baseline` that the change closes)."""
+    boms = [m for m in methods.values() if m["kind"] == "bom" and not m["variant"]]
+    if not any(m["name"] == "bom" for m in boms) or len(boms) < 2:
+        return []
+    bom, share = methods["bom"], lambda key, epoch=-1: lambda h: bottleneck_shares(h[epoch])[key]
+    md = ["| method | what it changes | squeezes trained with | MSE floor / training MSE | KL box optimum (target) | "
+          "sharpness ceiling / data's | test sharpness / data's | worst score, last epoch (MSE · KL · sharpness) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for m in boms:
+        last = lambda h: h[-1]["constraints"]
+        ceiling = history_mean(m, lambda h: last(h)["sharp_ceiling"] or float("nan")) / data_sharp
+        md.append(f"| {m['name']} | {BOM_ABLATIONS.get(m['settings'].get('ablation'), 'the notebook’s BOM')} | "
+                  f"{history_mean(m, lambda h: sum(row['squeeze_factor'] < 1 for row in h[:-1])):.0f} | "
+                  f"{history_mean(m, lambda h: last(h)['mse_floor'] / h[-1]['mse']):.1f}x | "
+                  f"{history_mean(m, lambda h: last(h)['kl_optimum']):.1f} ({m['settings']['kl_targets'][1]:g}) | "
+                  f"{'none' if not math.isfinite(ceiling) else f'{ceiling:.2f}x'} | {m['test']['sharp'][0] / data_sharp:.2f}x | "
+                  + " · ".join(f"{history_mean(m, share(k)):.0%}" for k in BOTTLENECKS) + " |")
+    epochs = min(len(r["history"]) for m in boms for r in m["runs"])
+    md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", "",
+           "| epoch | " + " | ".join(m["name"] for m in boms) + " |", "|" + "---|" * (len(boms) + 1)]
+    for e in range(epochs):
+        md.append(f"| {e + 1} | " + " | ".join("/".join(f"{100 * history_mean(m, share(k, e)):.0f}" for k in BOTTLENECKS)
+                                                 for m in boms) + " |")
+    md.append("")
+    for m in boms[1:]:
+        ablation = m["settings"]["ablation"]
+        same = [other["name"] for other in boms if other is not m and other["seeds"] == m["seeds"] and all(
+            r.get("test") == o.get("test") for r, o in zip(m["runs"], other["runs"]))]
+        moves = []
+        for key in ("fd_recon", "fd_prior", "iwae_nll", "mse"):
+            diff, half, _ = paired_difference(m, bom, key)
+            label, digits, direction = METRICS[key]
+            text = (f"{label} {fmt(bom['test'][key][0], digits)} → {fmt(m['test'][key][0], digits)} "
+                    f"({fmt_ci(diff, half, digits)}, {judge(diff, half, direction)})")
+            gap = bom["test"][key][0] - methods[baseline]["test"][key][0] if baseline else float("nan")
+            if direction * gap < 0:       # BOM worse than the β-VAE: how much of that gap the change closes
+                text += f", {diff / -gap:.0%} of BOM's gap to {baseline} closed"
+            moves.append(text)
+        md.append(f"- {m['name']} ({BOM_ABLATIONS[ablation]}): test sharpness {bom['test']['sharp'][0] / data_sharp:.2f}x"
+                  f" → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
+                  f"the worst score for {history_mean(m, share('sharp')):.0%} of the last epoch's images (BOM: "
+                  f"{history_mean(bom, share('sharp')):.0%}), MSE for {history_mean(m, share('mse')):.0%} "
+                  f"(BOM: {history_mean(bom, share('mse')):.0%})."
+                  + (f" Identical to {', '.join(same)} in every seed on every test metric." if same else ""))
+    return md
+
+
 SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for k in METRICS),
                   *(f"val_{k}" for k in METRICS))
 
@@ -1638,7 +1701,8 @@ def write_report(out, records, reference, config, select_by):
                "oracle_envelope": {"chosen": envelope, "verdict": verdict(methods, envelope)},
                "analysis": notebook_analysis(methods),
                "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
-               "sensitivity": sensitivity(methods)}
+               "sensitivity": sensitivity(methods),
+               "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"], baseline)}
     write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=SUMMARY_FIELDS)
@@ -1721,6 +1785,9 @@ def summary_markdown(summary, methods, config):
         md += ["No verdict: it needs β-VAE runs with a validation split (--val-size > 0) and tuning-free runs."]
     if summary["analysis"]:
         md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
+    if summary["bom_diagnosis"]:
+        md += ["", "## Why BOM ends where it does: one component changed at a time (last training epoch, seed means)",
+               ""] + summary["bom_diagnosis"]
     if summary["sensitivity"]:
         md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]
     return "\n".join(md) + "\n"

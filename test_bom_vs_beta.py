@@ -971,6 +971,40 @@ def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp
     assert all(r["method"] == "bom" for r in summary["selected"]["verdict"])   # variants are not in the verdict
 
 
+def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_dir, tmp_path):
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "3", "--latent-dim", "16", "--no-plots",
+                                "--methods", "beta:0.001,beta:0.1,bom,ablations", "--seeds", "0", "1"))
+    runs = {name: json.loads((tmp_path / "runs" / f"{name}_seed0.json").read_text())
+            for name in ("bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1")}
+    train = bvb.load_mnist(data_dir, train=True)[0][:80].float() / 255
+    assert runs["bom_sharp=data"]["config"]["calibration"]["sharp_ceiling"] == pytest.approx(
+        bvb.sharpness(train).mean().item(), rel=1e-5)
+    assert runs["bom_sharp=off"]["config"]["calibration"]["sharp_ceiling"] is None
+    assert all(row["bottleneck_counts"]["sharp"] == 0 for row in runs["bom_sharp=off"]["history"])
+    assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
+    first = runs["bom_squeeze=1"]["history"][0]
+    assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"]))
+    # every ablation is judged against the β-VAE like every method
+    statements = summary["selected"]["statements"]
+    assert [s.split(" ")[0] for s in statements] == ["BOM-VAE", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
+    assert {r["method"] for r in summary["selected"]["verdict"]} == {"bom"} | {f"bom_{a}" for a in bvb.BOM_ABLATIONS}
+    # the why section: one row per BOM, counts recomputed from the run files, one sentence per ablation
+    diagnosis = summary["bom_diagnosis"]
+    row = next(line for line in diagnosis if line.startswith("| bom_squeeze=1 |")).split(" | ")
+    histories = [json.loads((tmp_path / "runs" / f"bom_squeeze=1_seed{seed}.json").read_text())["history"]
+                 for seed in (0, 1)]
+    assert row[2] == f"{statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories):.0f}"
+    assert row[3] == f"{statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse'] for h in histories):.1f}x"
+    assert next(line for line in diagnosis if line.startswith("| bom_sharp=off |")).split(" | ")[5] == "none"
+    assert [line for line in diagnosis if line.startswith("| 3 |")]        # the per-epoch shares reach epoch 3
+    sentences = [line for line in diagnosis if line.startswith("- ")]
+    assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
+    fd = bvb.paired_difference(*(bvb.aggregate(bvb.load_runs(str(tmp_path)))[n] for n in ("bom_sharp=off", "bom")),
+                               "fd_recon")
+    assert f"({bvb.fmt_ci(fd[0], fd[1], 2)}, " in sentences[1]
+    assert "## Why BOM ends where it does" in (tmp_path / "summary.md").read_text()
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
