@@ -459,7 +459,8 @@ def box_score(value, floor_low, optimum, floor_high):
 def constraint_scores(mse, kl, sharp, c):
     """Scores (N, 3) in the order BOTTLENECKS under constraints c (a dict of floats); (N, 2) without the
     sharpness score when c["sharp_ceiling"] is None."""
-    scores = [lower_better_score(mse, c["mse_floor"]), box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"])]
+    scores = [lower_better_score(mse, c["mse_floor"]),
+              box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"])]
     if c["sharp_ceiling"] is not None:
         scores.append(higher_better_score(sharp, c["sharp_ceiling"]))
     return torch.stack(scores, dim=1)
@@ -558,7 +559,8 @@ class BOMVAE(Method):
             knobs["squeeze_start"] = 1
         self.knobs = dict(BOM_DEFAULTS, **knobs)
         self.variant, self.ablation = tuple(variant), ablation
-        self.name = "bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant) + (f"_{ablation}" if ablation else "")
+        self.name = ("bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant)
+                     + (f"_{ablation}" if ablation else ""))
         self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
@@ -1636,16 +1638,17 @@ def bom_diagnosis(methods, data_sharp, baseline):
                   f"{history_mean(m, lambda h: sum(row['squeeze_factor'] < 1 for row in h[:-1])):.0f} | "
                   f"{history_mean(m, lambda h: last(h)['mse_floor'] / h[-1]['mse']):.1f}x | "
                   f"{history_mean(m, lambda h: last(h)['kl_optimum']):.1f} ({m['settings']['kl_targets'][1]:g}) | "
-                  f"{'none' if not math.isfinite(ceiling) else f'{ceiling:.2f}x'} | {m['test']['sharp'][0] / data_sharp:.2f}x | "
+                  f"{'none' if not math.isfinite(ceiling) else f'{ceiling:.2f}x'} | "
+                  f"{m['test']['sharp'][0] / data_sharp:.2f}x | "
                   + " · ".join(f"{history_mean(m, share(k)):.0%}" for k in BOTTLENECKS) + " |")
     epochs = min(len(r["history"]) for m in boms for r in m["runs"])
     md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", "",
            "| epoch | " + " | ".join(m["name"] for m in boms) + " |", "|" + "---|" * (len(boms) + 1)]
     for e in range(epochs):
-        md.append(f"| {e + 1} | " + " | ".join("/".join(f"{100 * history_mean(m, share(k, e)):.0f}" for k in BOTTLENECKS)
-                                                 for m in boms) + " |")
+        md.append(f"| {e + 1} | " + " | ".join(
+            "/".join(f"{100 * history_mean(m, share(k, e)):.0f}" for k in BOTTLENECKS) for m in boms) + " |")
     md.append("")
-    for m in boms[1:]:
+    for m in (m for m in boms if m is not bom):
         ablation = m["settings"]["ablation"]
         same = [other["name"] for other in boms if other is not m and other["seeds"] == m["seeds"] and all(
             r.get("test") == o.get("test") for r, o in zip(m["runs"], other["runs"]))]
@@ -1659,8 +1662,8 @@ def bom_diagnosis(methods, data_sharp, baseline):
             if direction * gap < 0:       # BOM worse than the β-VAE: how much of that gap the change closes
                 text += f", {diff / -gap:.0%} of BOM's gap to {baseline} closed"
             moves.append(text)
-        md.append(f"- {m['name']} ({BOM_ABLATIONS[ablation]}): test sharpness {bom['test']['sharp'][0] / data_sharp:.2f}x"
-                  f" → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
+        md.append(f"- {m['name']} ({BOM_ABLATIONS[ablation]}): test sharpness "
+                  f"{bom['test']['sharp'][0] / data_sharp:.2f}x → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
                   f"the worst score for {history_mean(m, share('sharp')):.0%} of the last epoch's images (BOM: "
                   f"{history_mean(bom, share('sharp')):.0%}), MSE for {history_mean(m, share('mse')):.0%} "
                   f"(BOM: {history_mean(bom, share('mse')):.0%})."
@@ -1786,7 +1789,7 @@ def summary_markdown(summary, methods, config):
     if summary["analysis"]:
         md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
     if summary["bom_diagnosis"]:
-        md += ["", "## Why BOM ends where it does: one component changed at a time (last training epoch, seed means)",
+        md += ["", "## Why BOM ends where it does: one component changed at a time (seed means)",
                ""] + summary["bom_diagnosis"]
     if summary["sensitivity"]:
         md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]
@@ -1828,8 +1831,9 @@ PARETO_MARKERS = {"bom": "o", "geco": "^", "controlvae": "v", "sigma_vae": "D", 
 
 
 def plot_pareto(methods, data_sharp, path):
-    """Test MSE vs KL, mean ± 95% CI over seeds per method; β runs as squares, BOM a circle, the other
-    tuning-free methods their own markers; sensitivity runs small and grey; sharpness in the labels."""
+    """Test MSE vs KL, mean ± 95% CI over seeds per method; β runs as squares, BOM a large circle and its
+    ablations small ones, the other tuning-free methods their own markers; sensitivity runs small and grey;
+    sharpness in the labels."""
     fig, ax = plt.subplots(figsize=(10, 6))
     shown = [m for m in methods.values() if math.isfinite(m["test"]["mse"][0]) and math.isfinite(m["test"]["kl"][0])]
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(shown), 1)))
@@ -1837,7 +1841,7 @@ def plot_pareto(methods, data_sharp, path):
         (x, dx), (y, dy) = m["test"]["mse"], m["test"]["kl"]
         ci = lambda h: 0 if not math.isfinite(h) else h
         style = dict(c="lightgrey", marker="o", ms=5) if m["variant"] else dict(
-            c=color, marker=PARETO_MARKERS.get(m["kind"], "s"), ms=10 if m["kind"] == "bom" else 7)
+            c=color, marker=PARETO_MARKERS.get(m["kind"], "s"), ms=10 if m["name"] == "bom" else 7)
         ax.errorbar(x, y, xerr=ci(dx), yerr=ci(dy), ls="none", mec="black", capsize=3, ecolor="grey",
                     mfc=style.pop("c"), **style, label=f"{m['name']} (sharp {m['test']['sharp'][0]:.4f})")
     ax.set_xlabel("test MSE (↓ better)")
