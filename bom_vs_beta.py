@@ -1625,7 +1625,7 @@ def bom_diagnosis(methods, data_sharp, baseline):
     one component moved (test differences ablation − BOM paired by seed, and the share of BOM's gap to the
     β-VAE `baseline` that the change closes)."""
     boms = [m for m in methods.values() if m["kind"] == "bom" and not m["variant"]]
-    if not any(m["name"] == "bom" for m in boms) or len(boms) < 2:
+    if "bom" not in methods:
         return []
     bom, share = methods["bom"], lambda key, epoch=-1: lambda h: bottleneck_shares(h[epoch])[key]
     md = ["| method | what it changes | squeezes trained with | MSE floor / training MSE | KL box optimum (target) | "
@@ -1648,6 +1648,9 @@ def bom_diagnosis(methods, data_sharp, baseline):
         md.append(f"| {e + 1} | " + " | ".join(
             "/".join(f"{100 * history_mean(m, share(k, e)):.0f}" for k in BOTTLENECKS) for m in boms) + " |")
     md.append("")
+    if len(boms) == 1:
+        md.append("- No ablation in these runs (`--methods ...,ablations` adds them): nothing here separates BOM's "
+                  "components.")
     for m in (m for m in boms if m is not bom):
         ablation = m["settings"]["ablation"]
         same = [other["name"] for other in boms if other is not m and other["seeds"] == m["seeds"] and all(
@@ -1789,7 +1792,7 @@ def summary_markdown(summary, methods, config):
     if summary["analysis"]:
         md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
     if summary["bom_diagnosis"]:
-        md += ["", "## Why BOM ends where it does: one component changed at a time (seed means)",
+        md += ["", "## Why BOM ends where it does (seed means)",
                ""] + summary["bom_diagnosis"]
     if summary["sensitivity"]:
         md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]

@@ -1003,6 +1003,10 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
                                "fd_recon")
     assert f"({bvb.fmt_ci(fd[0], fd[1], 2)}, " in sentences[1]
     assert "## Why BOM ends where it does" in (tmp_path / "summary.md").read_text()
+    alone = bvb.bom_diagnosis({n: m for n, m in bvb.aggregate(bvb.load_runs(str(tmp_path))).items()
+                               if "ablation" not in m["settings"]}, 0.03, "beta_0.001")
+    assert [line.split(" | ")[0] for line in alone if line.startswith("| bom")] == ["| bom"]
+    assert alone[-1].startswith("- No ablation in these runs")
 
 
 # ----------------------------------------------------------------------------- command line
