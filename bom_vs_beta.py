@@ -1663,7 +1663,9 @@ def bom_diagnosis(methods, data_sharp, baseline):
                     f"({fmt_ci(diff, half, digits)}, {judge(diff, half, direction)})")
             gap = bom["test"][key][0] - methods[baseline]["test"][key][0] if baseline else float("nan")
             if direction * gap < 0:       # BOM worse than the β-VAE: how much of that gap the change closes
-                text += f", {diff / -gap:.0%} of BOM's gap to {baseline} closed"
+                closed = diff / -gap
+                text += (f", {closed:.0%} of BOM's gap to {baseline} closed" if closed >= 0 else
+                         f", BOM's gap to {baseline} widened by {-closed:.0%}")
             moves.append(text)
         md.append(f"- {m['name']} ({BOM_ABLATIONS[ablation]}): test sharpness "
                   f"{bom['test']['sharp'][0] / data_sharp:.2f}x → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
