@@ -602,8 +602,9 @@ def test_resume_skips_finished_runs_and_reproduces_the_summary(data_dir, tmp_pat
 
 def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (a shell's background job ignores SIGINT and passes that on; Ctrl-C must reach the script as at a terminal)
     first = out / "checkpoints" / "beta_0.001_seed0.pt"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -972,8 +973,8 @@ def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp
 
 
 def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_dir, tmp_path):
-    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "3", "--latent-dim", "16", "--no-plots",
-                                "--methods", "beta:0.001,beta:0.1,bom,ablations", "--seeds", "0", "1"))
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "2", "--latent-dim", "16", "--no-plots",
+                                "--methods", "beta:0.001,beta:0.1,bom,ablations"))
     runs = {name: json.loads((tmp_path / "runs" / f"{name}_seed0.json").read_text())
             for name in ("bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1")}
     train = bvb.load_mnist(data_dir, train=True)[0][:80].float() / 255
@@ -992,11 +993,11 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
     diagnosis = summary["bom_diagnosis"]
     row = next(line for line in diagnosis if line.startswith("| bom_squeeze=1 |")).split(" | ")
     histories = [json.loads((tmp_path / "runs" / f"bom_squeeze=1_seed{seed}.json").read_text())["history"]
-                 for seed in (0, 1)]
+                 for seed in (0,)]
     assert row[2] == f"{statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories):.0f}"
     assert row[3] == f"{statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse'] for h in histories):.1f}x"
     assert next(line for line in diagnosis if line.startswith("| bom_sharp=off |")).split(" | ")[5] == "none"
-    assert [line for line in diagnosis if line.startswith("| 3 |")]        # the per-epoch shares reach epoch 3
+    assert [line for line in diagnosis if line.startswith("| 2 |")]        # the per-epoch shares reach epoch 2
     sentences = [line for line in diagnosis if line.startswith("- ")]
     assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     fd = bvb.paired_difference(*(bvb.aggregate(bvb.load_runs(str(tmp_path)))[n] for n in ("bom_sharp=off", "bom")),
