@@ -30,6 +30,7 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 import numpy as np
 import torch
 import torch.nn as nn
@@ -83,7 +84,8 @@ NOT_IN_NAME = {"device", "data_dir", "out", "cache_dir", "seed", "select_by", "s
                "benchmark_repeats"}
 NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset": "test", "seeds": "s",
              "iw_samples": "iw"}
-ALL_BETAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
+# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
+ALL_BETAS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1)
 TUNING_FREE = ("bom", "geco", "controlvae", "sigma_vae", "freebits")
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -106,7 +108,8 @@ def build_parser():
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
                         "freebits, bom:<ablation> (" + ", ".join(BOM_ABLATIONS) + "); 'ablations' = every "
-                        "bom:<ablation>; 'all' = β in 1e-6..0.1, every tuning-free method and every ablation")
+                        "bom:<ablation>; 'all' = β in half decades 1e-6..1e-3 and 1e-2, 0.1, every tuning-free "
+                        "method and every ablation")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds weights, batch order and sampling; every method gets the same start")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
@@ -514,6 +517,16 @@ class Method:
 
     logged = ()
 
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        """What places this method's rate (KL) on the β front: the hyperparameter that acts as β does."""
+        return "nothing: no setting places its rate"
+
+    @staticmethod
+    def idle(history):
+        """True when the method's own mechanism never acted after the first epoch (it trained as its twin)."""
+        return False
+
     def setup(self, model, images, batch_size, seed):
         pass
 
@@ -542,6 +555,10 @@ class BetaVAE(Method):
     def settings(self):
         return {"beta": self.beta}
 
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        return f"β = {settings['beta']:g}"
+
     def batch_loss(self, mse, kl, sharp, kl_dims):
         return mse.mean() + self.beta * kl.mean(), None, {}
 
@@ -568,6 +585,10 @@ class BOMVAE(Method):
     def settings(self):
         return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
                     squeeze_min_factor=SQUEEZE_MIN_FACTOR, **({"ablation": self.ablation} if self.ablation else {}))
+
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        return "KL box targets " + " / ".join(f"{t:g}" for t in settings["kl_targets"]) + " nats"
 
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
@@ -636,6 +657,10 @@ class GECO(Method):
         return {"tolerance": self.tolerance, "rate": self.rate, "speedup": self.speedup, "alpha": GECO_ALPHA,
                 "lambda_range": list(GECO_LAMBDA_RANGE)}
 
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        return f"MSE tolerance {settings['tolerance']:g}"
+
     def batch_loss(self, mse, kl, sharp, kl_dims):
         constraint = IMAGE_PIXELS * (mse.mean() - self.tolerance)
         lam, c = self.lam.to(mse.device), constraint.detach()
@@ -667,6 +692,11 @@ class ControlVAE(Method):
 
     def settings(self):
         return {"kl_target": self.kl_target, "kp": self.kp, "ki": self.ki, "beta_range": list(CONTROLVAE_BETA_RANGE)}
+
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        copied = settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim
+        return f"KL set point {settings['kl_target']:g} nats" + (" (BOM's KL optimum target, copied)" if copied else "")
 
     def beta(self, kl_mean):
         """One controller step from the batch's mean KL; returns (β, error)."""
@@ -706,6 +736,10 @@ class SigmaVAE(Method):
     def settings(self):
         return {"log_sigma_min": SIGMA_LOG_MIN}
 
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        return "nothing: σ² is fitted, so β = 2σ²/D follows the MSE"
+
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
         return nll.mean() + kl.mean(), None, {"sigma2": sigma2.detach()}
@@ -724,11 +758,24 @@ class FreeBits(Method):
     def settings(self):
         return {"lambda": self.lam, "log_sigma_min": SIGMA_LOG_MIN}
 
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        return f"λ = {settings['lambda']:g} nats per dim: a floor of {settings['lambda'] * latent_dim:g} nats"
+
+    @staticmethod
+    def idle(history):
+        """The floor bound when on average at least one dimension per batch sat below λ."""
+        return all(row["dims_below_lambda"] < 1 for row in history[1:])
+
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
         kl_per_dim = kl_dims.mean(0)
         return (nll.mean() + kl_per_dim.clamp(min=self.lam).sum(), None,
                 {"sigma2": sigma2.detach(), "dims_below_lambda": (kl_per_dim < self.lam).sum()})
+
+
+METHOD_CLASSES = {cls.kind: cls for cls in (BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
+TWIN = {"freebits": "sigma_vae"}   # what a method trains as when its own mechanism never acts
 
 
 def make_method(spec, args):
@@ -1323,18 +1370,14 @@ METRICS = {
     "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1), "active_units": ("active units", 1, 0),
     "fd_recon": ("FD recon", 2, -1), "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1),
 }
-# The verdict's metrics by what they measure: metrics of one family are one finding, not several.
-FAMILIES = {"likelihood": ("neg_elbo", "iwae_nll"), "samples": ("fd_prior",),
-            "reconstructions": ("fd_recon", "recon_accuracy", "mse")}
-VERDICT_METRICS = tuple(key for keys in FAMILIES.values() for key in keys)
+# One declared metric per family; −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE twice.
+FAMILIES = {"likelihood": "iwae_nll", "samples": "fd_prior", "reconstructions": "mse"}
+# The front verdict: at a method's own rate, its MSE and FD prior as ratios to the β front's, IWAE NLL as a difference.
+FRONT_METRICS = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
 SELECTABLE = tuple(key for key, (_, _, direction) in METRICS.items() if direction)
 NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
 TARGET_TOLERANCE = 0.3          # a constrained run reached its target when within ±30% of it
-OWN_OBJECTIVE = {               # the reported metric that is (a form of) each method's training objective
-    "beta": "MSE (its loss is MSE + β·KL)", "bom": "MSE (one of its three scores)",
-    "geco": "MSE (its constraint)", "controlvae": "MSE (its summed squared error)",
-    "sigma_vae": "−ELBO (its loss, with σ² fitted per batch rather than on validation)",
-    "freebits": "−ELBO (its loss, with each dimension's KL floored at λ)"}
+ALPHA = 0.05                    # every finding: Holm-adjusted p < ALPHA over the metrics of its table row
 
 
 def bits_per_dim(nats):
@@ -1342,21 +1385,70 @@ def bits_per_dim(nats):
     return nats / (IMAGE_PIXELS * math.log(2))
 
 
+def t_mass(t, dof, n=2000):
+    """∫₀ᵗ of the Student-t density, by Simpson's rule in θ = arctan x (a bounded integrand, so any t is exact enough)."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    f = lambda th: c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
+    h = math.atan(t) / n
+    return h / 3 * (f(0) + f(n * h) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n)))
+
+
 @functools.lru_cache(maxsize=None)
 def t_quantile(dof, p=0.975):
-    """Student-t quantile for p > ½: bisection on ∫₀ᵗ density = p − ½ (Simpson's rule, 2,000 intervals)."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-    density = lambda x: c * (1 + x * x / dof) ** (-(dof + 1) / 2)
-
-    def mass(t, n=2000):
-        h = t / n
-        return h / 3 * (density(0) + density(t) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n)))
+    """Student-t quantile for p > ½: bisection on t_mass = p − ½."""
     lo, hi = 0.0, 16.0
-    while mass(hi) < p - 0.5:
+    while t_mass(hi, dof) < p - 0.5:
         hi *= 2
     for _ in range(50):
-        lo, hi = ((lo + hi) / 2, hi) if mass((lo + hi) / 2) < p - 0.5 else (lo, (lo + hi) / 2)
+        lo, hi = ((lo + hi) / 2, hi) if t_mass((lo + hi) / 2, dof) < p - 0.5 else (lo, (lo + hi) / 2)
     return (lo + hi) / 2
+
+
+def t_test_p(values):
+    """Two-sided p-value of the one-sample t-test that the mean is 0: 1 − 2·t_mass(|mean|/(sd/√n), n − 1)."""
+    if len(values) < 2:
+        return float("nan")
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return max(0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(len(values))), len(values) - 1))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment: the i-th smallest of m p-values becomes max over j ≤ i of min(1, (m − j + 1)·p_(j));
+    nan stays nan and does not count in m."""
+    ranked = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted, running = [float("nan")] * len(p_values), 0.0
+    for j, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - j) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def interval(values, ratio=False):
+    """Mean, 95% Student-t interval, p-value of "mean = 0" and n; for ratios all on log values, then exponentiated
+    (a geometric mean and its interval)."""
+    values = [math.log(v) if ratio else v for v in values if math.isfinite(v) and (v > 0 or not ratio)]
+    mean, half = mean_ci(values)
+    back = math.exp if ratio else float
+    return {"mean": back(mean), "low": back(mean - half), "high": back(mean + half), "p": t_test_p(values),
+            "n": len(values)}
+
+
+def with_holm(cells):
+    """The cells of one table row with their Holm-adjusted p-values."""
+    for cell, p in zip(cells.values(), holm([c["p"] for c in cells.values()])):
+        cell["p_holm"] = p
+    return cells
+
+
+def finding(cell, direction, null=0.0):
+    """better | worse (Holm-adjusted p < ALPHA, by the side of `null`) | not distinguishable | undetermined (n < 2)."""
+    if cell["n"] < 2:
+        return "undetermined"
+    if not cell["p_holm"] < ALPHA:
+        return "not distinguishable"
+    return "better" if direction * (cell["mean"] - null) > 0 else "worse"
 
 
 def mean_ci(values):
@@ -1377,7 +1469,7 @@ def fmt_ci(mean, half, digits):
 def fmt_metric(key, mean, half):
     """mean ± CI in the metric's digits; likelihoods also in bits per dimension."""
     text = fmt_ci(mean, half, METRICS[key][1])
-    if key in FAMILIES["likelihood"] and math.isfinite(mean):
+    if key in ("neg_elbo", "iwae_nll") and math.isfinite(mean):
         text += f" ({fmt_ci(bits_per_dim(mean), bits_per_dim(half), 3)} bits/dim)"
     return text
 
@@ -1458,7 +1550,17 @@ def aggregate(records):
         m["runs_to_choose"] = betas if m["kind"] == "beta" else 1
         m["targets"] = {r["seed"]: target_checks(r) for r in ok}
         m["missed_target"] = [seed for seed, checks in m["targets"].items() if any(map(missed, checks))]
+        m["idle"] = [r["seed"] for r in ok if r["history"] and METHOD_CLASSES[m["kind"]].idle(r["history"])]
     return methods
+
+
+def judged(methods):
+    """The methods the verdict judges: every one but the β-VAEs and BOM's sensitivity runs."""
+    return [m for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
+
+
+def ok_runs(m):
+    return [r for r in m["runs"] if r["status"] != "diverged"]
 
 
 def choose_beta(methods, key, betas=None):
@@ -1469,15 +1571,112 @@ def choose_beta(methods, key, betas=None):
     return max(pool, key=lambda m: METRICS[key][2] * m["val"][key][0])["name"] if pool else None
 
 
-def edge_note(methods, name):
-    """A warning when the chosen β is the smallest or the largest of the sweep."""
-    betas = sorted(m["settings"]["beta"] for m in methods.values() if m["kind"] == "beta")
+def choose_beta_per_seed(methods, key, betas=None):
+    """{seed: the β-VAE whose validation `key` is best in that seed alone} (β in `betas`, when given)."""
+    best = {}
+    for m in methods.values():
+        if m["kind"] == "beta" and (betas is None or m["settings"]["beta"] in betas):
+            for r in ok_runs(m):
+                value = METRICS[key][2] * metric(r, "val", key)
+                if math.isfinite(value) and (r["seed"] not in best or value > best[r["seed"]][0]):
+                    best[r["seed"]] = (value, m["name"])
+    return {seed: name for seed, (_, name) in sorted(best.items())}
+
+
+def sweep_edge(methods, name, betas=None):
+    """'smallest' or 'largest' when the chosen β is an end of the swept βs (of `betas`, when given), else None."""
+    swept = sorted(m["settings"]["beta"] for m in methods.values()
+                   if m["kind"] == "beta" and (betas is None or m["settings"]["beta"] in betas))
     beta = methods[name]["settings"]["beta"]
-    if len(betas) < 2 or beta not in (betas[0], betas[-1]):
+    return None if len(swept) < 2 else "smallest" if beta == swept[0] else "largest" if beta == swept[-1] else None
+
+
+def front_at(betas, kl, key):
+    """One seed's β-VAE front at rate `kl`: (value, the two β runs' values it lies between), `key` piecewise linear
+    in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β runs' rates: the
+    front is never extrapolated."""
+    points = sorted((math.log(metric(r, "test", "kl")), metric(r, "test", key)) for r in betas
+                    if metric(r, "test", "kl") > 0 and math.isfinite(metric(r, "test", key)))
+    if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not points[0][0] <= math.log(kl) <= points[-1][0]:
         return None
-    side = "smallest" if beta == betas[0] else "largest"
-    return (f"{name} is the {side} β of the sweep: a {'smaller' if side == 'smallest' else 'larger'} β may do "
-            f"better by this criterion; extend the sweep to be sure.")
+    x = math.log(kl)
+    (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+    w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
+    if FRONT_METRICS[key] == "ratio":
+        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1)
+    return (1 - w) * y0 + w * y1, (y0, y1)
+
+
+def matched_rate(methods):
+    """Every judged method against the β-VAE front at its own test KL, paired by seed (each seed's run against the front
+    through that seed's β runs): per FRONT_METRICS key the ratio or difference with its interval over the seeds whose
+    rate lies inside the front, Holm-adjusted over the row; `position` (on, above, below the front, or outside) from
+    the MSE ratio, and above or below only when every seed's MSE is also past both β runs it lies between (so no
+    other monotone front through the β runs would say otherwise; else `interpolation_only`)."""
+    fronts = {}
+    for m in methods.values():
+        if m["kind"] == "beta":
+            for r in ok_runs(m):
+                fronts.setdefault(r["seed"], []).append(r)
+    rows = {}
+    for m in judged(methods):
+        per_seed, outside, past = {}, [], {"above": True, "below": True}
+        for r in ok_runs(m):
+            kl = metric(r, "test", "kl")
+            at = {key: front_at(fronts.get(r["seed"], []), kl, key) for key in FRONT_METRICS}
+            if at["mse"] is None:
+                outside.append(r["seed"])
+                continue
+            per_seed[r["seed"]] = {key: (metric(r, "test", key) / at[key][0] if kind == "ratio" else
+                                         metric(r, "test", key) - at[key][0]) if at[key] else float("nan")
+                                   for key, kind in FRONT_METRICS.items()}
+            past["above"] &= metric(r, "test", "mse") > max(at["mse"][1])
+            past["below"] &= metric(r, "test", "mse") < min(at["mse"][1])
+        cells = with_holm({key: interval([v[key] for v in per_seed.values()], kind == "ratio")
+                           for key, kind in FRONT_METRICS.items()})
+        word = finding(cells["mse"], -1, 1.0)
+        position = ("outside" if word == "undetermined" and outside else
+                    {"better": "below", "worse": "above", "not distinguishable": "on"}.get(word, word))
+        interpolation_only = position in past and not past[position]
+        rows[m["name"]] = {"position": "on" if interpolation_only else position, "interpolation_only": interpolation_only,
+                           "seeds_outside": outside, "per_seed": per_seed, **cells}
+    return rows
+
+
+def criteria(methods, select_by):
+    """The declared ways to choose one β on validation: by `select_by`, by IWAE NLL and FD prior, and by `select_by`
+    within the notebook's grid; each with its choice by the mean over seeds and by each seed alone."""
+    out = {}
+    for key, grid in ((select_by, None), ("iwae_nll", None), ("fd_prior", None), (select_by, NOTEBOOK_BETAS)):
+        label = key + ("_notebook_grid" if grid else "")
+        chosen = choose_beta(methods, key, grid)
+        if chosen and label not in out:
+            out[label] = {"metric": key, "grid": list(grid) if grid else None, "beta": chosen,
+                          "per_seed": choose_beta_per_seed(methods, key, grid),
+                          "edge": sweep_edge(methods, chosen, grid), "kl": methods[chosen]["test"]["kl"]}
+    return out
+
+
+def against_beta(methods, choice):
+    """Each judged method against the β-VAE of one criterion on each family's metric: paired test differences with
+    the β chosen by the mean over seeds, and again with each seed's own choice; each Holm-adjusted over the families.
+    `finding` is the word both choices give, else 'not distinguishable' (a finding that is not robust)."""
+    run_of = {(r["name"], r["seed"]): r for m in methods.values() for r in ok_runs(m)}
+    rows = {}
+    for m in judged(methods):
+        by_choice = {}
+        for how, beta_of in (("mean", lambda seed: choice["beta"]), ("per_seed", choice["per_seed"].get)):
+            pairs = [(r, run_of.get((beta_of(r["seed"]), r["seed"]))) for r in ok_runs(m)]
+            by_choice[how] = with_holm({family: interval([metric(r, "test", key) - metric(b, "test", key)
+                                                          for r, b in pairs if b is not None])
+                                        for family, key in FAMILIES.items()})
+        for family, key in FAMILIES.items():
+            words = {how: finding(cells[family], METRICS[key][2]) for how, cells in by_choice.items()}
+            by_choice["mean"][family].update(per_seed_choice=by_choice["per_seed"][family], **{
+                f"finding_{how}": word for how, word in words.items()},
+                finding=words["mean"] if len(set(words.values())) == 1 else "not distinguishable")
+        rows[m["name"]] = by_choice["mean"]
+    return rows
 
 
 def paired_difference(a, b, key):
@@ -1497,58 +1696,6 @@ def judge(mean, half, direction):
     return "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
 
 
-def verdict(methods, baselines):
-    """Each tuning-free method against the β-VAE baselines[metric] on each verdict metric, paired by seed."""
-    rows = []
-    for m in methods.values():
-        if m["kind"] == "beta" or m["variant"]:
-            continue
-        for key in VERDICT_METRICS:
-            if baselines.get(key) is None:
-                continue
-            mean, half, n = paired_difference(m, methods[baselines[key]], key)
-            rows.append({"method": m["name"], "metric": key, "beta": baselines[key], "difference": mean, "ci": half,
-                         "n": n, "judgement": judge(mean, half, METRICS[key][2])})
-    return rows
-
-
-def family_judgements(rows, name):
-    """Per family of one method's rows: worse if any metric is worse, else better if any is better, else not
-    distinguishable (undetermined with one seed)."""
-    families = {}
-    for family, keys in FAMILIES.items():
-        words = [r["judgement"] for r in rows if r["method"] == name and r["metric"] in keys]
-        if words:
-            families[family] = next((w for w in ("undetermined", "worse", "better") if w in words),
-                                    "not distinguishable")
-    return families
-
-
-def overall(rows, methods, name, baseline):
-    """The statement about one method against one baseline, derived from its verdict rows per family."""
-    m, families = methods[name], family_judgements(rows, name)
-    label = "BOM-VAE" if name == "bom" else name
-    flag = ""
-    if m["missed_target"]:
-        checks = [c for seed in m["missed_target"] for c in m["targets"][seed] if missed(c)]
-        flag = (f"{label} did not reach its own target within ±{TARGET_TOLERANCE:.0%} (seeds "
-                f"{', '.join(map(str, m['missed_target']))}; {checks[0][0]} {checks[0][1]:.4g} vs {checks[0][2]:.4g} in "
-                f"seed {m['missed_target'][0]}), so this judges its setting as much as the method. ")
-    if not families:
-        return f"{flag}{label}: no verdict (no validation-chosen β-VAE to compare with)."
-    if "undetermined" in families.values():
-        return (f"{flag}{label}: undetermined: with {max(r['n'] for r in rows if r['method'] == name)} paired "
-                f"seed(s) there is no confidence interval; run more seeds (--seeds 0 1 2 ...).")
-    worse = [f for f, w in families.items() if w == "worse"]
-    better = [f for f, w in families.items() if w == "better"]
-    head = (f"does not match {baseline}" if worse else f"beats {baseline}" if len(better) == len(families) else
-            f"matches {baseline}" + (f" and beats it on {' and '.join(better)}" if better else ""))
-    detail = "; ".join(f"{family} {word} (" + ", ".join(f"{METRICS[r['metric']][0]} {r['judgement']}" for r in rows
-                                                       if r["method"] == name and r["metric"] in FAMILIES[family])
-                       + ")" for family, word in families.items())
-    return f"{flag}{label} {head}: {detail}. Its own objective among these: {OWN_OBJECTIVE[m['kind']]}."
-
-
 def sensitivity(methods):
     """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid."""
     boms = [m for m in methods.values() if m["kind"] == "bom" and "ablation" not in m["settings"]]
@@ -1557,7 +1704,7 @@ def sensitivity(methods):
         return []
     lines = [f"| metric | BOM: range over its {len(boms)} settings | β-VAE: range over its {len(betas)} βs |",
              "|---|---|---|"]
-    for key in VERDICT_METRICS + ("mse", "kl"):
+    for key in SELECTABLE + ("kl",):
         label, digits, _ = METRICS[key]
         spread = lambda group: [m["test"][key][0] for m in group if math.isfinite(m["test"][key][0])]
         bom, beta = spread(boms), spread(betas)
@@ -1683,16 +1830,7 @@ SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for
 def write_report(out, records, reference, config, select_by):
     """summary.json/.csv/.md from the run records; returns the summary dict and the per-method aggregates."""
     methods = aggregate(records)
-    baseline, notebook = choose_beta(methods, select_by), choose_beta(methods, select_by, NOTEBOOK_BETAS)
-    criterion = f"validation {METRICS[select_by][0]}"
-    comparisons = {}
-    for label, name, words in (("selected", baseline, f"the β-VAE chosen by {criterion}"),
-                               ("notebook_grid", notebook, f"the β-VAE chosen by {criterion} in the notebook's grid")):
-        rows = verdict(methods, dict.fromkeys(VERDICT_METRICS, name))
-        comparisons[label] = {"beta": name, "verdict": rows, "statements": [
-            overall(rows, methods, m["name"], f"{words} ({name})") for m in methods.values()
-            if m["kind"] != "beta" and not m["variant"]]}
-    envelope = {key: choose_beta(methods, key) for key in VERDICT_METRICS}
+    choices = criteria(methods, select_by)
     per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
                  **{f"test_{k}": metric(r, "test", k) for k in METRICS},
                  **{f"val_{k}": metric(r, "val", k) for k in METRICS}} for r in records]
@@ -1701,16 +1839,16 @@ def write_report(out, records, reference, config, select_by):
                      "test_sharp": reference["test_data_sharpness"]})
     summary = {"config": config, "reference": reference, "runs": per_seed,
                "methods": {name: {k: m[k] for k in ("kind", "variant", "seeds", "statuses", "test", "val",
-                                                    "train_seconds", "runs_to_choose", "targets", "missed_target")}
+                                                    "train_seconds", "runs_to_choose", "targets", "missed_target",
+                                                    "idle")}
                            for name, m in methods.items()},
-               "select_by": select_by, **comparisons,
-               "edge_notes": [note for note in dict.fromkeys(edge_note(methods, n) for n in (baseline, notebook) if n)
-                              if note],
-               "oracle_envelope": {"chosen": envelope, "verdict": verdict(methods, envelope)},
+               "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
+               "against_beta": {label: against_beta(methods, choice) for label, choice in choices.items()},
                "analysis": notebook_analysis(methods),
                "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
                "sensitivity": sensitivity(methods),
-               "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"], baseline)}
+               "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"],
+                                              choices.get(select_by, {}).get("beta"))}
     write_json(os.path.join(out, "summary.json"), summary)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=SUMMARY_FIELDS)
@@ -1725,77 +1863,115 @@ def write_report(out, records, reference, config, select_by):
     return summary, methods
 
 
-def comparison_table(rows):
-    """Metric rows (by family) x method columns: paired test difference, method − β-VAE, and its judgement."""
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    md = ["| family | metric | β-VAE | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
-    for family, keys in FAMILIES.items():
-        for key in keys:
-            cells = [r for r in rows if r["metric"] == key]
-            if cells:
-                md.append(f"| {family} | {METRICS[key][0]} ({'lower' if METRICS[key][2] < 0 else 'higher'} is better)"
-                          f" | {cells[0]['beta']} | " + " | ".join(
-                              f"{fmt_metric(key, r['difference'], r['ci'])} {r['judgement']}" for r in cells) + " |")
-    return md
+def md_table(header, rows):
+    """A markdown table: the header cells, then one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, row)) + " |"
+                                                                          for row in rows]
+
+
+def fmt_cell(cell, ratio, digits):
+    """'1.05x [0.97–1.14]' for a ratio, '+85.8 [−201.1, +372.7]' for a difference; '*' when the Holm-adjusted p < ALPHA."""
+    if cell["n"] == 0:
+        return "n/a"
+    text = f"{cell['mean']:.{digits}f}x" if ratio else f"{cell['mean']:+.{digits}f}"
+    if math.isfinite(cell["low"]):
+        text += (f" [{cell['low']:.{digits}f}–{cell['high']:.{digits}f}]" if ratio else
+                 f" [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]")
+    return text + ("*" if cell.get("p_holm", 1.0) < ALPHA else "")
+
+
+def criterion_label(choice):
+    return (f"validation {METRICS[choice['metric']][0]}"
+            + (" in the notebook's grid" if choice["grid"] else ""))
 
 
 def summary_markdown(summary, methods, config):
     seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    ref, select_by = summary["reference"], METRICS[summary["select_by"]][0]
-    n = max((r["n"] for r in summary["selected"]["verdict"]), default=0)
+    ref, front, choices = summary["reference"], summary["front"], summary["criteria"]
     md = ["# BOM-VAE vs β-VAE", "",
           f"{config['epochs']} epochs, seeds {' '.join(map(str, seeds))}, {config['train_images']} training / "
           f"{config['val_images']} validation / {config['test_images']} test images, "
-          f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}.", "",
-          "## Test metrics (mean ± 95% CI over seeds)", "",
-          "| method | seeds | runs to choose its setting | " + " | ".join(METRICS[k][0] for k in METRICS)
-          + " | train s | status |", "|" + "---|" * (len(METRICS) + 5)]
-    for m in methods.values():
-        status = ", ".join(m["statuses"]) + (f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
-                                             if m["missed_target"] else "")
-        md.append(f"| {m['name']} | {len(m['seeds'])} | {m['runs_to_choose']} | "
-                  + " | ".join(fmt_metric(k, *m["test"][k]) for k in METRICS)
-                  + f" | {fmt_ci(*m['train_seconds'], 1)} | {status} |")
-    md += ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f} (a reconstruction "
-           f"sharper than that is noise, not detail); the feature classifier behind the Fréchet distances (FD) "
-           f"has {ref['classifier_test_accuracy']:.2%} test accuracy. −ELBO and IWAE use a Gaussian decoder "
-           f"whose σ² is each model's validation MSE; they are densities of continuous pixel values in [0, 1] "
-           f"(8-bit data, no dequantization), so they can be negative and do not compare with the discrete "
-           f"bits/dim published for MNIST. Runs to choose its setting: β-VAE needs its whole β grid per seed to "
-           f"pick β on validation; the other methods run once with their defaults."]
+          f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}. How each "
+          f"number is computed: README, \"How the verdict is computed\".", "",
+          "## Verdict: each method against the β-VAE rate–distortion front", ""]
+    if front:
+        for position, words in (("above", "Above the front (more MSE than β-VAE at the same rate)"),
+                                ("on", "On the front (not distinguishable from β-VAE at the same rate)"),
+                                ("below", "Below the front (less MSE than β-VAE at the same rate)"),
+                                ("outside", "Outside the β runs' rates (not extrapolated)"),
+                                ("undetermined", "Undetermined (one seed: no interval)")):
+            names = [name for name, row in front.items() if row["position"] == position]
+            if names:
+                md.append(f"- {words}: " + ", ".join(
+                    f"{name} {fmt_cell(front[name]['mse'], True, 2)}"
+                    + (" (off it only by the interpolation)" if front[name]["interpolation_only"] else "")
+                    for name in names) + ".")
+        md += ["", "![rate–distortion plane](rate_distortion.png)", "", "![matched-rate ratios](matched_rate.png)", ""]
+        md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
+                        "seeds inside", "position"],
+                       [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
+                         fmt_cell(row["fd_prior"], True, 2), fmt_cell(row["iwae_nll"], False, 1),
+                         f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
+                                                 if row["seeds_outside"] else ""),
+                         row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
+                        for name, row in front.items()])
+        md += ["", "Per seed, the front is that seed's β runs, piecewise linear in log test KL (log MSE, log FD prior, "
+               "IWAE NLL); each run is compared with it at its own test KL, and the ratios (differences) are summarised "
+               "over seeds: geometric mean and 95% Student-t interval. `*`: Holm-adjusted p < 0.05 over the row's "
+               "three metrics. The position follows the MSE ratio's adjusted test, and is above (below) only when "
+               "every seed's MSE is also above (below) both β runs whose rates bracket it."]
+    else:
+        md += ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
+    md += ["", "## Where each method lands without tuning", ""]
+    rows = [[f"β-VAE chosen by {criterion_label(c)}", fmt_ci(*c["kl"], 1),
+             f"{c['beta']} (each seed alone: {', '.join(c['per_seed'].values())})"
+             + (f"; the {c['edge']} β swept" if c["edge"] else "")] for c in choices.values()]
+    for m in judged(methods):
+        setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], config["latent_dim"])
+        if m["idle"]:
+            setting += f"; never acted (seeds {', '.join(map(str, m['idle']))}): trained as {TWIN[m['kind']]}"
+        if m["missed_target"]:
+            setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
+        rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
+    md += md_table(["", "test KL (rate)", "what places the rate"], rows)
+    md += [""] + [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
+                  f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it." for c in choices.values()
+                  if c["edge"]]
+    md += ["", "## Against one β-VAE per criterion (secondary)", "",
+           "Paired test differences, method − the chosen β-VAE, mean and 95% interval; `→ better/worse` only when the "
+           "Holm-adjusted p over the three families is < 0.05 both with β chosen by the mean over seeds and with each "
+           "seed's own choice (a robust finding); otherwise `n.d.`.", ""]
+    for label, rows in summary["against_beta"].items():
+        c = choices[label]
+        md += [f"### β-VAE chosen by {criterion_label(c)}: {c['beta']}", ""]
+        md += md_table(["method"] + [f"{family}: {METRICS[key][0]}" for family, key in FAMILIES.items()],
+                       [[name] + [fmt_cell(dict(cell, p_holm=1.0), False, METRICS[key][1]) + " → " + {
+                           "better": "better", "worse": "worse"}.get(cell["finding"], "n.d.")
+                                  for cell, key in ((row[f], k) for f, k in FAMILIES.items())]
+                        for name, row in rows.items()]) + [""]
+    md += ["## Test metrics (mean ± 95% CI over seeds)", ""]
+    md += md_table(["method", "seeds", "runs to choose its setting", *(METRICS[k][0] for k in METRICS), "train s",
+                    "status"],
+                   [[m["name"], len(m["seeds"]), m["runs_to_choose"], *(fmt_metric(k, *m["test"][k]) for k in METRICS),
+                     fmt_ci(*m["train_seconds"], 1), ", ".join(m["statuses"]) + (
+                         f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
+                         if m["missed_target"] else "")] for m in methods.values()])
+    md += ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature classifier "
+           f"behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test accuracy."]
     md += ["", f"## Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})", ""]
     md += [f"- {line}" for line in summary["sharpness_against_data"]]
     checks = [(name, seed, c) for name, m in methods.items() for seed, cs in m["targets"].items() for c in cs]
     if checks:
         md += ["", f"## Did each constrained method reach its own target? (last training epoch, "
-               f"±{TARGET_TOLERANCE:.0%})", "", "| method | seed | what | reached | target | |", "|---|---|---|---|---|---|"]
-        md += [f"| {name} | {seed} | {what} | {value:.4g} | {'—' if target is None else f'{target:.4g}'} | "
-               f"{'' if target is None else 'MISSED' if missed((what, value, target)) else 'ok'} |"
-               for name, seed, (what, value, target) in checks]
-    md += ["", f"## Verdict: does BOM match or beat β-VAE without tuning? (β-VAE chosen by {select_by})", ""]
-    if summary["selected"]["verdict"]:
-        md += [f"The β-VAE is one model per seed: the β with the best mean {select_by} on validation "
-               f"({summary['selected']['beta']}; `--select-by` changes the criterion), compared on every metric. "
-               f"Difference on the test set, method − that β-VAE, paired by seed: per-metric, unadjusted 95% "
-               f"Student-t intervals over {n} seeds (no correction for the {len(VERDICT_METRICS)} metrics); the "
-               f"word says which side of 0 the interval lies on. Metrics of one family measure one thing: the "
-               f"statements judge families.", ""] + comparison_table(summary["selected"]["verdict"]) + [""]
-        md += [f"- {note}" for note in summary["edge_notes"]]
-        md += [f"- {statement}" for statement in summary["selected"]["statements"]]
-        md += ["", f"### Against the notebook's grid (β ∈ {{{', '.join(f'{b:g}' for b in NOTEBOOK_BETAS)}}}, chosen by "
-               f"{select_by}: {summary['notebook_grid']['beta']})", ""]
-        md += [f"- {statement}" for statement in summary["notebook_grid"]["statements"]]
-        md += ["", "### Oracle envelope (not a model anyone trains)", "",
-               "Each metric against the β that is best on validation for that metric alone: the strongest β-VAE any "
-               "single metric can pick. No statement above uses it.", ""]
-        md += comparison_table(summary["oracle_envelope"]["verdict"])
-    else:
-        md += ["No verdict: it needs β-VAE runs with a validation split (--val-size > 0) and tuning-free runs."]
+               f"±{TARGET_TOLERANCE:.0%})", ""]
+        md += md_table(["method", "seed", "what", "reached", "target", ""],
+                       [[name, seed, what, f"{value:.4g}", "—" if target is None else f"{target:.4g}",
+                         "" if target is None else "MISSED" if missed((what, value, target)) else "ok"]
+                        for name, seed, (what, value, target) in checks])
     if summary["analysis"]:
         md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
     if summary["bom_diagnosis"]:
-        md += ["", "## Why BOM ends where it does (seed means)",
-               ""] + summary["bom_diagnosis"]
+        md += ["", "## Why BOM ends where it does (seed means)", ""] + summary["bom_diagnosis"]
     if summary["sensitivity"]:
         md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]
     return "\n".join(md) + "\n"
@@ -1832,29 +2008,85 @@ def plot_training(records, data_sharp, path):
     finish_figure(fig, path)
 
 
-PARETO_MARKERS = {"bom": "o", "geco": "^", "controlvae": "v", "sigma_vae": "D", "freebits": "P"}
+MARKERS = "o^vDPX*<>hp"
 
 
-def plot_pareto(methods, data_sharp, path):
-    """Test MSE vs KL, mean ± 95% CI over seeds per method; β runs as squares, BOM a large circle and its
-    ablations small ones, the other tuning-free methods their own markers; sensitivity runs small and grey;
-    sharpness in the labels."""
-    fig, ax = plt.subplots(figsize=(10, 6))
-    shown = [m for m in methods.values() if math.isfinite(m["test"]["mse"][0]) and math.isfinite(m["test"]["kl"][0])]
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(shown), 1)))
-    for m, color in zip(shown, colors):
-        (x, dx), (y, dy) = m["test"]["mse"], m["test"]["kl"]
-        ci = lambda h: 0 if not math.isfinite(h) else h
-        style = dict(c="lightgrey", marker="o", ms=5) if m["variant"] else dict(
-            c=color, marker=PARETO_MARKERS.get(m["kind"], "s"), ms=10 if m["name"] == "bom" else 7)
-        ax.errorbar(x, y, xerr=ci(dx), yerr=ci(dy), ls="none", mec="black", capsize=3, ecolor="grey",
-                    mfc=style.pop("c"), **style, label=f"{m['name']} (sharp {m['test']['sharp'][0]:.4f})")
-    ax.set_xlabel("test MSE (↓ better)")
-    ax.set_ylabel("test KL (moderate is better)")
-    ax.set_title(f"MSE vs KL, mean ± 95% CI over seeds (data sharpness {data_sharp:.4f})")
+def method_styles(methods):
+    """A distinct (colour, marker) for every judged method, BOM's ablations included (the β front is black squares)."""
+    colors = plt.cm.tab10.colors
+    return {m["name"]: (colors[i % len(colors)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(judged(methods))}
+
+
+def log_interval(m, key):
+    """Geometric mean over seeds of a positive test metric and its 95% interval (low, high)."""
+    cell = interval([metric(r, "test", key) for r in ok_runs(m)], ratio=True)
+    return cell["mean"], cell["low"], cell["high"]
+
+
+def plot_rate_distortion(methods, path):
+    """Test MSE against test KL on log axes: the β front (each seed's thin, the seed mean bold, each β labelled) and
+    every judged method at its geometric mean with its 2-D 95% interval. Returns {label: (colour, marker)} drawn."""
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    betas = sorted((m for m in methods.values() if m["kind"] == "beta"), key=lambda m: m["settings"]["beta"])
+    for seed in sorted({r["seed"] for m in betas for r in ok_runs(m)}):
+        points = sorted((metric(r, "test", "kl"), metric(r, "test", "mse")) for m in betas for r in ok_runs(m)
+                        if r["seed"] == seed)
+        ax.plot(*zip(*points), color="grey", lw=0.6, alpha=0.6)
+    drawn = {}
+    means = [(log_interval(m, "kl")[0], log_interval(m, "mse")[0], m["name"]) for m in betas]
+    means = [p for p in means if math.isfinite(p[0]) and math.isfinite(p[1])]
+    if means:
+        ax.plot([p[0] for p in means], [p[1] for p in means], "k-s", ms=6, label="β-VAE front (seed mean)")
+        drawn["β-VAE front (seed mean)"] = ("black", "s")
+        for kl, mse, name in means:
+            ax.annotate(f"β={name[5:]}", (kl, mse), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for name, (color, marker) in method_styles(methods).items():
+        (x, x0, x1), (y, y0, y1) = log_interval(methods[name], "kl"), log_interval(methods[name], "mse")
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        err = lambda mid, lo, hi: [[mid - lo], [hi - mid]] if math.isfinite(lo) else None
+        ax.errorbar(x, y, xerr=err(x, x0, x1), yerr=err(y, y0, y1), ls="none", marker=marker, ms=9, mfc=color,
+                    mec="black", ecolor=color, capsize=3, label=name)
+        drawn[name] = (color, marker)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rate: test KL (nats, log scale)")
+    ax.set_ylabel("distortion: test MSE (log scale, ↓ better)")
+    ax.set_title("Rate–distortion: geometric mean and 95% interval over seeds; thin lines: each seed's β front")
     ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     finish_figure(fig, path)
+    return drawn
+
+
+def plot_matched_rate(front, methods, path):
+    """Forest plot: each judged method's MSE and FD prior as a ratio to the β front at its own rate, geometric mean and
+    95% interval; 1 is on the front. Returns {label: (colour, marker)} drawn."""
+    styles, names = method_styles(methods), list(front)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 2 + 0.5 * len(names)), sharey=True, squeeze=False)
+    drawn = {}
+    for ax, key, title in zip(axes[0], ("mse", "fd_prior"), ("test MSE / front's at the same KL",
+                                                             "FD prior / front's at the same KL")):
+        for y, name in enumerate(names):
+            cell, (color, marker) = front[name][key], styles[name]
+            if cell["n"] == 0 or not math.isfinite(cell["mean"]):
+                ax.text(1.0, y, "outside the β runs' rates", va="center", ha="center", fontsize=8)
+                continue
+            xerr = [[cell["mean"] - cell["low"]], [cell["high"] - cell["mean"]]] if math.isfinite(cell["low"]) else None
+            ax.errorbar(cell["mean"], y, xerr=xerr, marker=marker, ms=8, mfc=color, mec="black", ecolor=color,
+                        capsize=3, ls="none")
+            drawn[name] = (color, marker)
+        ax.axvline(1.0, color="black", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].set_ylim(len(names) - 0.5, -0.5)
+    fig.suptitle("At matched rate: ratio to the β-VAE front (1 = on it), geometric mean and 95% interval over seeds")
+    finish_figure(fig, path, top=1 - 0.3 / fig.get_figheight())
+    return drawn
 
 
 def image_grid(rows_of_images, labels, title, path):
@@ -1900,7 +2132,9 @@ def build_report(args, splits):
     if not args.no_plots:
         device = splits["test"][0].device
         plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
-        plot_pareto(methods, reference["test_data_sharpness"], os.path.join(args.out, "pareto_comparison.png"))
+        plot_rate_distortion(methods, os.path.join(args.out, "rate_distortion.png"))
+        if any(row["mse"]["n"] for row in summary["front"].values()):
+            plot_matched_rate(summary["front"], methods, os.path.join(args.out, "matched_rate.png"))
         first_seed = min(r["seed"] for r in records)
         models = {}
         for r in records:
@@ -1918,8 +2152,8 @@ def build_report(args, splits):
 # ----------------------------------------------------------------------------- main
 
 
-REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "pareto_comparison.png",
-                "reconstructions_comparison.png", "samples_comparison.png")
+REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "rate_distortion.png",
+                "matched_rate.png", "reconstructions_comparison.png", "samples_comparison.png")
 
 
 def run_grid(args):
