@@ -764,8 +764,9 @@ class FreeBits(Method):
 
     @staticmethod
     def idle(history):
-        """The floor bound when on average at least one dimension per batch sat below λ."""
-        return all(row["dims_below_lambda"] < 1 for row in history[1:])
+        """The floor bound in an epoch when on average at least one dimension per batch sat below λ; the first
+        epoch, from the untrained model, does not count."""
+        return len(history) > 1 and all(row["dims_below_lambda"] < 1 for row in history[1:])
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
@@ -1595,8 +1596,10 @@ def front_at(betas, kl, key):
     """One seed's β-VAE front at rate `kl`: (value, the two β runs' values it lies between), `key` piecewise linear
     in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β runs' rates: the
     front is never extrapolated."""
+    positive = FRONT_METRICS[key] == "ratio"
     points = sorted((math.log(metric(r, "test", "kl")), metric(r, "test", key)) for r in betas
-                    if metric(r, "test", "kl") > 0 and math.isfinite(metric(r, "test", key)))
+                    if metric(r, "test", "kl") > 0 and math.isfinite(metric(r, "test", key))
+                    and (metric(r, "test", key) > 0 or not positive))
     if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not points[0][0] <= math.log(kl) <= points[-1][0]:
         return None
     x = math.log(kl)
@@ -1635,7 +1638,7 @@ def matched_rate(methods):
         cells = with_holm({key: interval([v[key] for v in per_seed.values()], kind == "ratio")
                            for key, kind in FRONT_METRICS.items()})
         word = finding(cells["mse"], -1, 1.0)
-        position = ("outside" if word == "undetermined" and outside else
+        position = ("diverged" if not ok_runs(m) else "outside" if word == "undetermined" and outside else
                     {"better": "below", "worse": "above", "not distinguishable": "on"}.get(word, word))
         interpolation_only = position in past and not past[position]
         rows[m["name"]] = {"position": "on" if interpolation_only else position, "interpolation_only": interpolation_only,
@@ -1651,9 +1654,10 @@ def criteria(methods, select_by):
         label = key + ("_notebook_grid" if grid else "")
         chosen = choose_beta(methods, key, grid)
         if chosen and label not in out:
-            out[label] = {"metric": key, "grid": list(grid) if grid else None, "beta": chosen,
-                          "per_seed": choose_beta_per_seed(methods, key, grid),
-                          "edge": sweep_edge(methods, chosen, grid), "kl": methods[chosen]["test"]["kl"]}
+            per_seed = choose_beta_per_seed(methods, key, grid)
+            out[label] = {"metric": key, "grid": list(grid) if grid else None, "beta": chosen, "per_seed": per_seed,
+                          "edge": sweep_edge(methods, chosen, grid), "kl": methods[chosen]["test"]["kl"],
+                          "seeds_at_edge": [seed for seed, name in per_seed.items() if sweep_edge(methods, name, grid)]}
     return out
 
 
@@ -1899,12 +1903,15 @@ def summary_markdown(summary, methods, config):
                                 ("on", "On the front (not distinguishable from β-VAE at the same rate)"),
                                 ("below", "Below the front (less MSE than β-VAE at the same rate)"),
                                 ("outside", "Outside the β runs' rates (not extrapolated)"),
-                                ("undetermined", "Undetermined (one seed: no interval)")):
+                                ("undetermined", "Undetermined (one seed: no interval)"),
+                                ("diverged", "No verdict (every run diverged)")):
             names = [name for name, row in front.items() if row["position"] == position]
             if names:
                 md.append(f"- {words}: " + ", ".join(
                     f"{name} {fmt_cell(front[name]['mse'], True, 2)}"
                     + (" (off it only by the interpolation)" if front[name]["interpolation_only"] else "")
+                    + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
+                       if front[name]["seeds_outside"] else "")
                     for name in names) + ".")
         md += ["", "![rate–distortion plane](rate_distortion.png)", "", "![matched-rate ratios](matched_rate.png)", ""]
         md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
@@ -1929,7 +1936,8 @@ def summary_markdown(summary, methods, config):
     for m in judged(methods):
         setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], config["latent_dim"])
         if m["idle"]:
-            setting += f"; never acted (seeds {', '.join(map(str, m['idle']))}): trained as {TWIN[m['kind']]}"
+            setting += (f"; its own mechanism acted in epoch 1 only (seeds {', '.join(map(str, m['idle']))}): "
+                        f"trained as {TWIN[m['kind']]}")
         if m["missed_target"]:
             setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
         rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
@@ -1937,6 +1945,8 @@ def summary_markdown(summary, methods, config):
     md += [""] + [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
                   f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it." for c in choices.values()
                   if c["edge"]]
+    md += [f"- By {criterion_label(c)} in each seed alone, the β of seed(s) {', '.join(map(str, c['seeds_at_edge']))} "
+           f"is an end of the sweep." for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
     md += ["", "## Against one β-VAE per criterion (secondary)", "",
            "Paired test differences, method − the chosen β-VAE, mean and 95% interval; `→ better/worse` only when the "
            "Holm-adjusted p over the three families is < 0.05 both with β chosen by the mean over seeds and with each "
@@ -2070,7 +2080,8 @@ def plot_matched_rate(front, methods, path):
         for y, name in enumerate(names):
             cell, (color, marker) = front[name][key], styles[name]
             if cell["n"] == 0 or not math.isfinite(cell["mean"]):
-                ax.text(1.0, y, "outside the β runs' rates", va="center", ha="center", fontsize=8)
+                ax.text(1.0, y, {"diverged": "every run diverged"}.get(front[name]["position"], "outside the β runs' rates"),
+                        va="center", ha="center", fontsize=8)
                 continue
             xerr = [[cell["mean"] - cell["low"]], [cell["high"] - cell["mean"]]] if math.isfinite(cell["low"]) else None
             ax.errorbar(cell["mean"], y, xerr=xerr, marker=marker, ms=8, mfc=color, mec="black", ecolor=color,

@@ -966,8 +966,9 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     md = (tmp_path / "summary.md").read_text()
     verdict = md.split("## Where each method lands")[0]
     assert "- Above the front (more MSE than β-VAE at the same rate): bom_like 2.00x [" in verdict
-    assert "- Outside the β runs' rates (not extrapolated): freebits 1.00x." in verdict
+    assert "- Outside the β runs' rates (not extrapolated): freebits" in verdict
     assert "controlvae 0.80x [" in verdict and "(off it only by the interpolation)" in verdict
+    assert "freebits 1.00x (1 of 3 seeds inside)." in verdict
     assert summary["front"]["sigma_vae"]["position"] == "below"
 
 
@@ -975,6 +976,7 @@ def test_free_bits_whose_floor_never_bound_is_reported_as_its_twin():
     assert bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.04}, {"dims_below_lambda": 0.0}])
     assert not bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.0}, {"dims_below_lambda": 2.0}])
     assert not bvb.SigmaVAE.idle([{"dims_below_lambda": 0.0}] * 3)
+    assert not bvb.FreeBits.idle([{"dims_below_lambda": 0.0}])                  # one epoch says nothing yet
     records = [fake_run("freebits", "freebits", seed, {}, {}, {"lambda": 0.25},
                         [{"dims_below_lambda": 5.0}, {"dims_below_lambda": 0.0 if seed else 1.0}]) for seed in (0, 1)]
     methods = bvb.aggregate(records)
