@@ -946,7 +946,9 @@ def test_the_front_is_interpolated_in_log_kl_and_never_extrapolated():
 
 
 def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_path):
-    records = front_records()
+    gone = [dict(fake_run("bom_gone", "bom", seed, {}, {}, {"kl_targets": [50.0, 80.0, 150.0]}), status="diverged")
+            for seed in SEED_SCALE]
+    records = front_records() + gone
     front = bvb.matched_rate(bvb.aggregate(records))
     bom, geco, sigma, control, freebits = (front[n] for n in ("bom_like", "geco", "sigma_vae", "controlvae",
                                                               "freebits"))
@@ -959,6 +961,7 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     assert control["mse"]["p_holm"] < 0.05 and control["position"] == "on" and control["interpolation_only"]
     assert bom["iwae_nll"]["mean"] == pytest.approx(10.0) and bom["fd_prior"]["mean"] == pytest.approx(0.5)
     assert freebits["position"] == "outside" and freebits["seeds_outside"] == [1, 2] and freebits["mse"]["n"] == 1
+    assert front["bom_gone"]["position"] == "diverged" and front["bom_gone"]["mse"]["n"] == 0
     config = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1, "device": "cpu",
               "torch": "x", "latent_dim": 128}
     summary, _ = bvb.write_report(str(tmp_path), records, {"test_data_sharpness": 0.03,
@@ -969,6 +972,7 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     assert "- Outside the β runs' rates (not extrapolated): freebits" in verdict
     assert "controlvae 0.80x [" in verdict and "(off it only by the interpolation)" in verdict
     assert "freebits 1.00x (1 of 3 seeds inside)." in verdict
+    assert "- No verdict (every run diverged): bom_gone n/a." in verdict
     assert summary["front"]["sigma_vae"]["position"] == "below"
 
 
