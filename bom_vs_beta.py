@@ -513,14 +513,10 @@ def squeeze(c, factor, kl_targets):
 
 class Method:
     """Defaults: no calibration, no per-epoch update, no state. `logged` names per-batch values whose
-    epoch means go into the history."""
+    epoch means go into the history. Each method also says, in sets_rate(settings, latent_dim), what places its
+    rate (KL) on the β front: the setting that acts as β does."""
 
     logged = ()
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        """What places this method's rate (KL) on the β front: the hyperparameter that acts as β does."""
-        return "nothing: no setting places its rate"
 
     @staticmethod
     def idle(history):
@@ -1532,6 +1528,11 @@ def missed(check):
     return target is not None and not abs(value / target - 1) <= TARGET_TOLERANCE
 
 
+def ok_runs(m):
+    """A method's runs that did not diverge (they have test metrics)."""
+    return [r for r in m["runs"] if r["status"] != "diverged"]
+
+
 def aggregate(records):
     """Per method: seeds, statuses, mean ± CI of every test and validation metric and of the train time, and the
     seeds that missed their own target."""
@@ -1542,7 +1543,7 @@ def aggregate(records):
         m["runs"].append(r)
     betas = sum(1 for m in methods.values() if m["kind"] == "beta")
     for m in methods.values():
-        ok = [r for r in m["runs"] if r["status"] != "diverged"]
+        ok = ok_runs(m)
         m["seeds"] = [r["seed"] for r in m["runs"]]
         m["statuses"] = sorted({r["status"] for r in m["runs"]})
         m["test"] = {k: mean_ci([metric(r, "test", k) for r in ok]) for k in METRICS}
@@ -1558,10 +1559,6 @@ def aggregate(records):
 def judged(methods):
     """The methods the verdict judges: every one but the β-VAEs and BOM's sensitivity runs."""
     return [m for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
-
-
-def ok_runs(m):
-    return [r for r in m["runs"] if r["status"] != "diverged"]
 
 
 def choose_beta(methods, key, betas=None):
@@ -1596,16 +1593,15 @@ def front_at(betas, kl, key):
     """One seed's β-VAE front at rate `kl`: (value, the two β runs' values it lies between), `key` piecewise linear
     in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β runs' rates: the
     front is never extrapolated."""
-    positive = FRONT_METRICS[key] == "ratio"
-    points = sorted((math.log(metric(r, "test", "kl")), metric(r, "test", key)) for r in betas
-                    if metric(r, "test", "kl") > 0 and math.isfinite(metric(r, "test", key))
-                    and (metric(r, "test", key) > 0 or not positive))
+    ratio = FRONT_METRICS[key] == "ratio"
+    points = sorted((math.log(k), v) for k, v in ((metric(r, "test", "kl"), metric(r, "test", key)) for r in betas)
+                    if k > 0 and math.isfinite(v) and (v > 0 or not ratio))
     if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not points[0][0] <= math.log(kl) <= points[-1][0]:
         return None
     x = math.log(kl)
     (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-    if FRONT_METRICS[key] == "ratio":
+    if ratio:
         return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1)
     return (1 - w) * y0 + w * y1, (y0, y1)
 
@@ -1685,9 +1681,9 @@ def against_beta(methods, choice):
 
 def paired_difference(a, b, key):
     """Test-metric differences a − b over the seeds both ran without diverging: (mean, CI half-width, n)."""
-    b_by_seed = {r["seed"]: r for r in b["runs"] if r["status"] != "diverged"}
+    b_by_seed = {r["seed"]: r for r in ok_runs(b)}
     diffs = [metric(r, "test", key) - metric(b_by_seed[r["seed"]], "test", key)
-             for r in a["runs"] if r["status"] != "diverged" and r["seed"] in b_by_seed]
+             for r in ok_runs(a) if r["seed"] in b_by_seed]
     diffs = [d for d in diffs if math.isfinite(d)]
     return (*mean_ci(diffs), len(diffs))
 
@@ -1760,7 +1756,7 @@ def sharpness_against_data(methods, data_sharp):
 
 def history_mean(m, value):
     """Seed mean of value(history) over m's runs that did not diverge."""
-    histories = [r["history"] for r in m["runs"] if r["status"] != "diverged" and r["history"]]
+    histories = [r["history"] for r in ok_runs(m) if r["history"]]
     return statistics.fmean(value(h) for h in histories) if histories else float("nan")
 
 
@@ -1873,15 +1869,16 @@ def md_table(header, rows):
                                                                           for row in rows]
 
 
-def fmt_cell(cell, ratio, digits):
-    """'1.05x [0.97–1.14]' for a ratio, '+85.8 [−201.1, +372.7]' for a difference; '*' when the Holm-adjusted p < ALPHA."""
+def fmt_cell(cell, ratio, digits, star=True):
+    """'1.05x [0.97–1.14]' for a ratio, '+85.8 [−201.1, +372.7]' for a difference; with `star`, '*' when the
+    Holm-adjusted p < ALPHA."""
     if cell["n"] == 0:
         return "n/a"
     text = f"{cell['mean']:.{digits}f}x" if ratio else f"{cell['mean']:+.{digits}f}"
     if math.isfinite(cell["low"]):
         text += (f" [{cell['low']:.{digits}f}–{cell['high']:.{digits}f}]" if ratio else
                  f" [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]")
-    return text + ("*" if cell.get("p_holm", 1.0) < ALPHA else "")
+    return text + ("*" if star and cell["p_holm"] < ALPHA else "")
 
 
 def criterion_label(choice):
@@ -1955,7 +1952,7 @@ def summary_markdown(summary, methods, config):
         c = choices[label]
         md += [f"### β-VAE chosen by {criterion_label(c)}: {c['beta']}", ""]
         md += md_table(["method"] + [f"{family}: {METRICS[key][0]}" for family, key in FAMILIES.items()],
-                       [[name] + [fmt_cell(dict(cell, p_holm=1.0), False, METRICS[key][1]) + " → " + {
+                       [[name] + [fmt_cell(cell, False, METRICS[key][1], star=False) + " → " + {
                            "better": "better", "worse": "worse"}.get(cell["finding"], "n.d.")
                                   for cell, key in ((row[f], k) for f, k in FAMILIES.items())]
                         for name, row in rows.items()]) + [""]
@@ -2027,6 +2024,11 @@ def method_styles(methods):
     return {m["name"]: (colors[i % len(colors)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(judged(methods))}
 
 
+def error_bar(mid, low, high):
+    """matplotlib's asymmetric error [[below], [above]] of an interval; None without one (one seed)."""
+    return [[mid - low], [high - mid]] if math.isfinite(low) else None
+
+
 def log_interval(m, key):
     """Geometric mean over seeds of a positive test metric and its 95% interval (low, high)."""
     cell = interval([metric(r, "test", key) for r in ok_runs(m)], ratio=True)
@@ -2054,8 +2056,7 @@ def plot_rate_distortion(methods, path):
         (x, x0, x1), (y, y0, y1) = log_interval(methods[name], "kl"), log_interval(methods[name], "mse")
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
-        err = lambda mid, lo, hi: [[mid - lo], [hi - mid]] if math.isfinite(lo) else None
-        ax.errorbar(x, y, xerr=err(x, x0, x1), yerr=err(y, y0, y1), ls="none", marker=marker, ms=9, mfc=color,
+        ax.errorbar(x, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker, ms=9, mfc=color,
                     mec="black", ecolor=color, capsize=3, label=name)
         drawn[name] = (color, marker)
     ax.set_xscale("log")
@@ -2083,8 +2084,7 @@ def plot_matched_rate(front, methods, path):
                 ax.text(1.0, y, {"diverged": "every run diverged"}.get(front[name]["position"], "outside the β runs' rates"),
                         va="center", ha="center", fontsize=8)
                 continue
-            xerr = [[cell["mean"] - cell["low"]], [cell["high"] - cell["mean"]]] if math.isfinite(cell["low"]) else None
-            ax.errorbar(cell["mean"], y, xerr=xerr, marker=marker, ms=8, mfc=color, mec="black", ecolor=color,
+            ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8, mfc=color, mec="black", ecolor=color,
                         capsize=3, ls="none")
             drawn[name] = (color, marker)
         ax.axvline(1.0, color="black", lw=1, ls="--")
