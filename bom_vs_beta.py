@@ -12,11 +12,15 @@ intervals, β chosen on validation, figures and a computed verdict land in --out
     main(["--epochs", "2"])                                            # from a notebook cell
 """
 import argparse
+import base64
+import collections
+import contextlib
 import csv
 import functools
 import hashlib
 import io
 import json
+import linecache
 import math
 import os
 import platform
@@ -27,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 
 import matplotlib.pyplot as plt
@@ -80,8 +85,8 @@ QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, 
 QUICK_CLASSIFIER_IMAGES = 4096
 # flags that do not change a run's results, left out of the default --out name; short names for the others
 NOT_IN_NAME = {"device", "data_dir", "out", "cache_dir", "seed", "select_by", "shard", "report", "prepare", "quick",
-               "no_plots", "resume", "overwrite", "no_progress", "compile", "benchmark", "benchmark_steps",
-               "benchmark_repeats"}
+               "no_plots", "resume", "any_version", "overwrite", "no_progress", "compile", "benchmark",
+               "benchmark_steps", "benchmark_repeats"}
 NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset": "test", "seeds": "s",
              "iw_samples": "iw"}
 # half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
@@ -89,6 +94,19 @@ ALL_BETAS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1)
 TUNING_FREE = ("bom", "geco", "controlvae", "sigma_vae", "freebits")
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def script_sha256():
+    """SHA-256 of this script's bytes (of the notebook cell's text when it was pasted into one; None if neither)."""
+    path = script_sha256.__code__.co_filename
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    text = "".join(linecache.getlines(path))
+    return hashlib.sha256(text.encode()).hexdigest() if text else None
+
+
+SCRIPT_SHA256 = script_sha256()   # read at start: the code that runs, even if the file is edited during a run
 
 
 class UsageError(Exception):
@@ -165,6 +183,9 @@ def build_parser():
     p.add_argument("--no-plots", action="store_true", help="skip the four figures")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
+    p.add_argument("--any-version", action="store_true",
+                   help="with --resume: continue checkpoints that another version of this script wrote (its SHA-256 "
+                        "differs; the run file then names both versions)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the network (metrics and loss stay fp32)")
@@ -225,6 +246,24 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def check_amp(device):
+    """UsageError where bf16 autocast is not native: a GPU before Ampere (compute capability < 8, e.g. a T4)
+    emulates bf16, slower than fp32 and without cuDNN; a device or torch without bf16 autocast fails outright.
+    A CPU without bf16 instructions gets a warning (it runs, emulated and slow)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise UsageError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
+                         f"run without --amp")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch {torch.__version__} "
+                         f"({str(e).splitlines()[0]}); run without --amp") from None
+    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
+        print("warning: --amp on a CPU without bf16 instructions: emulated, likely slower than fp32", file=sys.stderr)
+
+
 def parse_args(argv=None):
     """Parse and check flags. In a notebook the kernel's own argv is ignored (argv=None -> defaults)."""
     if argv is None:
@@ -254,6 +293,8 @@ def parse_args(argv=None):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
+    if args.any_version and not args.resume:
+        raise UsageError("--any-version applies to --resume only")
     args.method_specs = parse_methods(args.methods)
     if args.bom_sensitivity:
         args.method_specs += [("bom", ((knob, value),)) for knob, values in BOM_SENSITIVITY.items()
@@ -269,6 +310,8 @@ def parse_args(argv=None):
     if sum((args.benchmark, args.report, args.prepare, args.shard is not None)) > 1:
         raise UsageError("--benchmark, --report, --prepare and --shard are separate modes: use one")
     args.torch_device = resolve_device(args.device)
+    if args.amp:
+        check_amp(args.torch_device)
     args.out = args.out or os.path.join("results", experiment_name(args))
     return args
 
@@ -327,23 +370,23 @@ def load_mnist(data_dir, train):
 
 def load_splits(args, device):
     """train: the training file's first N − --val-size images (or the first --train-subset of them);
-    val: its last --val-size images; test: the test file's images (or the first --test-subset)."""
-    images, labels = load_mnist(args.data_dir, train=True)
+    val: its last --val-size images; test: the test file's images (or the first --test-subset). Each file
+    is moved to the device once; the splits are views of it."""
+    images, labels = (t.to(device) for t in load_mnist(args.data_dir, train=True))
     n_train = len(images) - args.val_size
     if n_train < 1:
         raise UsageError(f"--val-size {args.val_size} leaves no training images of {len(images)}")
     if args.train_subset > n_train:
         raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} training images there are"
                          + (f" after holding out --val-size {args.val_size}" if args.val_size else ""))
-    test_images, test_labels = load_mnist(args.data_dir, train=False)
+    test_images, test_labels = (t.to(device) for t in load_mnist(args.data_dir, train=False))
     if args.test_subset > len(test_images):
         raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images there are")
     keep, n_test = args.train_subset or n_train, args.test_subset or len(test_images)
     n_classifier = min(n_train, QUICK_CLASSIFIER_IMAGES) if args.quick else n_train
-    splits = {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
-              "classifier": (images[:n_classifier], labels[:n_classifier]),
-              "test": (test_images[:n_test], test_labels[:n_test])}
-    return {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+    return {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
+            "classifier": (images[:n_classifier], labels[:n_classifier]),
+            "test": (test_images[:n_test], test_labels[:n_test])}
 
 
 def as_float(images):
@@ -433,8 +476,9 @@ def vae_metrics(x, x_recon, mu, logvar):
 
 def forward_metrics(model, x, amp=False):
     """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network runs
-    in bf16, metrics in fp32."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+    in bf16, metrics in fp32. Autocast is entered only with amp: torch 2.4/2.5 refuse an MPS autocast even
+    when it is disabled."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         x_recon, mu, logvar = model(x)
     mu, logvar = mu.float(), logvar.float()
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
@@ -470,6 +514,13 @@ def constraint_scores(mse, kl, sharp, c):
 
 
 BOTTLENECKS = ("mse", "kl", "sharp")
+
+
+def worst_counts(worst):
+    """How often each constraint was the worst, as a fixed-size scatter-add: torch.bincount's output size
+    depends on the data, so on CUDA/MPS it reads the indices back to the host (a sync every step)."""
+    return torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device).scatter_add_(
+        0, worst, torch.ones_like(worst))
 
 
 @torch.no_grad()
@@ -610,7 +661,7 @@ class BOMVAE(Method):
         loss = -torch.log(s_min.clamp_min(1e-12)).mean()
         logs = {"s_min": s_min.mean(), "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
                 "violations": violated.sum(), "skipped": skip.long(),
-                "bottleneck_counts": torch.bincount(worst, minlength=3)}
+                "bottleneck_counts": worst_counts(worst)}
         return loss, skip, logs
 
     def end_epoch(self, epoch, sums):
@@ -798,8 +849,10 @@ def make_method(spec, args):
 def optimizer_step(optimizer, model, loss, skip):
     """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch
     with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips
-    it on the device through its found_inf input, so no host sync; another Adam needs one."""
-    fused = optimizer.defaults["fused"]
+    it on the device through its found_inf input, so no host sync; another Adam (MPS) needs one. The param
+    group says which Adam step() runs: a state loaded from a non-fused optimizer (an MPS checkpoint) turns
+    fusing off there, whatever the optimizer was built with."""
+    fused = optimizer.param_groups[0]["fused"]
     if skip is not None and not fused and bool(skip):
         return ~skip
     optimizer.zero_grad(set_to_none=True)
@@ -929,12 +982,31 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def gpu_module(device):
+    """torch.cuda or torch.mps: the module of the device's own random generator and queue (None on the CPU)."""
+    return getattr(torch, device.type) if device.type in ("cuda", "mps") else None
+
+
+def random_states(order, device):
+    """The CPU's and the batch order's random states, and the run's own GPU's (only its own: a CPU run on a
+    GPU machine creates no CUDA context)."""
+    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
+    if gpu_module(device):
+        rng[device.type] = gpu_module(device).get_rng_state()
+    return rng
+
+
+def set_random_states(rng, order, device):
+    torch.set_rng_state(rng["torch"])
+    order.set_state(rng["order"])
+    if gpu_module(device) and device.type in rng:
+        gpu_module(device).set_rng_state(rng[device.type])
+
+
 def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
     """Everything a resumed run needs to continue exactly: weights, optimizer, method state, RNG states."""
-    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return {"fingerprint": fingerprint, "finished": finished, "status": run["status"],
+    rng = random_states(order, next(run["model"].parameters()).device)
+    return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished, "status": run["status"],
             "diverged_at": run["diverged_at"], "history": run["history"], "curve": run["curve"],
             "train_seconds": run["train_seconds"], "model": run["model"].state_dict(),
             "optimizer": optimizer.state_dict(), "method": method.state_dict(), "rng": rng}
@@ -973,16 +1045,13 @@ def restore_checkpoint(state, run, optimizer, method, order):
         run["model"].load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
-        torch.set_rng_state(state["rng"]["torch"])
-        order.set_state(state["rng"]["order"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        set_random_states(state["rng"], order, next(run["model"].parameters()).device)
 
 
 def mark_diverged(path, run, fingerprint):
     """Record the divergence in the checkpoint and keep its last good weights."""
     state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
-    state.update(fingerprint=fingerprint, finished=True, status="diverged", diverged_at=run["diverged_at"],
+    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged", diverged_at=run["diverged_at"],
                  history=run["history"], curve=run["curve"], train_seconds=run["train_seconds"])
     save_checkpoint(path, state)
 
@@ -1037,7 +1106,7 @@ def active_units(mu, threshold=0.01):
 
 def frechet_distance(a, b):
     """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets (rows)."""
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.cpu().double(), b.cpu().double()      # MPS has no float64: convert on the CPU
     mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
@@ -1160,6 +1229,26 @@ def heldout_metrics(model, images, labels, sigma2, classifier, reference_feature
             "recon_accuracy": p["correct"].float().mean().item()}
 
 
+def pack_images(images):
+    """Images in [0, 1] as uint8, zlib-compressed and base64-encoded: a few kB of JSON, exact."""
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return {"shape": list(pixels.shape), "uint8_zlib_base64": base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()}
+
+
+def unpack_images(packed):
+    return np.frombuffer(zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"])), np.uint8).reshape(packed["shape"])
+
+
+@torch.no_grad()
+def figure_images(model, test_images, n=8):
+    """The image figures' rows of one model: reconstructions of the first n test images, and decodings of n
+    prior samples z that every model shares (z and the reconstructions' noise drawn from seed 0)."""
+    model.eval()
+    torch.manual_seed(0)
+    z = torch.randn(n, model.latent_dim, device=test_images.device)
+    return {"reconstructions": pack_images(model(as_float(test_images[:n]))[0]), "samples": pack_images(model.decode(z))}
+
+
 def evaluate_run(model, splits, classifier, references, args, seed):
     """Validation and test metrics of a trained model; σ² of the Gaussian decoder is its validation MSE
     (or the test MSE when there is no validation split), fitted the same way for every model."""
@@ -1178,8 +1267,9 @@ def evaluate_run(model, splits, classifier, references, args, seed):
 
 
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for queued GPU work before reading the clock (CUDA and MPS run asynchronously)."""
+    if gpu_module(device):
+        gpu_module(device).synchronize()
 
 
 def machine_name(device):
@@ -1189,7 +1279,7 @@ def machine_name(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
 def time_steps(step, device, steps, repeats):
@@ -1842,6 +1932,7 @@ def write_report(out, records, reference, config, select_by):
                                                     "train_seconds", "runs_to_choose", "targets", "missed_target",
                                                     "idle")}
                            for name, m in methods.items()},
+               "script_versions": dict(collections.Counter(r.get("script_sha256") for r in records)),
                "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
                "against_beta": {label: against_beta(methods, choice) for label, choice in choices.items()},
                "analysis": notebook_analysis(methods),
@@ -2101,61 +2192,52 @@ def plot_matched_rate(front, methods, path):
 
 
 def image_grid(rows_of_images, labels, title, path):
-    """Rows of 8 grayscale images on one fixed [0, 1] scale, so no row is contrast-stretched."""
+    """Rows of 8 uint8 grayscale images on one fixed [0, 255] scale, so no row is contrast-stretched."""
     n = len(rows_of_images)
     fig, axes = plt.subplots(n, 8, figsize=(16, 2 * n), squeeze=False)
     for row, (images, label) in enumerate(zip(rows_of_images, labels)):
         for i in range(8):
             ax = axes[row, i]
             if i < images.shape[0]:
-                ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([]), ax.set_yticks([])
         axes[row, 0].set_ylabel(label, fontsize=11)
     fig.suptitle(title, fontsize=14)
     finish_figure(fig, path, top=1 - 0.6 / fig.get_figheight())      # room for the title above the rows
 
 
-@torch.no_grad()
-def plot_images(models, test_images, latent_dim, out):
-    """Reconstructions of the first 8 test images and decodings of 8 shared prior samples, per model."""
-    originals = next(batches(test_images[:8], 8))
-    torch.manual_seed(0)
-    z = torch.randn(8, latent_dim, device=test_images.device)
-    recons, samples = [], []
-    for model in models.values():
-        model.eval()
-        recons.append(model(originals)[0])
-        samples.append(model.decode(z))
-    names = list(models)
-    image_grid([originals] + recons, ["original"] + names, "Reconstructions of the first 8 test images",
-               os.path.join(out, "reconstructions_comparison.png"))
-    image_grid(samples, names, "Samples from the prior (same z for all models)",
-               os.path.join(out, "samples_comparison.png"))
+def plot_images(records, test_images, out):
+    """Reconstructions of the first 8 test images and decodings of 8 shared prior samples, per method (its first
+    seed), from the arrays in the run files."""
+    first_seed = min(r["seed"] for r in records)
+    wanted = [r for r in records if r["seed"] == first_seed and not r["variant"] and r["status"] != "diverged"]
+    shown = {r["name"]: r["images"] for r in wanted if "images" in r}
+    if len(shown) < len(wanted):
+        print(f"Image figures: {len(wanted) - len(shown)} run file(s) carry no image arrays (written before run files "
+              f"did): " + ("the figures leave them out" if shown else "the figures in --out are not redrawn"))
+    if shown:
+        names = list(shown)
+        image_grid([test_images[:8].cpu().numpy()] + [unpack_images(shown[n]["reconstructions"]) for n in names],
+                   ["original"] + names, "Reconstructions of the first 8 test images",
+                   os.path.join(out, "reconstructions_comparison.png"))
+        image_grid([unpack_images(shown[n]["samples"]) for n in names], names,
+                   "Samples from the prior (same z for all models)", os.path.join(out, "samples_comparison.png"))
 
 
 def build_report(args, splits):
-    """Tables, figures and verdict from every run file in --out (and the first seed's checkpoints for the
-    image figures)."""
+    """Tables, figures and verdict from the run files in --out alone (no checkpoint is read)."""
     records = load_runs(args.out)
     reference = records[0]["reference"]
     config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
     summary, methods = write_report(args.out, records, reference, config, args.select_by)
+    print("Run files by script version (SHA-256): " + ", ".join(
+        f"{short_sha(sha)} ({n} of {len(records)} runs)" for sha, n in summary["script_versions"].items()))
     if not args.no_plots:
-        device = splits["test"][0].device
         plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
         plot_rate_distortion(methods, os.path.join(args.out, "rate_distortion.png"))
         if any(row["mse"]["n"] for row in summary["front"].values()):
             plot_matched_rate(summary["front"], methods, os.path.join(args.out, "matched_rate.png"))
-        first_seed = min(r["seed"] for r in records)
-        models = {}
-        for r in records:
-            path = os.path.join(args.out, "checkpoints", f"{r['name']}_seed{r['seed']}.pt")
-            if r["seed"] == first_seed and not r["variant"] and r["status"] != "diverged" and os.path.exists(path):
-                model = new_model(r["config"]["latent_dim"], device)
-                model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-                models[r["name"]] = model
-        if models:
-            plot_images(models, splits["test"][0], records[0]["config"]["latent_dim"], args.out)
+        plot_images(records, splits["test"][0], args.out)
     print(f"\nWrote {os.path.abspath(args.out)}")
     return summary
 
@@ -2200,7 +2282,8 @@ def check_inputs(args, n_train, grid):
         owned = [os.path.relpath(p, args.out) for method, seed in grid for p in run_paths(args, method, seed)]
         if not args.shard:
             owned += ["runs", "checkpoints", *REPORT_PATHS]
-    existing = [p for p in owned if os.path.exists(os.path.join(args.out, p))]
+    existing = [p for p in owned if os.path.isfile(os.path.join(args.out, p))
+                or os.path.isdir(os.path.join(args.out, p)) and os.listdir(os.path.join(args.out, p))]
     if existing and not (args.resume or args.overwrite):
         fresh = next(f"{args.out}-{i}" for i in range(2, 1000) if not os.path.exists(f"{args.out}-{i}"))
         raise UsageError(f"--out {args.out} already holds results: give this run a fresh folder (--out {fresh}), or "
@@ -2228,6 +2311,11 @@ def plan_resume(args, grid, n_train):
             done.add(run_file)
         elif args.resume and os.path.exists(checkpoint):
             states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
+            written_by = states[checkpoint].get("script_sha256")
+            if written_by != SCRIPT_SHA256 and not args.any_version:
+                raise UsageError(f"checkpoint {checkpoint} was written by another version of bom_vs_beta.py (SHA-256 "
+                                 f"{short_sha(written_by)} there, {short_sha(SCRIPT_SHA256)} now): resume with that "
+                                 f"version, add --any-version to continue it with this one, or move it away to retrain")
     return done, states
 
 
@@ -2248,6 +2336,10 @@ def prepare_out(args, replaced):
         raise UsageError(f"--out {args.out} is not writable ({e.strerror})") from None
 
 
+def short_sha(sha):
+    return sha[:12] if sha else "not recorded"
+
+
 def resume_command(args):
     argv = [a for a in args.argv if a not in ("--overwrite", "--resume")] + ["--resume"]
     if "ipykernel" in sys.modules:
@@ -2257,7 +2349,8 @@ def resume_command(args):
 
 def run_config(args, splits):
     config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
-    config.update(device=str(args.torch_device), torch=torch.__version__, train_images=splits["train"][0].shape[0],
+    config.update(device=str(args.torch_device), machine=machine_name(args.torch_device), torch=torch.__version__,
+                  train_images=splits["train"][0].shape[0],
                   val_images=splits["val"][0].shape[0], test_images=splits["test"][0].shape[0])
     return config
 
@@ -2272,19 +2365,23 @@ def run_one(method, seed, splits, args, evaluation_tools, resume_from):
     start = time.time()
     metrics = {} if run["status"] == "diverged" else evaluate_run(run["model"], splits, classifier, references,
                                                                    args, seed)
+    images = {} if run["status"] == "diverged" else {"images": figure_images(run["model"], splits["test"][0])}
+    resumed_by = resume_from.get("script_sha256") if resume_from else SCRIPT_SHA256
     eval_seconds = time.time() - start
     test = metrics.get("test", {})
     print("  test: " + ", ".join(f"{METRICS[k][0]} {fmt(test.get(k, float('nan')), METRICS[k][1])}" for k in METRICS)
           + f" ({run['status']}; trained {run['train_seconds']:.1f} s, evaluated {eval_seconds:.1f} s)")
     write_json(run_file, {"name": method.name, "kind": method.kind, "variant": bool(getattr(method, "variant", ())),
-                          "seed": seed, "settings": method.settings(),
+                          "seed": seed, "script_sha256": SCRIPT_SHA256,
+                          **({} if resumed_by == SCRIPT_SHA256 else {"resumed_from_script_sha256": resumed_by}),
+                          "settings": method.settings(),
                           "fingerprint": run_fingerprint(method, run_args, splits["train"][0].shape[0]),
                           "config": dict(run_config(run_args, splits), **method.config()),
                           "status": run["status"], "diverged_at": run["diverged_at"],
                           "train_seconds": run["train_seconds"], "eval_seconds": eval_seconds, "reference": reference,
                           **metrics,
                           "history": run["history"],
-                          "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}})
+                          "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}, **images})
 
 
 def evaluation_tools(splits, args):

@@ -2,7 +2,9 @@
 the shared training loop, calibration, the data path on tiny IDX files, the CLI and its errors.
 No network and no real MNIST: a fixture writes its own IDX files and goes through torchvision's loader."""
 import ast
+import hashlib
 import json
+import linecache
 import math
 import os
 import shlex
@@ -689,7 +691,8 @@ def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_r
         if checkpoint is None:                                    # the wall-time estimate's few timed steps
             return train_run(method, images, args)
         started.append((method.name, images.shape[0], args.epochs))
-        raise KeyboardInterrupt                                   # the first real run has started: Ctrl-C
+        open(checkpoint, "w").close()                             # its first epoch is saved, then Ctrl-C
+        raise KeyboardInterrupt
     monkeypatch.setattr(bvb, "train_run", interrupt)
     headline = ["--epochs", "20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--cache-dir", CACHE,
                 "--no-progress"]
@@ -705,7 +708,8 @@ def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_r
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "give this run a fresh folder (--out results/default-2)" in err and "--resume" in err
-    assert err.index("--out results/default-2") < err.index("--overwrite would delete runs, checkpoints")
+    assert err.index("--out results/default-2") < err.index(
+        "--overwrite would delete checkpoints/beta_0.0001_seed0.pt, checkpoints in")
     assert tree(committed) == before
 
 
@@ -1857,3 +1861,195 @@ def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out
         assert again[split] == original[split], split
     assert again["history"] == original["history"] and again["train_seconds"] == original["train_seconds"]
     assert (out / "runs" / "bom_seed0.json").read_bytes() == bom_file
+
+
+# ----------------------------------------------------------------------------- devices, provenance, run files alone
+
+class OnMPS(torch.Tensor):
+    """A tensor that refuses float64 until it is moved to the CPU, as one on Apple's MPS does."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor)
+        if func is torch.Tensor.double or (func is torch.Tensor.to and torch.float64 in (*args[1:], *kwargs.values())):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_frechet_distance_makes_no_float64_tensor_on_the_features_device():
+    a, b = torch.randn(50, 4), torch.randn(60, 4) + 1
+    assert bvb.frechet_distance(a.as_subclass(OnMPS), b.as_subclass(OnMPS)) == bvb.frechet_distance(a, b)
+
+
+def test_worst_score_counts_equal_bincount_without_calling_it(monkeypatch):
+    worst = torch.randint(0, 3, (100,))
+    for indices in (worst, worst.clamp(max=1)):                  # three scores, or two with the sharpness one off
+        assert torch.equal(bvb.worst_counts(indices), torch.bincount(indices, minlength=3))
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("bincount syncs with the host on a GPU"))
+    bom = bom_with({"mse_floor": 0.1, "kl_floor_low": 1.0, "kl_optimum": 5.0, "kl_floor_high": 10.0,
+                    "sharp_ceiling": 0.5})
+    _, _, logs = bom.batch_loss(torch.tensor([0.01, 0.09]), torch.tensor([5.0, 5.0]), torch.tensor([0.25, 0.5]), None)
+    assert logs["bottleneck_counts"].tolist() == [1, 0, 1]      # image 2's MSE score 0.1 is its worst; image 1's sharpness
+
+
+def test_a_non_fused_optimizer_state_resumes_under_a_fused_optimizer_and_still_skips(monkeypatch):
+    # an MPS checkpoint (non-fused Adam) loaded on the CPU, where the optimizer is built fused: the param
+    # group now says non-fused, and a skipped batch must neither assert nor move the weights
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    mps_adam = torch.optim.Adam(model.parameters(), lr=0.1, fused=False)
+    bvb.optimizer_step(mps_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
+    cpu_adam = bvb.new_optimizer(model, 0.1)
+    assert cpu_adam.defaults["fused"]
+    cpu_adam.load_state_dict(mps_adam.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(True))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
+    assert not torch.equal(before[0], model.weight)
+
+
+def test_autocast_is_entered_only_with_amp(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append(a) or pytest.fail("autocast entered"))
+    model, x = bvb.VAE(8), torch.rand(2, 1, 64, 64)
+    bvb.forward_metrics(model, x, amp=False)
+    with pytest.raises(pytest.fail.Exception):
+        bvb.forward_metrics(model, x, amp=True)
+    assert entered == [("cpu",)]
+
+
+def test_random_states_are_the_cpu_s_and_the_run_device_s_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a GPU machine ...
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: pytest.fail("a CPU run created a CUDA context"))
+    order = torch.Generator().manual_seed(3)
+    assert set(bvb.random_states(order, torch.device("cpu"))) == {"torch", "order"}   # ... running on its CPU
+    saved = torch.tensor([7], dtype=torch.uint8)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    rng = bvb.random_states(order, torch.device("mps"))
+    assert rng["mps"] is saved
+    bvb.set_random_states(rng, order, torch.device("mps"))
+    assert restored == [saved]
+
+
+def test_the_benchmark_waits_for_an_mps_queue_before_reading_the_clock(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waited.append("cuda"))
+    for device in ("cpu", "mps", "cuda"):
+        bvb.sync(torch.device(device))
+    assert waited == ["mps", "cuda"]
+
+
+def test_each_data_file_is_moved_to_the_device_once_and_the_splits_are_views_of_it(data_dir):
+    args = bvb.parse_args(run_args(data_dir, "unused", "--train-subset", "48"))
+    splits = bvb.load_splits(args, torch.device("meta"))        # a copy per split would leave each without a base
+    train_file = splits["train"][0]._base
+    assert train_file is not None and train_file.shape[0] == N_TRAIN
+    assert splits["val"][0]._base is train_file and splits["classifier"][0]._base is train_file
+    assert splits["test"][0]._base.shape[0] == N_TEST
+
+
+def test_amp_is_refused_where_bf16_is_not_native_or_autocast_fails(monkeypatch):
+    bvb.check_amp(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(bvb.UsageError, match=r"Tesla T4 \(compute capability 7.5\) has no native bf16"):
+        bvb.check_amp(torch.device("cuda"))
+
+    def no_bf16(*a, **k):
+        raise RuntimeError("bf16 autocast is not supported here\nsecond line")
+    monkeypatch.setattr(torch, "autocast", no_bf16)
+    with pytest.raises(bvb.UsageError, match=r"^--amp: bf16 autocast fails on cpu .*\(bf16 autocast is not supported "
+                                             r"here\); run without --amp$"):
+        bvb.check_amp(torch.device("cpu"))
+
+
+def test_the_script_hash_is_of_the_file_or_of_the_notebook_cell_it_was_pasted_into():
+    with open(os.path.join(HERE, "bom_vs_beta.py"), "rb") as f:
+        source = f.read()
+    assert bvb.SCRIPT_SHA256 == hashlib.sha256(source).hexdigest()
+    cell_name = "<ipython-input-7-0123456789ab>"        # IPython keeps a cell's text in linecache under such a name
+    linecache.cache[cell_name] = (len(source), None, source.decode().splitlines(True), cell_name)
+    namespace = {"__name__": "cell"}
+    try:
+        exec(compile(source, cell_name, "exec"), namespace)
+    finally:
+        del linecache.cache[cell_name]
+    assert namespace["SCRIPT_SHA256"] == hashlib.sha256(source).hexdigest()
+
+
+def test_run_files_carry_the_script_hash_and_the_image_figure_arrays_of_their_model(shared_out, data_dir):
+    record = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
+    assert record["script_sha256"] == bvb.SCRIPT_SHA256 and "resumed_from_script_sha256" not in record
+    model = bvb.new_model(16, torch.device("cpu"))
+    model.load_state_dict(torch.load(shared_out / "checkpoints" / "bom_seed0.pt", weights_only=True)["model"])
+    test_images = bvb.load_mnist(data_dir, train=False)[0]
+    for key, packed in bvb.figure_images(model, test_images).items():
+        stored = bvb.unpack_images(record["images"][key])
+        assert stored.shape == (8, 1, 64, 64) and stored.dtype == np.uint8, key
+        assert np.array_equal(stored, bvb.unpack_images(packed)) and stored.std() > 0, key
+    recon = bvb.unpack_images(record["images"]["reconstructions"])
+    model.eval()
+    torch.manual_seed(0)
+    torch.randn(8, 16)                                          # the shared prior samples come first
+    exact = model(bvb.as_float(test_images[:8]))[0].detach().numpy() * 255
+    assert np.abs(recon.astype(float) - exact).max() <= 0.5 + 1e-4   # rounded to the nearest grey level
+
+
+def test_the_report_draws_every_figure_from_the_run_files_alone(shared_out, data_dir, tmp_path):
+    out = copy_of(shared_out, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    for name in FIGURES:
+        (out / name).unlink()
+    bvb.main(run_args(data_dir, out, *SHARED, "--report"))
+    for name in FIGURES:
+        assert np.array_equal(mpimg.imread(out / name), mpimg.imread(shared_out / name)), name
+
+
+def test_resuming_a_checkpoint_of_another_script_version_is_refused_unless_asked(shared_out, data_dir, tmp_path,
+                                                                                  capsys):
+    out = copy_of(shared_out, tmp_path)
+    checkpoint = out / "checkpoints" / "beta_0.0001_seed0.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["script_sha256"] = "0123456789ab" + "0" * 52
+    torch.save(state, checkpoint)
+    (out / "runs" / "beta_0.0001_seed0.json").unlink()
+    before = tree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"was written by another version of bom_vs_beta.py (SHA-256 0123456789ab there, {bvb.SCRIPT_SHA256[:12]} " \
+           f"now)" in err and "--any-version" in err
+    assert tree(out) == before
+    summary = bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume", "--any-version"))
+    record = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    assert record["script_sha256"] == bvb.SCRIPT_SHA256
+    assert record["resumed_from_script_sha256"] == state["script_sha256"]
+    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 2}
+    assert f"{bvb.SCRIPT_SHA256[:12]} (2 of 2 runs)" in capsys.readouterr().out
+
+
+def test_the_report_counts_the_script_versions_of_its_run_files(shared_out, data_dir, tmp_path, capsys):
+    out = copy_of(shared_out, tmp_path)
+    path = out / "runs" / "bom_seed0.json"
+    record = json.loads(path.read_text())
+    del record["script_sha256"]                                 # a run file written before they carried it
+    path.write_text(json.dumps(record))
+    summary = bvb.main(run_args(data_dir, out, *SHARED, "--report", "--no-plots"))
+    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 1, None: 1}
+    assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (1 of 2 runs), not recorded (1 of 2 runs)"
+            in capsys.readouterr().out)
+
+
+def test_empty_result_folders_left_by_a_failed_start_do_not_block_the_rerun(data_dir, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    bvb.main(run_args(data_dir, tmp_path, "--methods", "beta:0.001", "--epochs", "1", "--latent-dim", "8",
+                      "--no-plots"))
+    assert (tmp_path / "runs" / "beta_0.001_seed0.json").exists()
