@@ -53,32 +53,13 @@ GRAD_CLIP = 1.0                 # max global grad norm, as in the seed
 EVAL_BATCH = 256                # evaluation batch (metrics are per image, so any size gives the same means)
 CURVE_BLOCK = 10                # training curves store means of 10 steps (fewer in epochs under 100 steps)
 LOG_EVERY = 20                  # live progress-bar values are read every 20 steps
-# BOM, all from the seed; the knobs in BOM_DEFAULTS are flags (--bom-kl-scale, ...)
+# BOM's fixed constants, from the seed (its knobs are in BOMVAE.KNOBS)
 KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
-BOM_DEFAULTS = {
-    "kl_scale": 1.0,            # multiplies the per-dimension KL targets
-    "squeeze_k": 0.5,           # squeeze gain: factor = 1 - (s_min - 0.5) * k
-    "squeeze_start": 3,         # first epoch whose end may squeeze
-    "calib_batches": 50,        # batches of the untrained model that set the initial constraints
-    "mse_floor_mult": 2.0,      # mse_floor = mult * max MSE
-    "kl_low_mult": 0.1,         # kl_floor_low = mult * min KL
-    "kl_high_mult": 50.0,       # kl_floor_high = mult * max KL
-}
-BOM_SENSITIVITY = {"kl_scale": (0.5, 2.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
-BOM_ABLATIONS = {               # bom:<name> changes exactly one component of the notebook's BOM
-    "sharp=data": "sharpness ceiling = the training images' own mean sharpness, not the untrained decoder's",
-    "sharp=off": "no sharpness score: the MSE score and the KL box only",
-    "squeeze=1": "squeezes from the end of epoch 1, not 3",
-}
 CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances: epochs, batch, Adam lr
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 1e-3
-# the other tuning-free methods
-GECO_ALPHA = 0.99               # GECO: moving average of the constraint (reference code: 0.99)
-GECO_LAMBDA_RANGE = (1e-10, 1e10)  # GECO: λ's bounds, far from where it settles (reference code: 1e-10, 1e10)
-CONTROLVAE_BETA_RANGE = (0.0, 1.0)  # ControlVAE: β_min, β_max
 SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from below
 IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
@@ -91,7 +72,6 @@ NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset
              "iw_samples": "iw"}
 # half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
 ALL_BETAS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1)
-TUNING_FREE = ("bom", "geco", "controlvae", "sigma_vae", "freebits")
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -125,7 +105,7 @@ def build_parser():
                    help="where to train; auto picks cuda, then mps, then cpu")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
-                        "freebits, bom:<ablation> (" + ", ".join(BOM_ABLATIONS) + "); 'ablations' = every "
+                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "); 'ablations' = every "
                         "bom:<ablation>; 'all' = β in half decades 1e-6..1e-3 and 1e-2, 0.1, every tuning-free "
                         "method and every ablation")
     p.add_argument("--seed", type=int, default=0,
@@ -143,27 +123,13 @@ def build_parser():
                         "(default: $XDG_CACHE_HOME/bom_vs_beta or ~/.cache/bom_vs_beta)")
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N training images (0 = all left after --val-size)")
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
-    p.add_argument("--geco-tolerance", type=float, default=0.01,
-                   help="GECO: the per-pixel MSE it must reach (its remaining hyperparameter)")
-    p.add_argument("--geco-rate", type=float, default=1e-5,
-                   help="GECO: λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)")
-    p.add_argument("--geco-speedup", type=float, default=10.0,
-                   help="GECO: the rate is this many times larger while the constraint is met (reference code: 10)")
-    p.add_argument("--controlvae-kl", type=float, default=None,
-                   help="ControlVAE: KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)")
-    p.add_argument("--controlvae-kp", type=float, default=0.01, help="ControlVAE: proportional gain")
-    p.add_argument("--controlvae-ki", type=float, default=0.0001, help="ControlVAE: integral gain")
-    p.add_argument("--freebits-lambda", type=float, default=0.25, help="free bits: KL floor per latent dim (nats)")
-    p.add_argument("--bom-kl-scale", type=float, default=1.0, help="BOM: multiplies its per-dimension KL targets")
-    p.add_argument("--bom-squeeze-k", type=float, default=0.5, help="BOM: squeeze gain k")
-    p.add_argument("--bom-squeeze-start", type=int, default=3, help="BOM: first epoch that may squeeze")
-    p.add_argument("--bom-calib-batches", type=int, default=50, help="BOM: calibration batches")
-    p.add_argument("--bom-mse-floor-mult", type=float, default=2.0, help="BOM: mse_floor = mult · max MSE")
-    p.add_argument("--bom-kl-low-mult", type=float, default=0.1, help="BOM: kl_floor_low = mult · min KL")
-    p.add_argument("--bom-kl-high-mult", type=float, default=50.0, help="BOM: kl_floor_high = mult · max KL")
+    for flag, cls, knob, default, text in knob_flags():
+        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default,
+                       help=f"{cls.__name__}: {text}")
     p.add_argument("--bom-sensitivity", action="store_true",
-                   help="also run BOM with kl-scale 0.5/2, squeeze-k 0.25/1, mse-floor-mult 1.5/4 "
-                        "(BOM_SENSITIVITY), to compare its spread with β-VAE's across β")
+                   help="also run BOM with each knob of BOMVAE.SENSITIVITY at each of its values (" + "; ".join(
+                       f"{k} {'/'.join(map(str, v))}" for k, v in BOMVAE.SENSITIVITY.items())
+                        + "), to compare its spread with β-VAE's across β")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every method once per seed (default: --seed alone)")
     p.add_argument("--val-size", type=int, default=5000,
@@ -198,13 +164,19 @@ def build_parser():
     return p
 
 
+def knob_flags():
+    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares."""
+    return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
+            for cls in METHOD_CLASSES.values() for knob, (default, text) in cls.KNOBS.items()]
+
+
 def parse_methods(text):
     """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')]; 'ablations' is
     every BOM ablation, 'all' every β of ALL_BETAS, every tuning-free method and every ablation; raises
     UsageError on anything else."""
     specs = []
     items = [s.strip() for s in text.split(",")]
-    ablations = [f"bom:{name}" for name in BOM_ABLATIONS]
+    ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
     for keyword, expansion in (("all", [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations),
                                ("ablations", ablations)):
         if keyword in items:
@@ -273,23 +245,18 @@ def parse_args(argv=None):
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.argv = list(argv)
+    knobs = [(flag, f"{cls.kind}_{knob}", default) for flag, cls, knob, default, _ in knob_flags()]
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
                              ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
                              ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
-                             ("--iw-samples", args.iw_samples, 1), ("--bom-squeeze-start", args.bom_squeeze_start, 1),
-                             ("--bom-calib-batches", args.bom_calib_batches, 1)):
+                             ("--iw-samples", args.iw_samples, 1),
+                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs if isinstance(default, int))):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--lr", args.lr), ("--geco-tolerance", args.geco_tolerance), ("--geco-rate", args.geco_rate),
-                        ("--geco-speedup", args.geco_speedup),
-                        ("--bom-kl-scale", args.bom_kl_scale), ("--bom-squeeze-k", args.bom_squeeze_k),
-                        ("--bom-mse-floor-mult", args.bom_mse_floor_mult), ("--bom-kl-low-mult", args.bom_kl_low_mult),
-                        ("--bom-kl-high-mult", args.bom_kl_high_mult),
-                        ("--controlvae-kp", args.controlvae_kp), ("--controlvae-ki", args.controlvae_ki),
-                        ("--freebits-lambda", args.freebits_lambda),
-                        ("--controlvae-kl", 1.0 if args.controlvae_kl is None else args.controlvae_kl)):
-        if not (math.isfinite(value) and value > 0):
+    for flag, value in (("--lr", args.lr),
+                        *((flag, getattr(args, dest)) for flag, dest, default in knobs if not isinstance(default, int))):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
@@ -297,7 +264,7 @@ def parse_args(argv=None):
         raise UsageError("--any-version applies to --resume only")
     args.method_specs = parse_methods(args.methods)
     if args.bom_sensitivity:
-        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOM_SENSITIVITY.items()
+        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOMVAE.SENSITIVITY.items()
                               for value in values]
     args.seeds = args.seeds if args.seeds is not None else [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
@@ -524,14 +491,13 @@ def worst_counts(worst):
 
 
 @torch.no_grad()
-def calibrate(model, batch_iter, n_batches=BOM_DEFAULTS["calib_batches"], mse_floor_mult=2.0, kl_low_mult=0.1,
-              kl_high_mult=50.0):
-    """Initial constraints from the untrained model on n_batches: mse_floor = 2·max MSE,
-    kl box = [0.1·min KL, mean KL, 50·max KL], sharp_ceiling = mean sharpness (default multipliers)."""
+def calibrate(model, batch_iter, calib_batches, mse_floor_mult, kl_low_mult, kl_high_mult):
+    """Initial constraints from the untrained model on calib_batches batches: mse_floor = mse_floor_mult·max MSE,
+    kl box = [kl_low_mult·min KL, mean KL, kl_high_mult·max KL], sharp_ceiling = mean sharpness."""
     model.train()
     mse, kl, sharp = [], [], []
     for i, x in enumerate(batch_iter):
-        if i >= n_batches:
+        if i >= calib_batches:
             break
         m, k, s, _ = forward_metrics(model, x)
         mse.append(m), kl.append(k), sharp.append(s)
@@ -541,11 +507,12 @@ def calibrate(model, batch_iter, n_batches=BOM_DEFAULTS["calib_batches"], mse_fl
             "sharp_ceiling": sharp.mean().item()}
 
 
-def squeeze_factor(s_min, k=BOM_DEFAULTS["squeeze_k"], threshold=SQUEEZE_THRESHOLD, min_factor=SQUEEZE_MIN_FACTOR):
-    """max(min_factor, 1 − (s_min − threshold)·k) when s_min > threshold, else 1.0 (no squeeze)."""
-    if not s_min > threshold:
+def squeeze_factor(s_min, k):
+    """The squeeze: max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) when s_min > SQUEEZE_THRESHOLD,
+    else 1.0 (no squeeze)."""
+    if not s_min > SQUEEZE_THRESHOLD:
         return 1.0
-    return max(min_factor, 1.0 - (s_min - threshold) * k)
+    return max(SQUEEZE_MIN_FACTOR, 1.0 - (s_min - SQUEEZE_THRESHOLD) * k)
 
 
 def squeeze(c, factor, kl_targets):
@@ -557,17 +524,38 @@ def squeeze(c, factor, kl_targets):
     return out
 
 # ----------------------------------------------------------------------------- methods
-# A method is its per-batch loss plus its per-epoch update; train_run() is the one loop for all.
-# batch_loss returns (loss, skip, logs): skip is None or a bool tensor (True = no optimizer step),
-# logs are tensors summed over the epoch on the device.
+# A method is one class: its knobs, its per-batch loss and per-epoch update, what places its rate and what target it
+# must reach. train_run() is the one loop for all. batch_loss returns (loss, skip, logs): skip is None or a bool
+# tensor (True = no optimizer step), logs are tensors summed over the epoch on the device.
 
 
 class Method:
-    """Defaults: no calibration, no per-epoch update, no state. `logged` names per-batch values whose
-    epoch means go into the history. Each method also says, in sets_rate(settings, latent_dim), what places its
-    rate (KL) on the β front: the setting that acts as β does."""
+    """Defaults: no knobs, no calibration, no per-epoch update, no state, no target. KNOBS maps each knob to
+    (default, help): the flag --<kind>-<knob> with its validation (a float finite > 0, an int ≥ 1) and the keyword
+    from_args() passes to the constructor. `logged` names per-batch values whose epoch means go into the history."""
 
+    KNOBS = {}
     logged = ()
+    twin = None         # what the method trains as when its own mechanism never acts
+
+    @classmethod
+    def from_args(cls, args, value):
+        """The method a --methods item names (`value`: what follows 'kind:'), its knobs from the flags."""
+        return cls(**{knob: getattr(args, f"{cls.kind}_{knob}") for knob in cls.KNOBS})
+
+    @classmethod
+    def defaults(cls):
+        return {knob: default for knob, (default, _) in cls.KNOBS.items()}
+
+    @staticmethod
+    def sets_rate(settings, latent_dim):
+        """What places the method's rate (KL) on the β front: the setting that acts as β does."""
+        raise NotImplementedError
+
+    @staticmethod
+    def targets(settings, last):
+        """What the run aimed at against what its last training epoch `last` reached: [(what, reached, target)]."""
+        return []
 
     @staticmethod
     def idle(history):
@@ -587,17 +575,21 @@ class Method:
         pass
 
     def config(self):
-        return {"method": self.kind, **self.settings()}
+        return {"method": self.kind}
 
 
 class BetaVAE(Method):
-    """β-VAE: loss = mean MSE + β·mean KL."""
+    """β-VAE (Higgins et al. 2017): loss = mean MSE + β·mean KL."""
 
     kind = "beta"
 
     def __init__(self, beta):
         self.beta = beta
         self.name = f"beta_{beta:g}"
+
+    @classmethod
+    def from_args(cls, args, value):
+        return cls(value)
 
     def settings(self):
         return {"beta": self.beta}
@@ -611,23 +603,47 @@ class BetaVAE(Method):
 
 
 class BOMVAE(Method):
-    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
-    score ≤ 0 is skipped; from epoch 3 the constraints are squeezed when the epoch's mean s_min > 0.5.
-    An ablation (a key of BOM_ABLATIONS) changes one of these components."""
+    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any score ≤ 0 is
+    skipped; from epoch squeeze_start the constraints are squeezed (squeeze_factor) once per epoch. An ablation (a key
+    of ABLATIONS, `bom:<ablation>`) changes one of these components; a sensitivity run one knob (SENSITIVITY)."""
 
     kind = "bom"
+    KNOBS = {
+        "kl_scale": (1.0, "multiplies its per-dimension KL targets"),
+        "squeeze_k": (0.5, "squeeze gain k"),
+        "squeeze_start": (3, "first epoch whose end may squeeze"),
+        "calib_batches": (50, "batches of the untrained model that set the initial constraints"),
+        "mse_floor_mult": (2.0, "mse_floor = mult · max MSE of the untrained model"),
+        "kl_low_mult": (0.1, "kl_floor_low = mult · min KL of the untrained model"),
+        "kl_high_mult": (50.0, "kl_floor_high = mult · max KL of the untrained model"),
+    }
+    SENSITIVITY = {"kl_scale": (0.5, 2.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
+    ABLATIONS = {
+        "sharp=data": "sharpness ceiling = the training images' own mean sharpness, not the untrained decoder's",
+        "sharp=off": "no sharpness score: the MSE score and the KL box only",
+        "squeeze=1": "squeezes from the end of epoch 1, not 3",
+    }
 
     def __init__(self, latent_dim, variant=(), ablation=None, **knobs):
-        """knobs: BOM_DEFAULTS' keys; `variant` names the knobs a sensitivity run changed (its name says them)."""
+        """knobs: KNOBS' keys; `variant` names the knobs a sensitivity run changed (its name says them)."""
         if ablation == "squeeze=1":
             knobs["squeeze_start"] = 1
-        self.knobs = dict(BOM_DEFAULTS, **knobs)
+        self.knobs = dict(self.defaults(), **knobs)
         self.variant, self.ablation = tuple(variant), ablation
         self.name = ("bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant)
                      + (f"_{ablation}" if ablation else ""))
         self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
+
+    @classmethod
+    def from_args(cls, args, value):
+        """value: None (the notebook's BOM), an ablation's name, or a sensitivity run's ((knob, value),)."""
+        knobs = {knob: getattr(args, f"bom_{knob}") for knob in cls.KNOBS}
+        if isinstance(value, str):
+            return cls(args.latent_dim, ablation=value, **knobs)
+        variant = dict(value or ())
+        return cls(args.latent_dim, variant=variant, **dict(knobs, **variant))
 
     def settings(self):
         return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
@@ -637,11 +653,15 @@ class BOMVAE(Method):
     def sets_rate(settings, latent_dim):
         return "KL box targets " + " / ".join(f"{t:g}" for t in settings["kl_targets"]) + " nats"
 
+    @staticmethod
+    def targets(settings, last):
+        return [("KL box optimum", last["constraints"]["kl_optimum"], settings["kl_targets"][1]),
+                ("training KL", last["kl"], settings["kl_targets"][1])]
+
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
-        k = self.knobs
-        c = calibrate(model, batches(images, batch_size, calib_order), k["calib_batches"],
-                      k["mse_floor_mult"], k["kl_low_mult"], k["kl_high_mult"])
+        c = calibrate(model, batches(images, batch_size, calib_order),
+                      **{k: self.knobs[k] for k in ("calib_batches", "mse_floor_mult", "kl_low_mult", "kl_high_mult")})
         if self.ablation == "sharp=data":
             c["sharp_ceiling"] = data_sharpness(images)
         elif self.ablation == "sharp=off":
@@ -694,6 +714,13 @@ class GECO(Method):
     λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1."""
 
     kind = name = "geco"
+    KNOBS = {
+        "tolerance": (0.01, "the per-pixel MSE it must reach (its remaining hyperparameter)"),
+        "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)"),
+        "speedup": (10.0, "the rate is this many times larger while the constraint is met (reference code: 10)"),
+    }
+    ALPHA = 0.99                    # moving average of the constraint (reference code: 0.99)
+    LAMBDA_RANGE = (1e-10, 1e10)    # λ's bounds, far from where it settles (reference code)
     logged = ("lambda", "constraint")
 
     def __init__(self, tolerance, rate, speedup):
@@ -701,21 +728,25 @@ class GECO(Method):
         self.lam, self.ma, self.steps = torch.tensor(1.0), torch.tensor(0.0), 0
 
     def settings(self):
-        return {"tolerance": self.tolerance, "rate": self.rate, "speedup": self.speedup, "alpha": GECO_ALPHA,
-                "lambda_range": list(GECO_LAMBDA_RANGE)}
+        return {"tolerance": self.tolerance, "rate": self.rate, "speedup": self.speedup, "alpha": self.ALPHA,
+                "lambda_range": list(self.LAMBDA_RANGE)}
 
     @staticmethod
     def sets_rate(settings, latent_dim):
         return f"MSE tolerance {settings['tolerance']:g}"
 
+    @staticmethod
+    def targets(settings, last):
+        return [("training MSE", last["mse"], settings["tolerance"])]
+
     def batch_loss(self, mse, kl, sharp, kl_dims):
         constraint = IMAGE_PIXELS * (mse.mean() - self.tolerance)
         lam, c = self.lam.to(mse.device), constraint.detach()
         self.steps += 1
-        self.ma = GECO_ALPHA * self.ma.to(mse.device) + (1 - GECO_ALPHA) * c
-        c_ma = self.ma / (1 - GECO_ALPHA ** self.steps)
+        self.ma = self.ALPHA * self.ma.to(mse.device) + (1 - self.ALPHA) * c
+        c_ma = self.ma / (1 - self.ALPHA ** self.steps)
         rate = torch.where(c_ma > 0, self.rate, self.rate * self.speedup)
-        self.lam = (lam * torch.exp(rate * c_ma)).clamp(*GECO_LAMBDA_RANGE)
+        self.lam = (lam * torch.exp(rate * c_ma)).clamp(*self.LAMBDA_RANGE)
         return kl.mean() + lam * constraint, None, {"lambda": lam, "constraint": c}
 
     def state_dict(self):
@@ -731,23 +762,38 @@ class ControlVAE(Method):
     inside [β_min, β_max] (anti-windup), and β clipped to that range."""
 
     kind = name = "controlvae"
+    KNOBS = {
+        "kl": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)"),
+        "kp": (0.01, "proportional gain"),
+        "ki": (0.0001, "integral gain"),
+    }
+    BETA_RANGE = (0.0, 1.0)         # β_min, β_max
     logged = ("beta", "kl_error")
 
     def __init__(self, kl_target, kp, ki):
         self.kl_target, self.kp, self.ki = kl_target, kp, ki
         self.integral = 0.0
 
+    @classmethod
+    def from_args(cls, args, value):
+        kl = args.controlvae_kl if args.controlvae_kl is not None else KL_TARGETS_PER_DIM[1] * args.latent_dim
+        return cls(kl, args.controlvae_kp, args.controlvae_ki)
+
     def settings(self):
-        return {"kl_target": self.kl_target, "kp": self.kp, "ki": self.ki, "beta_range": list(CONTROLVAE_BETA_RANGE)}
+        return {"kl_target": self.kl_target, "kp": self.kp, "ki": self.ki, "beta_range": list(self.BETA_RANGE)}
 
     @staticmethod
     def sets_rate(settings, latent_dim):
         copied = settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim
         return f"KL set point {settings['kl_target']:g} nats" + (" (BOM's KL optimum target, copied)" if copied else "")
 
+    @staticmethod
+    def targets(settings, last):
+        return [("training KL", last["kl"], settings["kl_target"])]
+
     def beta(self, kl_mean):
         """One controller step from the batch's mean KL; returns (β, error)."""
-        beta_min, beta_max = CONTROLVAE_BETA_RANGE
+        beta_min, beta_max = self.BETA_RANGE
         error = self.kl_target - kl_mean
         integral = self.integral - self.ki * error
         raw = self.kp / (1 + torch.exp(error)) + integral + beta_min
@@ -797,10 +843,16 @@ class FreeBits(Method):
     a latent dimension below λ nats gets no KL gradient."""
 
     kind = name = "freebits"
+    KNOBS = {"lambda": (0.25, "KL floor per latent dim (nats)")}
     logged = ("sigma2", "dims_below_lambda")
+    twin = "sigma_vae"
 
     def __init__(self, lam):
         self.lam = lam
+
+    @classmethod
+    def from_args(cls, args, value):
+        return cls(args.freebits_lambda)
 
     def settings(self):
         return {"lambda": self.lam, "log_sigma_min": SIGMA_LOG_MIN}
@@ -808,6 +860,10 @@ class FreeBits(Method):
     @staticmethod
     def sets_rate(settings, latent_dim):
         return f"λ = {settings['lambda']:g} nats per dim: a floor of {settings['lambda'] * latent_dim:g} nats"
+
+    @staticmethod
+    def targets(settings, last):
+        return [("latent dims below λ", last["dims_below_lambda"], None)]
 
     @staticmethod
     def idle(history):
@@ -823,27 +879,12 @@ class FreeBits(Method):
 
 
 METHOD_CLASSES = {cls.kind: cls for cls in (BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
-TWIN = {"freebits": "sigma_vae"}   # what a method trains as when its own mechanism never acts
+TUNING_FREE = tuple(kind for kind in METHOD_CLASSES if kind != "beta")
 
 
 def make_method(spec, args):
     kind, value = spec
-    if kind == "beta":
-        return BetaVAE(value)
-    if kind == "bom":
-        knobs = {k: getattr(args, f"bom_{k}") for k in BOM_DEFAULTS}
-        if isinstance(value, str):
-            return BOMVAE(args.latent_dim, ablation=value, **knobs)
-        variant = dict(value or ())
-        return BOMVAE(args.latent_dim, variant=variant, **dict(knobs, **variant))
-    if kind == "geco":
-        return GECO(args.geco_tolerance, args.geco_rate, args.geco_speedup)
-    if kind == "controlvae":
-        kl_target = args.controlvae_kl if args.controlvae_kl is not None else KL_TARGETS_PER_DIM[1] * args.latent_dim
-        return ControlVAE(kl_target, args.controlvae_kp, args.controlvae_ki)
-    if kind == "sigma_vae":
-        return SigmaVAE()
-    return FreeBits(args.freebits_lambda)
+    return METHOD_CLASSES[kind].from_args(args, value)
 
 
 def optimizer_step(optimizer, model, loss, skip):
@@ -1339,11 +1380,7 @@ def time_compute_ceiling(images, args):
 
     def step():
         mse, kl, _, _ = forward_metrics(forward, x, args.amp)
-        loss = mse.mean() + 1e-3 * kl.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
+        optimizer_step(optimizer, model, mse.mean() + 1e-3 * kl.mean(), None)
     return time_steps(step, images.device, args.benchmark_steps, args.benchmark_repeats)
 
 
@@ -1595,22 +1632,9 @@ def metric(record, split, key):
 
 
 def target_checks(record):
-    """What a constrained run aimed at against what its last training epoch reached, as (what, reached value,
-    target): GECO's MSE tolerance, ControlVAE's KL set point, BOM's KL optimum target (its box and its KL);
-    free bits' dimensions below λ have no target (None)."""
-    last, s, kind = (record["history"] or [None])[-1], record["settings"], record["kind"]
-    if last is None:
-        return []
-    if kind == "geco":
-        return [("training MSE", last["mse"], s["tolerance"])]
-    if kind == "controlvae":
-        return [("training KL", last["kl"], s["kl_target"])]
-    if kind == "bom":
-        return [("KL box optimum", last["constraints"]["kl_optimum"], s["kl_targets"][1]),
-                ("training KL", last["kl"], s["kl_targets"][1])]
-    if kind == "freebits":
-        return [("latent dims below λ", last["dims_below_lambda"], None)]
-    return []
+    """The run's own targets (Method.targets) against its last training epoch; none for a run with no epoch."""
+    last = (record["history"] or [None])[-1]
+    return [] if last is None else METHOD_CLASSES[record["kind"]].targets(record["settings"], last)
 
 
 def missed(check):
@@ -1871,7 +1895,7 @@ def bom_diagnosis(methods, data_sharp, baseline):
     for m in boms:
         last = lambda h: h[-1]["constraints"]
         ceiling = history_mean(m, lambda h: last(h)["sharp_ceiling"] or float("nan")) / data_sharp
-        md.append(f"| {m['name']} | {BOM_ABLATIONS.get(m['settings'].get('ablation'), 'the notebook’s BOM')} | "
+        md.append(f"| {m['name']} | {BOMVAE.ABLATIONS.get(m['settings'].get('ablation'), 'the notebook’s BOM')} | "
                   f"{history_mean(m, lambda h: sum(row['squeeze_factor'] < 1 for row in h[:-1])):.0f} | "
                   f"{history_mean(m, lambda h: last(h)['mse_floor'] / h[-1]['mse']):.1f}x | "
                   f"{history_mean(m, lambda h: last(h)['kl_optimum']):.1f} ({m['settings']['kl_targets'][1]:g}) | "
@@ -1904,7 +1928,7 @@ def bom_diagnosis(methods, data_sharp, baseline):
                 text += (f", {closed:.0%} of BOM's gap to {baseline} closed" if closed >= 0 else
                          f", BOM's gap to {baseline} widened by {-closed:.0%}")
             moves.append(text)
-        md.append(f"- {m['name']} ({BOM_ABLATIONS[ablation]}): test sharpness "
+        md.append(f"- {m['name']} ({BOMVAE.ABLATIONS[ablation]}): test sharpness "
                   f"{bom['test']['sharp'][0] / data_sharp:.2f}x → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
                   f"the worst score for {history_mean(m, share('sharp')):.0%} of the last epoch's images (BOM: "
                   f"{history_mean(bom, share('sharp')):.0%}), MSE for {history_mean(m, share('mse')):.0%} "
@@ -2025,7 +2049,7 @@ def summary_markdown(summary, methods, config):
         setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], config["latent_dim"])
         if m["idle"]:
             setting += (f"; its own mechanism acted in epoch 1 only (seeds {', '.join(map(str, m['idle']))}): "
-                        f"trained as {TWIN[m['kind']]}")
+                        f"trained as {METHOD_CLASSES[m['kind']].twin}")
         if m["missed_target"]:
             setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
         rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
@@ -2348,7 +2372,9 @@ def resume_command(args):
 
 
 def run_config(args, splits):
-    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
+    """The flags of a run file's config: every flag but the methods' knobs (the run's own are its settings)."""
+    knobs = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in knob_flags()}
+    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv", *knobs)}
     config.update(device=str(args.torch_device), machine=machine_name(args.torch_device), torch=torch.__version__,
                   train_images=splits["train"][0].shape[0],
                   val_images=splits["val"][0].shape[0], test_images=splits["test"][0].shape[0])

@@ -153,12 +153,12 @@ def test_bom_flags_a_batch_with_one_violating_image():
 
 
 def test_squeeze_factor_rule():
-    assert bvb.squeeze_factor(0.9) == pytest.approx(0.8)
-    assert bvb.squeeze_factor(0.55) == pytest.approx(0.975)
-    assert bvb.squeeze_factor(0.5) == 1.0
-    assert bvb.squeeze_factor(0.2) == 1.0
-    assert bvb.squeeze_factor(3.0) == 0.5           # never more than half
-    assert bvb.squeeze_factor(float("nan")) == 1.0
+    assert bvb.squeeze_factor(0.9, k=0.5) == pytest.approx(0.8)
+    assert bvb.squeeze_factor(0.55, k=0.5) == pytest.approx(0.975)
+    assert bvb.squeeze_factor(0.5, k=0.5) == 1.0
+    assert bvb.squeeze_factor(0.2, k=0.5) == 1.0
+    assert bvb.squeeze_factor(3.0, k=0.5) == 0.5           # never more than half
+    assert bvb.squeeze_factor(float("nan"), k=0.5) == 1.0
 
 
 def test_squeeze_tightens_mse_floor_and_moves_kl_box_toward_targets():
@@ -238,7 +238,7 @@ def test_ablation_squeeze_1_squeezes_from_the_first_epoch_and_overrides_the_star
     assert early.constraints["mse_floor"] == pytest.approx(0.32) and early.name == "bom_squeeze=1"
     args = bvb.parse_args(["--methods", "bom:squeeze=1", "--bom-squeeze-start", "5"])
     method = bvb.make_method(args.method_specs[0], args)
-    assert method.knobs == dict(bvb.BOM_DEFAULTS, squeeze_start=1) and method.settings()["ablation"] == "squeeze=1"
+    assert method.knobs == dict(bvb.BOMVAE.defaults(), squeeze_start=1) and method.settings()["ablation"] == "squeeze=1"
 
 
 class FixedOutputs(torch.nn.Module):
@@ -260,24 +260,13 @@ def test_calibration_on_a_fixed_batch():
     mus[0, 0] = 2.0                                     # KL 2
     mus[1, :3] = 2.0                                    # KL 6
     model = FixedOutputs([0.2, 0.6], mus)
-    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)]), n_batches=50)
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)]), calib_batches=50, mse_floor_mult=2.0,
+                      kl_low_mult=0.1, kl_high_mult=50.0)
     assert c["mse_floor"] == pytest.approx(2 * 0.18)
     assert c["kl_floor_low"] == pytest.approx(0.2)
     assert c["kl_optimum"] == pytest.approx(4.0)
     assert c["kl_floor_high"] == pytest.approx(300.0)
     assert c["sharp_ceiling"] == pytest.approx(0.2)
-
-
-def test_calibration_reads_only_n_batches():
-    model = FixedOutputs([0.2, 0.6], torch.zeros(2, 4))
-    seen = []
-
-    def counted():
-        for i in range(10):
-            seen.append(i)
-            yield torch.zeros(2, 1, 8, 8)
-    bvb.calibrate(model, counted(), n_batches=3)
-    assert len(seen) == 4      # the 4th is drawn, found past the limit, and not used
 
 
 def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
@@ -417,8 +406,7 @@ def test_batches_cover_every_image_once_with_a_short_last_batch():
 
 def tiny_args(**kw):
     base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
-                geco_tolerance=0.01, geco_rate=1e-5, geco_speedup=10.0, controlvae_kl=None, controlvae_kp=0.01, controlvae_ki=0.0001,
-                freebits_lambda=0.25, val_size=0, **{f"bom_{k}": v for k, v in bvb.BOM_DEFAULTS.items()})
+                val_size=0, **{f"{cls.kind}_{knob}": default for _, cls, knob, default, _ in bvb.knob_flags()})
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -508,7 +496,7 @@ def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_we
     fast_model.load_state_dict(seed_model.state_dict())
     assert next(fast_model.enc[0].parameters()).is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(2)
-    calibrated = bom_with(bvb.calibrate(seed_model, iter([seed_batch])), latent_dim=16)
+    calibrated = bom_with(bvb.calibrate(seed_model, iter([seed_batch]), 50, 2.0, 0.1, 50.0), latent_dim=16)
     for method in (bvb.BetaVAE(0.001), calibrated):
         torch.manual_seed(1)
         seed_loss = method.batch_loss(*bvb.vae_metrics(seed_batch, *seed_model(seed_batch)), None)[0]
@@ -977,7 +965,7 @@ def test_free_bits_whose_floor_never_bound_is_reported_as_its_twin():
     records = [fake_run("freebits", "freebits", seed, {}, {}, {"lambda": 0.25},
                         [{"dims_below_lambda": 5.0}, {"dims_below_lambda": 0.0 if seed else 1.0}]) for seed in (0, 1)]
     methods = bvb.aggregate(records)
-    assert methods["freebits"]["idle"] == [1] and bvb.TWIN["freebits"] == "sigma_vae"
+    assert methods["freebits"]["idle"] == [1] and bvb.FreeBits.twin == "sigma_vae"
     assert bvb.ControlVAE.sets_rate({"kl_target": 80.0}, 128).endswith("(BOM's KL optimum target, copied)")
     assert "copied" not in bvb.ControlVAE.sets_rate({"kl_target": 50.0}, 128)
 
@@ -1095,7 +1083,7 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
     assert all(row["bottleneck_counts"]["sharp"] == 0 for row in runs["bom_sharp=off"]["history"])
     assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
     first = runs["bom_squeeze=1"]["history"][0]
-    assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"]))
+    assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"], k=0.5))
     # every ablation is judged against the β front and the β-VAE like every method
     assert list(summary["front"]) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     assert all(list(rows) == list(summary["front"]) for rows in summary["against_beta"].values())
@@ -1564,10 +1552,10 @@ class PerBatchOutputs(torch.nn.Module):
 def test_calibration_takes_max_mse_min_kl_and_max_kl_over_all_batches_read():
     # MSE per batch: [0.02, 0.08], [0.18, 0.005], [0.045, 0.045] -> max 0.18 in batch 2
     # KL per batch:  [2, 4.5], [8, 18], [0.5, 4.5] -> min 0.5 in batch 3, max 18 in batch 2, mean 37.5/6
-    # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with n_batches=3
+    # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with calib_batches=3
     model = PerBatchOutputs([([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]),
                              ([0.9, 0.9], [10.0, 0.0])])
-    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), n_batches=3, mse_floor_mult=3.0,
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), calib_batches=3, mse_floor_mult=3.0,
                       kl_low_mult=0.2, kl_high_mult=10.0)
     assert model.calls == 3
     assert c["mse_floor"] == pytest.approx(3.0 * 0.18)
@@ -1595,8 +1583,8 @@ def test_non_default_bom_flags_are_recorded_in_the_run_file_and_used_by_calibrat
              "kl_low_mult": 0.2, "kl_high_mult": 10.0}
     assert {k: run["settings"][k] for k in knobs} == knobs
     assert run["settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
-    assert {k: run["config"][k] for k in knobs} == knobs
-    assert {k: run["config"][f"bom_{k}"] for k in knobs} == knobs
+    flags = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in bvb.knob_flags()}
+    assert "bom_kl_scale" in flags and not (flags | set(knobs)) & set(run["config"])     # stored once: in settings
     assert run["fingerprint"]["method_settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
     assert len(run["history"]) == 1 and run["history"][0]["squeeze_factor"] == 1.0    # epoch 1 < squeeze start 2
     # the recorded calibration: the untrained model's metrics on 2 batches (calibration order seeded with seed + 1)
