@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------- config
 
+
 DEFAULT_METHODS = "beta:0.0001,beta:0.001,beta:0.01,beta:0.1,bom"
 IMAGE_SIZE = 64                 # MNIST's 28x28 digits are resized to 64x64 (bilinear)
 GRAD_CLIP = 1.0                 # max global grad norm, as in the seed
@@ -64,12 +65,6 @@ SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from b
 IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
 QUICK_CLASSIFIER_IMAGES = 4096
-# flags that do not change a run's results, left out of the default --out name; short names for the others
-NOT_IN_NAME = {"device", "data_dir", "out", "cache_dir", "seed", "select_by", "shard", "report", "prepare", "quick",
-               "no_plots", "resume", "any_version", "overwrite", "no_progress", "compile", "benchmark",
-               "benchmark_steps", "benchmark_repeats"}
-NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset": "test", "seeds": "s",
-             "iw_samples": "iw"}
 # half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
 ALL_BETAS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1)
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -92,225 +87,6 @@ SCRIPT_SHA256 = script_sha256()   # read at start: the code that runs, even if t
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2, nothing written."""
 
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser():
-    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST resized to 64x64.")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per run (seed: 20)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to train; auto picks cuda, then mps, then cpu")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
-                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "); 'ablations' = every "
-                        "bom:<ablation>; 'all' = β in half decades 1e-6..1e-3 and 1e-2, 0.1, every tuning-free "
-                        "method and every ablation")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds weights, batch order and sampling; every method gets the same start")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (seed: 1e-3)")
-    p.add_argument("--latent-dim", type=int, default=128, help="latent dimensions (seed: 128)")
-    p.add_argument("--data-dir", default="./data",
-                   help="folder holding MNIST/raw/ (downloaded there when missing)")
-    p.add_argument("--out", default=None,
-                   help="folder for tables, run histories and figures (default: results/<a name made of the "
-                        "settings that differ from the defaults>, e.g. results/default)")
-    p.add_argument("--cache-dir", default=default_cache_dir(),
-                   help="where the feature classifier is cached, keyed by its training images and settings "
-                        "(default: $XDG_CACHE_HOME/bom_vs_beta or ~/.cache/bom_vs_beta)")
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N training images (0 = all left after --val-size)")
-    p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
-    for flag, cls, knob, default, text in knob_flags():
-        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default,
-                       help=f"{cls.__name__}: {text}")
-    p.add_argument("--bom-sensitivity", action="store_true",
-                   help="also run BOM with each knob of BOMVAE.SENSITIVITY at each of its values (" + "; ".join(
-                       f"{k} {'/'.join(map(str, v))}" for k, v in BOMVAE.SENSITIVITY.items())
-                        + "), to compare its spread with β-VAE's across β")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="run every method once per seed (default: --seed alone)")
-    p.add_argument("--val-size", type=int, default=5000,
-                   help="hold out the last N training images for choosing β (0 = train on all, no selection)")
-    p.add_argument("--iw-samples", type=int, default=50,
-                   help="importance samples of the IWAE NLL bound (an upper bound on −log p(x) for any K)")
-    p.add_argument("--select-by", default="iwae_nll", choices=SELECTABLE,
-                   help="the validation metric that picks the one β-VAE every method is compared with")
-    p.add_argument("--shard", default=None, help="K/N: run only the K-th of N slices of the (method, seed) grid")
-    p.add_argument("--report", action="store_true",
-                   help="rebuild tables, figures and verdict from the run files in --out (no training)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test of every phase on a tiny slice: 3 epochs, 512 training, 256 validation and 256 "
-                        "test images, 8 importance samples, a classifier on 4,096 images (flags given explicitly win)")
-    p.add_argument("--prepare", action="store_true",
-                   help="train and cache the feature classifier for this data, then exit (once, before a shard array)")
-    p.add_argument("--no-plots", action="store_true", help="skip the four figures")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
-    p.add_argument("--any-version", action="store_true",
-                   help="with --resume: continue checkpoints that another version of this script wrote (its SHA-256 "
-                        "differs; the run file then names both versions)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the network (metrics and loss stay fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model before training")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time training steps of each method, the seed's pipeline and the compute ceiling; "
-                        "writes benchmark.json instead of training")
-    p.add_argument("--benchmark-steps", type=int, default=50, help="timed training steps per repeat")
-    p.add_argument("--benchmark-repeats", type=int, default=3, help="repeats per measurement (median reported)")
-    return p
-
-
-def knob_flags():
-    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares."""
-    return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
-            for cls in METHOD_CLASSES.values() for knob, (default, text) in cls.KNOBS.items()]
-
-
-def parse_methods(text):
-    """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')]; 'ablations' is
-    every BOM ablation, 'all' every β of ALL_BETAS, every tuning-free method and every ablation; raises
-    UsageError on anything else."""
-    specs = []
-    items = [s.strip() for s in text.split(",")]
-    ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
-    for keyword, expansion in (("all", [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations),
-                               ("ablations", ablations)):
-        if keyword in items:
-            i = items.index(keyword)
-            items[i:i + 1] = expansion
-    for item in items:
-        if item in TUNING_FREE:
-            spec = (item, None)
-        elif item in ablations:
-            spec = ("bom", item[4:])
-        elif item.startswith("beta:"):
-            try:
-                beta = float(item[5:])
-            except ValueError:
-                raise UsageError(f"--methods: '{item}' needs a number after 'beta:'") from None
-            if not (math.isfinite(beta) and beta > 0):
-                raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
-            spec = ("beta", beta)
-        else:
-            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)}, "
-                             f"{', '.join(ablations)}, ablations or all)")
-        if spec in specs:
-            raise UsageError(f"--methods: '{item}' is listed twice")
-        specs.append(spec)
-    return specs
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available to this torch")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
-
-
-def check_amp(device):
-    """UsageError where bf16 autocast is not native: a GPU before Ampere (compute capability < 8, e.g. a T4)
-    emulates bf16, slower than fp32 and without cuDNN; a device or torch without bf16 autocast fails outright.
-    A CPU without bf16 instructions gets a warning (it runs, emulated and slow)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise UsageError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
-                         f"run without --amp")
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch {torch.__version__} "
-                         f"({str(e).splitlines()[0]}); run without --amp") from None
-    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
-        print("warning: --amp on a CPU without bf16 instructions: emulated, likely slower than fp32", file=sys.stderr)
-
-
-def parse_args(argv=None):
-    """Parse and check flags. In a notebook the kernel's own argv is ignored (argv=None -> defaults)."""
-    if argv is None:
-        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
-    parser = build_parser()
-    if "--quick" in argv:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
-    args.argv = list(argv)
-    knobs = [(flag, f"{cls.kind}_{knob}", default) for flag, cls, knob, default, _ in knob_flags()]
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
-                             ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
-                             ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
-                             ("--iw-samples", args.iw_samples, 1),
-                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs if isinstance(default, int))):
-        if value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--lr", args.lr),
-                        *((flag, getattr(args, dest)) for flag, dest, default in knobs if not isinstance(default, int))):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
-    if args.any_version and not args.resume:
-        raise UsageError("--any-version applies to --resume only")
-    args.method_specs = parse_methods(args.methods)
-    if args.bom_sensitivity:
-        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOMVAE.SENSITIVITY.items()
-                              for value in values]
-    args.seeds = args.seeds if args.seeds is not None else [args.seed]
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--seeds: a seed is listed twice ({' '.join(map(str, args.seeds))})")
-    if args.shard is not None:
-        k, _, n = args.shard.partition("/")
-        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
-            raise UsageError(f"--shard must be K/N with 1 <= K <= N, got '{args.shard}'")
-        args.shard = (int(k), int(n))
-    if sum((args.benchmark, args.report, args.prepare, args.shard is not None)) > 1:
-        raise UsageError("--benchmark, --report, --prepare and --shard are separate modes: use one")
-    args.torch_device = resolve_device(args.device)
-    if args.amp:
-        check_amp(args.torch_device)
-    args.out = args.out or os.path.join("results", experiment_name(args))
-    return args
-
-
-def experiment_name(args):
-    """A folder name from the settings that change results and differ from the defaults ('default' when none
-    do; 'quick...' under --quick): the same command always writes to the same folder, another never does."""
-    defaults = vars(build_parser().parse_args([]))
-    defaults["seeds"] = [defaults["seed"]]
-    if args.quick:
-        defaults.update(QUICK)
-    parts = ["quick"] if args.quick else []
-    for key, default in defaults.items():
-        value = getattr(args, key)
-        if key not in NOT_IN_NAME and value != default:
-            text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-                else str(value)
-            parts.append(NAME_KEYS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
-    name = "_".join(parts) or "default"
-    return name if len(name) <= 80 else f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def with_flags(args, **changes):
-    """A copy of the parsed flags with some changed (a run's own seed, a benchmark's single epoch)."""
-    return argparse.Namespace(**dict(vars(args), **changes))
-
-
-def seed_everything(seed):
-    """One place for every random source: python, numpy, torch (CPU and GPU)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- data
 
@@ -409,6 +185,7 @@ class VAE(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
+
 def new_model(latent_dim, device):
     """A fresh VAE on device; channels_last on the CPU, where it measured 1.2x faster (oneDNN convolutions)."""
     model = VAE(latent_dim).to(device)
@@ -419,6 +196,7 @@ def new_optimizer(model, lr):
     """Adam; the fused kernel where torch has one (measured 5% faster per step on the CPU)."""
     device = next(model.parameters()).device
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -450,7 +228,8 @@ def forward_metrics(model, x, amp=False):
     mu, logvar = mu.float(), logvar.float()
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
 
-# ----------------------------------------------------------------------------- constraint scores
+
+# ----------------------------------------------------------------------------- BOM's constraint scores, calibration and squeeze
 
 
 def lower_better_score(value, floor):
@@ -522,6 +301,7 @@ def squeeze(c, factor, kl_targets):
     for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"), kl_targets):
         out[key] = c[key] + (target - c[key]) * (1.0 - factor)
     return out
+
 
 # ----------------------------------------------------------------------------- methods
 # A method is one class: its knobs, its per-batch loss and per-epoch update, what places its rate and what target it
@@ -887,6 +667,16 @@ def make_method(spec, args):
     return METHOD_CLASSES[kind].from_args(args, value)
 
 
+# ----------------------------------------------------------------------------- the training loop
+
+
+def seed_everything(seed):
+    """One place for every random source: python, numpy, torch (CPU and GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def optimizer_step(optimizer, model, loss, skip):
     """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch
     with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips
@@ -903,12 +693,6 @@ def optimizer_step(optimizer, model, loss, skip):
         optimizer.found_inf = skip.float()
     optimizer.step()
     return torch.ones((), dtype=torch.bool, device=loss.device) if skip is None else ~skip
-
-
-def run_fingerprint(method, args, n_train):
-    """The settings a run's checkpoint must share with the command that resumes it."""
-    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
 
 
 def weights_finite(model):
@@ -1009,92 +793,6 @@ def epoch_line(name, row, epochs):
                  f" {c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
     return text
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def atomic_write(path, write):
-    """write(tmp) then rename over path: a crash mid-write never leaves a half-written file behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def gpu_module(device):
-    """torch.cuda or torch.mps: the module of the device's own random generator and queue (None on the CPU)."""
-    return getattr(torch, device.type) if device.type in ("cuda", "mps") else None
-
-
-def random_states(order, device):
-    """The CPU's and the batch order's random states, and the run's own GPU's (only its own: a CPU run on a
-    GPU machine creates no CUDA context)."""
-    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
-    if gpu_module(device):
-        rng[device.type] = gpu_module(device).get_rng_state()
-    return rng
-
-
-def set_random_states(rng, order, device):
-    torch.set_rng_state(rng["torch"])
-    order.set_state(rng["order"])
-    if gpu_module(device) and device.type in rng:
-        gpu_module(device).set_rng_state(rng[device.type])
-
-
-def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
-    """Everything a resumed run needs to continue exactly: weights, optimizer, method state, RNG states."""
-    rng = random_states(order, next(run["model"].parameters()).device)
-    return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished, "status": run["status"],
-            "diverged_at": run["diverged_at"], "history": run["history"], "curve": run["curve"],
-            "train_seconds": run["train_seconds"], "model": run["model"].state_dict(),
-            "optimizer": optimizer.state_dict(), "method": method.state_dict(), "rng": rng}
-
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, fingerprint):
-    """A checkpoint's state, loaded as data only (weights_only: no code from the file runs); UsageError
-    when it is unreadable or was written with other settings than `fingerprint`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["fingerprint"]
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): move it away to retrain that run, "
-                         f"or use a fresh --out") from None
-    check_fingerprint(path, saved, fingerprint)
-    return state
-
-
-def check_fingerprint(path, saved, fingerprint):
-    """UsageError naming the file and each setting that differs between a saved run and this command."""
-    fingerprint = json_safe(fingerprint)
-    differs = [f"{k} {json_safe(saved.get(k))!r} there, {v!r} now" for k, v in fingerprint.items()
-               if json_safe(saved.get(k)) != v]
-    if differs:
-        raise UsageError(f"{path} was written with other settings ({'; '.join(differs)}): "
-                         f"use a fresh --out for these settings")
-
-
-def restore_checkpoint(state, run, optimizer, method, order):
-    run.update({k: state[k] for k in ("history", "curve", "status", "diverged_at", "train_seconds")})
-    if "model" in state:            # a run that diverged in its first epoch has no good weights to keep
-        run["model"].load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        set_random_states(state["rng"], order, next(run["model"].parameters()).device)
-
-
-def mark_diverged(path, run, fingerprint):
-    """Record the divergence in the checkpoint and keep its last good weights."""
-    state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
-    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged", diverged_at=run["diverged_at"],
-                 history=run["history"], curve=run["curve"], train_seconds=run["train_seconds"])
-    save_checkpoint(path, state)
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -1304,160 +1002,6 @@ def evaluate_run(model, splits, classifier, references, args, seed):
                                      desc=f"evaluating on {split} ({images.shape[0]} images, IWAE x{args.iw_samples})")
     return out
 
-# ----------------------------------------------------------------------------- benchmark
-
-
-def sync(device):
-    """Wait for queued GPU work before reading the clock (CUDA and MPS run asynchronously)."""
-    if gpu_module(device):
-        gpu_module(device).synchronize()
-
-
-def machine_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-
-
-def time_steps(step, device, steps, repeats):
-    """Seconds per step of `repeats` blocks of `steps` calls of step(), after 3 warm-up calls."""
-    for _ in range(3):
-        step()
-    sync(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        seconds.append((time.perf_counter() - start) / steps)
-    return seconds
-
-
-def time_seed_pipeline(args, device):
-    """The seed's own pipeline, as the reference: a DataLoader running PIL Resize(64) + ToTensor on every
-    image (shuffled, 2 workers), a β-VAE step on the plain model, and the seed's nine .item() calls per step."""
-    data = datasets.MNIST(args.data_dir, train=True, download=False,
-                          transform=transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor()]))
-    if args.train_subset:
-        data = Subset(data, range(min(args.train_subset, len(data))))
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=2)
-    seed_everything(args.seed)
-    model = VAE(args.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history = []
-
-    def endless():
-        while True:
-            yield from loader
-    loader_batches = endless()
-
-    def step():
-        x = next(loader_batches)[0].to(device)
-        optimizer.zero_grad()
-        mse, kl, sharp, _ = forward_metrics(model, x)
-        loss = mse.mean() + 1e-3 * kl.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        history.append([t.item() for t in (loss, mse.mean(), kl.mean(),            # epoch lists
-                                           mse.mean(), kl.mean(), sharp.mean(),    # per-step history
-                                           loss, mse.mean(), kl.mean())])          # progress bar
-    return time_steps(step, device, args.benchmark_steps, args.benchmark_repeats)
-
-
-def time_compute_ceiling(images, args):
-    """Forward + backward + clip + Adam on one resident batch: the model's own speed, nothing else."""
-    seed_everything(args.seed)
-    model = new_model(args.latent_dim, images.device)
-    forward = torch.compile(model) if args.compile else model
-    optimizer = new_optimizer(model, args.lr)
-    x = next(batches(images[:args.batch_size], args.batch_size))
-
-    def step():
-        mse, kl, _, _ = forward_metrics(forward, x, args.amp)
-        optimizer_step(optimizer, model, mse.mean() + 1e-3 * kl.mean(), None)
-    return time_steps(step, images.device, args.benchmark_steps, args.benchmark_repeats)
-
-
-def time_training(spec, images, args):
-    """Seconds per step of the real training loop (train_run, one epoch of --benchmark-steps batches)."""
-    steps = min(args.benchmark_steps, math.ceil(images.shape[0] / args.batch_size))
-    subset = images[:steps * args.batch_size]
-    quiet = with_flags(args, epochs=1, no_progress=True)
-    with redirect_stdout(io.StringIO()):
-        train_run(make_method(spec, args), subset[:3 * args.batch_size], quiet)   # warm-up
-        return [train_run(make_method(spec, args), subset, quiet)["train_seconds"] / steps
-                for _ in range(args.benchmark_repeats)]
-
-
-def time_evaluation(splits, args, n=500):
-    """Seconds to evaluate one run (validation and test metrics) with these flags, from a timed
-    evaluation of an untrained model on up to n images per split, scaled to the splits' sizes."""
-    device = splits["test"][0].device
-    small = {name: (x[:n], y[:n]) for name, (x, y) in splits.items()}
-    torch.manual_seed(0)
-    classifier = DigitClassifier().to(device)      # untrained: the same compute as the trained one
-    references = {name: classify(classifier, small[name][0])[0] for name in ("val", "test") if len(small[name][0])}
-    model = new_model(args.latent_dim, device)
-    sync(device)
-    start = time.perf_counter()
-    evaluate_run(model, small, classifier, references, args, args.seed)
-    sync(device)
-    timed = small["test"][0].shape[0] + (small["val"][0].shape[0] if args.val_size else 0)
-    total = splits["test"][0].shape[0] + (splits["val"][0].shape[0] if args.val_size else 0)
-    return (time.perf_counter() - start) * total / timed
-
-
-def estimate_wall_time(splits, args, runs):
-    """Seconds to train and evaluate `runs` runs with these flags, from 3 timed steps of a β-VAE and an
-    evaluation of 32 images per split."""
-    quick = with_flags(args, benchmark_steps=3, benchmark_repeats=1)
-    step = time_training(("beta", 1e-3), splits["train"][0], quick)[0]
-    steps = args.epochs * math.ceil(splits["train"][0].shape[0] / args.batch_size)
-    return runs * (step * steps + time_evaluation(splits, args, 32))
-
-
-def run_benchmark(args, splits):
-    """Print and save ms/step and images/s of each method, the seed's pipeline and the compute ceiling,
-    and estimate the wall time of the whole comparison with these flags."""
-    train_images = splits["train"][0]
-    device = train_images.device
-    print(f"Benchmark on {machine_name(device)} ({device}), torch {torch.__version__}, batch {args.batch_size}, "
-          f"median of {args.benchmark_repeats} x {args.benchmark_steps} steps")
-    timings = {"seed pipeline (reference)": time_seed_pipeline(args, device),
-               "compute ceiling": time_compute_ceiling(train_images, args)}
-    for spec in args.method_specs:
-        timings[make_method(spec, args).name] = time_training(spec, train_images, args)
-    eval_seconds = time_evaluation(splits, args)
-
-    medians = {name: statistics.median(t) for name, t in timings.items()}
-    ref, ceiling = medians["seed pipeline (reference)"], medians["compute ceiling"]
-    rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m, "vs_seed": ref / m,
-                   "vs_ceiling": ceiling / m, "repeats_ms": [1000 * t for t in timings[name]]}
-            for name, m in medians.items()}
-    print(f"{'path':<28} {'ms/step':>9} {'images/s':>9} {'vs seed':>8} {'vs ceiling':>11}")
-    for name, r in rows.items():
-        print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_seed']:>7.2f}x "
-              f"{r['vs_ceiling']:>10.0%}")
-    steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
-    methods = [make_method(spec, args).name for spec in args.method_specs]
-    seeds = len(args.seeds)
-    estimate = seeds * sum(medians[name] * steps_per_run + eval_seconds for name in methods)
-    seed_estimate = seeds * len(methods) * ref * steps_per_run
-    print(f"Estimated wall time of this comparison ({len(methods)} methods x {seeds} seed(s), {steps_per_run} "
-          f"steps and {eval_seconds:.0f} s of evaluation per run): {estimate / 60:.1f} min; the seed's pipeline "
-          f"would train for {seed_estimate / 60:.1f} min")
-    report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
-              "flags": {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")},
-              "paths": rows, "eval_seconds_per_run": eval_seconds,
-              "estimated_comparison_seconds": estimate, "seed_pipeline_training_seconds": seed_estimate}
-    write_json(os.path.join(args.out, "benchmark.json"), report)
-    return report
 
 # ----------------------------------------------------------------------------- report
 
@@ -2264,6 +1808,480 @@ def build_report(args, splits):
         plot_images(records, splits["test"][0], args.out)
     print(f"\nWrote {os.path.abspath(args.out)}")
     return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+# flags that do not change a run's results, left out of the default --out name; short names for the others
+NOT_IN_NAME = {"device", "data_dir", "out", "cache_dir", "seed", "select_by", "shard", "report", "prepare", "quick",
+               "no_plots", "resume", "any_version", "overwrite", "no_progress", "compile", "benchmark",
+               "benchmark_steps", "benchmark_repeats"}
+NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset": "test", "seeds": "s",
+             "iw_samples": "iw"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST resized to 64x64.")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per run (seed: 20)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to train; auto picks cuda, then mps, then cpu")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
+                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "); 'ablations' = every "
+                        "bom:<ablation>; 'all' = β in half decades 1e-6..1e-3 and 1e-2, 0.1, every tuning-free "
+                        "method and every ablation")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds weights, batch order and sampling; every method gets the same start")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (seed: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (seed: 1e-3)")
+    p.add_argument("--latent-dim", type=int, default=128, help="latent dimensions (seed: 128)")
+    p.add_argument("--data-dir", default="./data",
+                   help="folder holding MNIST/raw/ (downloaded there when missing)")
+    p.add_argument("--out", default=None,
+                   help="folder for tables, run histories and figures (default: results/<a name made of the "
+                        "settings that differ from the defaults>, e.g. results/default)")
+    p.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="where the feature classifier is cached, keyed by its training images and settings "
+                        "(default: $XDG_CACHE_HOME/bom_vs_beta or ~/.cache/bom_vs_beta)")
+    p.add_argument("--train-subset", type=int, default=0, help="train on the first N training images (0 = all left after --val-size)")
+    p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
+    for flag, cls, knob, default, text in knob_flags():
+        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default,
+                       help=f"{cls.__name__}: {text}")
+    p.add_argument("--bom-sensitivity", action="store_true",
+                   help="also run BOM with each knob of BOMVAE.SENSITIVITY at each of its values (" + "; ".join(
+                       f"{k} {'/'.join(map(str, v))}" for k, v in BOMVAE.SENSITIVITY.items())
+                        + "), to compare its spread with β-VAE's across β")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every method once per seed (default: --seed alone)")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="hold out the last N training images for choosing β (0 = train on all, no selection)")
+    p.add_argument("--iw-samples", type=int, default=50,
+                   help="importance samples of the IWAE NLL bound (an upper bound on −log p(x) for any K)")
+    p.add_argument("--select-by", default="iwae_nll", choices=SELECTABLE,
+                   help="the validation metric that picks the one β-VAE every method is compared with")
+    p.add_argument("--shard", default=None, help="K/N: run only the K-th of N slices of the (method, seed) grid")
+    p.add_argument("--report", action="store_true",
+                   help="rebuild tables, figures and verdict from the run files in --out (no training)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test of every phase on a tiny slice: 3 epochs, 512 training, 256 validation and 256 "
+                        "test images, 8 importance samples, a classifier on 4,096 images (flags given explicitly win)")
+    p.add_argument("--prepare", action="store_true",
+                   help="train and cache the feature classifier for this data, then exit (once, before a shard array)")
+    p.add_argument("--no-plots", action="store_true", help="skip the four figures")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
+    p.add_argument("--any-version", action="store_true",
+                   help="with --resume: continue checkpoints that another version of this script wrote (its SHA-256 "
+                        "differs; the run file then names both versions)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the network (metrics and loss stay fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model before training")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time training steps of each method, the seed's pipeline and the compute ceiling; "
+                        "writes benchmark.json instead of training")
+    p.add_argument("--benchmark-steps", type=int, default=50, help="timed training steps per repeat")
+    p.add_argument("--benchmark-repeats", type=int, default=3, help="repeats per measurement (median reported)")
+    return p
+
+
+def knob_flags():
+    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares."""
+    return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
+            for cls in METHOD_CLASSES.values() for knob, (default, text) in cls.KNOBS.items()]
+
+
+def parse_methods(text):
+    """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')]; 'ablations' is
+    every BOM ablation, 'all' every β of ALL_BETAS, every tuning-free method and every ablation; raises
+    UsageError on anything else."""
+    specs = []
+    items = [s.strip() for s in text.split(",")]
+    ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
+    for keyword, expansion in (("all", [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations),
+                               ("ablations", ablations)):
+        if keyword in items:
+            i = items.index(keyword)
+            items[i:i + 1] = expansion
+    for item in items:
+        if item in TUNING_FREE:
+            spec = (item, None)
+        elif item in ablations:
+            spec = ("bom", item[4:])
+        elif item.startswith("beta:"):
+            try:
+                beta = float(item[5:])
+            except ValueError:
+                raise UsageError(f"--methods: '{item}' needs a number after 'beta:'") from None
+            if not (math.isfinite(beta) and beta > 0):
+                raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
+            spec = ("beta", beta)
+        else:
+            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)}, "
+                             f"{', '.join(ablations)}, ablations or all)")
+        if spec in specs:
+            raise UsageError(f"--methods: '{item}' is listed twice")
+        specs.append(spec)
+    return specs
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available to this torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def check_amp(device):
+    """UsageError where bf16 autocast is not native: a GPU before Ampere (compute capability < 8, e.g. a T4)
+    emulates bf16, slower than fp32 and without cuDNN; a device or torch without bf16 autocast fails outright.
+    A CPU without bf16 instructions gets a warning (it runs, emulated and slow)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise UsageError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
+                         f"run without --amp")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch {torch.__version__} "
+                         f"({str(e).splitlines()[0]}); run without --amp") from None
+    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
+        print("warning: --amp on a CPU without bf16 instructions: emulated, likely slower than fp32", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    """Parse and check flags. In a notebook the kernel's own argv is ignored (argv=None -> defaults)."""
+    if argv is None:
+        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    parser = build_parser()
+    if "--quick" in argv:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    knobs = [(flag, f"{cls.kind}_{knob}", default) for flag, cls, knob, default, _ in knob_flags()]
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
+                             ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
+                             ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
+                             ("--iw-samples", args.iw_samples, 1),
+                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs if isinstance(default, int))):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--lr", args.lr),
+                        *((flag, getattr(args, dest)) for flag, dest, default in knobs if not isinstance(default, int))):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
+    if args.any_version and not args.resume:
+        raise UsageError("--any-version applies to --resume only")
+    args.method_specs = parse_methods(args.methods)
+    if args.bom_sensitivity:
+        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOMVAE.SENSITIVITY.items()
+                              for value in values]
+    args.seeds = args.seeds if args.seeds is not None else [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds: a seed is listed twice ({' '.join(map(str, args.seeds))})")
+    if args.shard is not None:
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise UsageError(f"--shard must be K/N with 1 <= K <= N, got '{args.shard}'")
+        args.shard = (int(k), int(n))
+    if sum((args.benchmark, args.report, args.prepare, args.shard is not None)) > 1:
+        raise UsageError("--benchmark, --report, --prepare and --shard are separate modes: use one")
+    args.torch_device = resolve_device(args.device)
+    if args.amp:
+        check_amp(args.torch_device)
+    args.out = args.out or os.path.join("results", experiment_name(args))
+    return args
+
+
+def experiment_name(args):
+    """A folder name from the settings that change results and differ from the defaults ('default' when none
+    do; 'quick...' under --quick): the same command always writes to the same folder, another never does."""
+    defaults = vars(build_parser().parse_args([]))
+    defaults["seeds"] = [defaults["seed"]]
+    if args.quick:
+        defaults.update(QUICK)
+    parts = ["quick"] if args.quick else []
+    for key, default in defaults.items():
+        value = getattr(args, key)
+        if key not in NOT_IN_NAME and value != default:
+            text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+                else str(value)
+            parts.append(NAME_KEYS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
+    name = "_".join(parts) or "default"
+    return name if len(name) <= 80 else f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def with_flags(args, **changes):
+    """A copy of the parsed flags with some changed (a run's own seed, a benchmark's single epoch)."""
+    return argparse.Namespace(**dict(vars(args), **changes))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename over path: a crash mid-write never leaves a half-written file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def gpu_module(device):
+    """torch.cuda or torch.mps: the module of the device's own random generator and queue (None on the CPU)."""
+    return getattr(torch, device.type) if device.type in ("cuda", "mps") else None
+
+
+def random_states(order, device):
+    """The CPU's and the batch order's random states, and the run's own GPU's (only its own: a CPU run on a
+    GPU machine creates no CUDA context)."""
+    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
+    if gpu_module(device):
+        rng[device.type] = gpu_module(device).get_rng_state()
+    return rng
+
+
+def set_random_states(rng, order, device):
+    torch.set_rng_state(rng["torch"])
+    order.set_state(rng["order"])
+    if gpu_module(device) and device.type in rng:
+        gpu_module(device).set_rng_state(rng[device.type])
+
+
+def run_fingerprint(method, args, n_train):
+    """The settings a run's checkpoint must share with the command that resumes it."""
+    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
+
+
+def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
+    """Everything a resumed run needs to continue exactly: weights, optimizer, method state, RNG states."""
+    rng = random_states(order, next(run["model"].parameters()).device)
+    return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished, "status": run["status"],
+            "diverged_at": run["diverged_at"], "history": run["history"], "curve": run["curve"],
+            "train_seconds": run["train_seconds"], "model": run["model"].state_dict(),
+            "optimizer": optimizer.state_dict(), "method": method.state_dict(), "rng": rng}
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, fingerprint):
+    """A checkpoint's state, loaded as data only (weights_only: no code from the file runs); UsageError
+    when it is unreadable or was written with other settings than `fingerprint`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["fingerprint"]
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): move it away to retrain that run, "
+                         f"or use a fresh --out") from None
+    check_fingerprint(path, saved, fingerprint)
+    return state
+
+
+def check_fingerprint(path, saved, fingerprint):
+    """UsageError naming the file and each setting that differs between a saved run and this command."""
+    fingerprint = json_safe(fingerprint)
+    differs = [f"{k} {json_safe(saved.get(k))!r} there, {v!r} now" for k, v in fingerprint.items()
+               if json_safe(saved.get(k)) != v]
+    if differs:
+        raise UsageError(f"{path} was written with other settings ({'; '.join(differs)}): "
+                         f"use a fresh --out for these settings")
+
+
+def restore_checkpoint(state, run, optimizer, method, order):
+    run.update({k: state[k] for k in ("history", "curve", "status", "diverged_at", "train_seconds")})
+    if "model" in state:            # a run that diverged in its first epoch has no good weights to keep
+        run["model"].load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        set_random_states(state["rng"], order, next(run["model"].parameters()).device)
+
+
+def mark_diverged(path, run, fingerprint):
+    """Record the divergence in the checkpoint and keep its last good weights."""
+    state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
+    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged", diverged_at=run["diverged_at"],
+                 history=run["history"], curve=run["curve"], train_seconds=run["train_seconds"])
+    save_checkpoint(path, state)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def sync(device):
+    """Wait for queued GPU work before reading the clock (CUDA and MPS run asynchronously)."""
+    if gpu_module(device):
+        gpu_module(device).synchronize()
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
+def time_steps(step, device, steps, repeats):
+    """Seconds per step of `repeats` blocks of `steps` calls of step(), after 3 warm-up calls."""
+    for _ in range(3):
+        step()
+    sync(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        seconds.append((time.perf_counter() - start) / steps)
+    return seconds
+
+
+def time_seed_pipeline(args, device):
+    """The seed's own pipeline, as the reference: a DataLoader running PIL Resize(64) + ToTensor on every
+    image (shuffled, 2 workers), a β-VAE step on the plain model, and the seed's nine .item() calls per step."""
+    data = datasets.MNIST(args.data_dir, train=True, download=False,
+                          transform=transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor()]))
+    if args.train_subset:
+        data = Subset(data, range(min(args.train_subset, len(data))))
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=2)
+    seed_everything(args.seed)
+    model = VAE(args.latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    history = []
+
+    def endless():
+        while True:
+            yield from loader
+    loader_batches = endless()
+
+    def step():
+        x = next(loader_batches)[0].to(device)
+        optimizer.zero_grad()
+        mse, kl, sharp, _ = forward_metrics(model, x)
+        loss = mse.mean() + 1e-3 * kl.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        history.append([t.item() for t in (loss, mse.mean(), kl.mean(),            # epoch lists
+                                           mse.mean(), kl.mean(), sharp.mean(),    # per-step history
+                                           loss, mse.mean(), kl.mean())])          # progress bar
+    return time_steps(step, device, args.benchmark_steps, args.benchmark_repeats)
+
+
+def time_compute_ceiling(images, args):
+    """Forward + backward + clip + Adam on one resident batch: the model's own speed, nothing else."""
+    seed_everything(args.seed)
+    model = new_model(args.latent_dim, images.device)
+    forward = torch.compile(model) if args.compile else model
+    optimizer = new_optimizer(model, args.lr)
+    x = next(batches(images[:args.batch_size], args.batch_size))
+
+    def step():
+        mse, kl, _, _ = forward_metrics(forward, x, args.amp)
+        optimizer_step(optimizer, model, mse.mean() + 1e-3 * kl.mean(), None)
+    return time_steps(step, images.device, args.benchmark_steps, args.benchmark_repeats)
+
+
+def time_training(spec, images, args):
+    """Seconds per step of the real training loop (train_run, one epoch of --benchmark-steps batches)."""
+    steps = min(args.benchmark_steps, math.ceil(images.shape[0] / args.batch_size))
+    subset = images[:steps * args.batch_size]
+    quiet = with_flags(args, epochs=1, no_progress=True)
+    with redirect_stdout(io.StringIO()):
+        train_run(make_method(spec, args), subset[:3 * args.batch_size], quiet)   # warm-up
+        return [train_run(make_method(spec, args), subset, quiet)["train_seconds"] / steps
+                for _ in range(args.benchmark_repeats)]
+
+
+def time_evaluation(splits, args, n=500):
+    """Seconds to evaluate one run (validation and test metrics) with these flags, from a timed
+    evaluation of an untrained model on up to n images per split, scaled to the splits' sizes."""
+    device = splits["test"][0].device
+    small = {name: (x[:n], y[:n]) for name, (x, y) in splits.items()}
+    torch.manual_seed(0)
+    classifier = DigitClassifier().to(device)      # untrained: the same compute as the trained one
+    references = {name: classify(classifier, small[name][0])[0] for name in ("val", "test") if len(small[name][0])}
+    model = new_model(args.latent_dim, device)
+    sync(device)
+    start = time.perf_counter()
+    evaluate_run(model, small, classifier, references, args, args.seed)
+    sync(device)
+    timed = small["test"][0].shape[0] + (small["val"][0].shape[0] if args.val_size else 0)
+    total = splits["test"][0].shape[0] + (splits["val"][0].shape[0] if args.val_size else 0)
+    return (time.perf_counter() - start) * total / timed
+
+
+def estimate_wall_time(splits, args, runs):
+    """Seconds to train and evaluate `runs` runs with these flags, from 3 timed steps of a β-VAE and an
+    evaluation of 32 images per split."""
+    quick = with_flags(args, benchmark_steps=3, benchmark_repeats=1)
+    step = time_training(("beta", 1e-3), splits["train"][0], quick)[0]
+    steps = args.epochs * math.ceil(splits["train"][0].shape[0] / args.batch_size)
+    return runs * (step * steps + time_evaluation(splits, args, 32))
+
+
+def run_benchmark(args, splits):
+    """Print and save ms/step and images/s of each method, the seed's pipeline and the compute ceiling,
+    and estimate the wall time of the whole comparison with these flags."""
+    train_images = splits["train"][0]
+    device = train_images.device
+    print(f"Benchmark on {machine_name(device)} ({device}), torch {torch.__version__}, batch {args.batch_size}, "
+          f"median of {args.benchmark_repeats} x {args.benchmark_steps} steps")
+    timings = {"seed pipeline (reference)": time_seed_pipeline(args, device),
+               "compute ceiling": time_compute_ceiling(train_images, args)}
+    for spec in args.method_specs:
+        timings[make_method(spec, args).name] = time_training(spec, train_images, args)
+    eval_seconds = time_evaluation(splits, args)
+
+    medians = {name: statistics.median(t) for name, t in timings.items()}
+    ref, ceiling = medians["seed pipeline (reference)"], medians["compute ceiling"]
+    rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m, "vs_seed": ref / m,
+                   "vs_ceiling": ceiling / m, "repeats_ms": [1000 * t for t in timings[name]]}
+            for name, m in medians.items()}
+    print(f"{'path':<28} {'ms/step':>9} {'images/s':>9} {'vs seed':>8} {'vs ceiling':>11}")
+    for name, r in rows.items():
+        print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_seed']:>7.2f}x "
+              f"{r['vs_ceiling']:>10.0%}")
+    steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
+    methods = [make_method(spec, args).name for spec in args.method_specs]
+    seeds = len(args.seeds)
+    estimate = seeds * sum(medians[name] * steps_per_run + eval_seconds for name in methods)
+    seed_estimate = seeds * len(methods) * ref * steps_per_run
+    print(f"Estimated wall time of this comparison ({len(methods)} methods x {seeds} seed(s), {steps_per_run} "
+          f"steps and {eval_seconds:.0f} s of evaluation per run): {estimate / 60:.1f} min; the seed's pipeline "
+          f"would train for {seed_estimate / 60:.1f} min")
+    report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
+              "flags": {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")},
+              "paths": rows, "eval_seconds_per_run": eval_seconds,
+              "estimated_comparison_seconds": estimate, "seed_pipeline_training_seconds": seed_estimate}
+    write_json(os.path.join(args.out, "benchmark.json"), report)
+    return report
 
 
 # ----------------------------------------------------------------------------- main
