@@ -26,6 +26,10 @@ from torchvision import datasets, transforms
 
 import bom_vs_beta as bvb
 
+
+# ----------------------------------------------------------------------------- fixtures and shared helpers
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_TRAIN, N_TEST = 96, 40
 
@@ -72,25 +76,157 @@ def run_args(data_dir, out, *extra):
             "--no-progress", *extra]
 
 
-# ----------------------------------------------------------------------------- constraint scores
-
-def test_lower_better_score_at_hand_points():
-    values = torch.tensor([0.0, 0.05, 0.1, 0.2])
-    assert bvb.lower_better_score(values, 0.1).tolist() == pytest.approx([1.0, 0.5, 0.0, -1.0])
+def script(*argv):
+    return [sys.executable, os.path.join(HERE, "bom_vs_beta.py"), *argv]
 
 
-def test_higher_better_score_at_hand_points():
-    values = torch.tensor([0.0, 0.02, 0.04, 0.08])
-    assert bvb.higher_better_score(values, 0.04).tolist() == pytest.approx([0.0, 0.5, 1.0, 2.0])
+def tree(root):
+    """Every folder and file under root, files with their bytes: equal trees mean nothing was written."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel + os.sep] = None
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.join(rel, name)] = f.read()
+    return out
 
 
-def test_box_score_is_one_at_optimum_zero_at_floors_negative_outside():
-    values = torch.tensor([10.0, 15.0, 20.0, 40.0, 60.0, 5.0, 70.0])
-    scores = bvb.box_score(values, 10.0, 20.0, 60.0).tolist()
-    assert scores == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, -0.5, -0.25])
+def copy_of(shared_out, tmp_path):
+    dest = tmp_path / "out"
+    shutil.copytree(shared_out, dest)
+    return dest
+
+
+def tiny_args(**kw):
+    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
+                val_size=0, **{f"{cls.kind}_{knob}": default for _, cls, knob, default, _ in bvb.knob_flags()})
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.fixture(scope="module")
+def train_images(data_dir):
+    return bvb.load_mnist(data_dir, train=True)[0]
+
+
+# BOM knobs that differ from every default; with 80 training images of batch 32, 2 calibration batches
+# read 64 images (the default 50 would read all three batches).
+BOM_FLAGS = ["--bom-kl-scale", "2", "--bom-squeeze-k", "0.25", "--bom-squeeze-start", "2",
+             "--bom-calib-batches", "2", "--bom-mse-floor-mult", "3", "--bom-kl-low-mult", "0.2",
+             "--bom-kl-high-mult", "10"]
+SHARED = ["--methods", "beta:0.0001,bom", "--epochs", "1", "--latent-dim", "16", *BOM_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def shared_out(data_dir, tmp_path_factory):
+    """One tiny real run with figures through the command line (`python bom_vs_beta.py ...`, its output kept in
+    cli.txt beside it), shared read-only; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("shared") / "out"
+    proc = subprocess.run(script(*run_args(data_dir, out, *SHARED)), capture_output=True, text=True, timeout=300)
+    (out.parent / "cli.txt").write_text(f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return out
+
+
+SMALL = ["--epochs", "3", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def small_out(data_dir, tmp_path_factory):
+    """The SMALL run (with its checkpoints), trained once; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("small") / "out"
+    bvb.main(run_args(data_dir, out, *SMALL))
+    return out
+
+
+def summary_metrics(out):
+    rows = json.loads((out / "summary.json").read_text())["runs"]
+    return [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["status"]) for r in rows]
+
+
+# file: (figsize in inches as the script sets it, least share of coloured pixels: curves, markers); the shared run's
+# 2 methods give 3 rows of reconstructions (originals + 2 models), 2 rows of samples; grids use the gray colormap
+FIGURES = {
+    "training_comparison.png": ((15, 4), 0.002), "rate_distortion.png": ((10, 6.5), 0.0003),
+    "reconstructions_comparison.png": ((16, 2 * 3), 0.0), "samples_comparison.png": ((16, 2 * 2), 0.0)}
+
+
+def assert_drawn(path):
+    """A figure of the width the script sets (at 150 dpi) with real content on it, whatever its row count."""
+    image = mpimg.imread(path)[..., :3].mean(-1)
+    assert image.shape[1] == FIGURES[path.name][0][0] * 150 and image.std() > 0.05, path.name
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_load_mnist_matches_seed_pil_resize(data_dir):
+    images, labels = bvb.load_mnist(data_dir, train=False)
+    assert images.shape == (N_TEST, 1, 64, 64) and images.dtype == torch.uint8
+    seed_pipeline = datasets.MNIST(data_dir, train=False, download=False,
+                                   transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
+    reference = torch.stack([seed_pipeline[i][0] for i in range(N_TEST)])
+    assert torch.equal(images.float() / 255, reference)
+    assert labels.tolist() == [seed_pipeline[i][1] for i in range(N_TEST)]
+
+
+def test_splits_hold_out_the_last_training_images_for_validation(data_dir):
+    full, labels = bvb.load_mnist(data_dir, train=True)
+    args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10, test_subset=8, quick=False)
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    assert torch.equal(splits["train"][0], full[:10]) and torch.equal(splits["val"][0], full[80:])
+    assert torch.equal(splits["classifier"][0], full[:80]) and torch.equal(splits["val"][1], labels[80:])
+    assert splits["test"][0].shape[0] == 8
+    args.val_size, args.train_subset = 0, 0
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    assert splits["train"][0].shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
+    with pytest.MonkeyPatch.context() as patch:                  # --quick trains the classifier on a slice
+        patch.setattr(bvb, "QUICK_CLASSIFIER_IMAGES", 50)
+        splits = bvb.load_splits(types.SimpleNamespace(**dict(vars(args), quick=True)), torch.device("cpu"))
+        assert torch.equal(splits["classifier"][0], full[:50])
+
+
+def test_batches_cover_every_image_once_with_a_short_last_batch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    got = list(bvb.batches(images, 4, torch.Generator().manual_seed(0)))
+    assert [b.shape[0] for b in got] == [4, 4, 2]
+    assert sorted((torch.cat(got) * 255).round().flatten().tolist()) == list(range(10))
+
+
+def test_each_data_file_is_moved_to_the_device_once_and_the_splits_are_views_of_it(data_dir):
+    args = bvb.parse_args(run_args(data_dir, "unused", "--train-subset", "48"))
+    splits = bvb.load_splits(args, torch.device("meta"))        # a copy per split would leave each without a base
+    train_file = splits["train"][0]._base
+    assert train_file is not None and train_file.shape[0] == N_TRAIN
+    assert splits["val"][0]._base is train_file and splits["classifier"][0]._base is train_file
+    assert splits["test"][0]._base.shape[0] == N_TEST
+
+
+def test_truncated_data_file_is_reported_as_unreadable(data_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--data-dir", str(broken), "--out", str(tmp_path / "out"), "--device", "cpu", "--val-size", "16"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "could not read MNIST from" in err and not (tmp_path / "out").exists()
+
+
+def test_missing_data_that_cannot_be_downloaded_names_folder_and_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # refused at once, no network
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert os.path.join("nowhere", "MNIST", "raw") in err
+    assert all(name in err for name in bvb.MNIST_RAW_FILES)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def test_kl_is_zero_for_standard_normal_posterior_and_matches_formula():
     x = torch.zeros(2, 1, 4, 4)
@@ -117,13 +253,23 @@ def test_sharpness_of_vertical_stripes_is_half_the_contrast():
     assert bvb.sharpness(stripes).item() == pytest.approx(0.3)
 
 
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- BOM: scores, calibration, squeeze, ablations
 
-def test_beta_loss_is_mean_mse_plus_beta_mean_kl():
-    loss, skip, _ = bvb.BetaVAE(0.5).batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
-                                                torch.tensor([0.1, 0.1]), None)
-    assert loss.item() == pytest.approx(0.2 + 0.5 * 3.0)
-    assert skip is None
+
+def test_lower_better_score_at_hand_points():
+    values = torch.tensor([0.0, 0.05, 0.1, 0.2])
+    assert bvb.lower_better_score(values, 0.1).tolist() == pytest.approx([1.0, 0.5, 0.0, -1.0])
+
+
+def test_higher_better_score_at_hand_points():
+    values = torch.tensor([0.0, 0.02, 0.04, 0.08])
+    assert bvb.higher_better_score(values, 0.04).tolist() == pytest.approx([0.0, 0.5, 1.0, 2.0])
+
+
+def test_box_score_is_one_at_optimum_zero_at_floors_negative_outside():
+    values = torch.tensor([10.0, 15.0, 20.0, 40.0, 60.0, 5.0, 70.0])
+    scores = bvb.box_score(values, 10.0, 20.0, 60.0).tolist()
+    assert scores == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0, -0.5, -0.25])
 
 
 def bom_with(constraints, latent_dim=128, **knobs):
@@ -150,6 +296,86 @@ def test_bom_flags_a_batch_with_one_violating_image():
     loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([0.1, 0.5]), torch.tensor([15.0, 20.0]),
                                                 torch.tensor([0.3, 0.3]), None)
     assert bool(skip) and logs["violations"].item() == 1 and logs["s_min_stepped"].item() == 0.0
+
+
+@pytest.mark.parametrize("mse, kl, sharp, which", [
+    (0.4, 20.0, 0.3, "mse"),          # MSE at its floor: (0.4 − 0.4)/0.4 = 0
+    (0.1, 10.0, 0.3, "kl"),           # KL at the box's low floor: (10 − 10)/(20 − 10) = 0
+    (0.1, 60.0, 0.3, "kl"),           # KL at the box's high floor: (60 − 60)/(60 − 20) = 0
+    (0.1, 20.0, 0.0, "sharp"),        # sharpness 0: 0/0.2 = 0
+])
+def test_a_score_of_exactly_zero_is_a_violation_and_skips_the_batch(mse, kl, sharp, which):
+    # image 0 scores exactly 0 on one bottleneck, image 1 scores min(0.75, 1, 1.5) = 0.75
+    loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([mse, 0.1]), torch.tensor([kl, 20.0]),
+                                                torch.tensor([sharp, 0.3]), None)
+    scores = bvb.constraint_scores(torch.tensor([mse]), torch.tensor([kl]), torch.tensor([sharp]), BOX)[0]
+    assert scores[bvb.BOTTLENECKS.index(which)].item() == 0.0 and scores.min().item() == 0.0
+    assert bool(skip) and logs["violations"].item() == 1 and logs["skipped"].item() == 1
+    assert logs["s_min_stepped"].item() == 0.0 and logs["s_min"].item() == pytest.approx(0.375)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(-(math.log(1e-12) + math.log(0.75)) / 2)
+
+
+def test_worst_score_counts_equal_bincount_without_calling_it(monkeypatch):
+    worst = torch.randint(0, 3, (100,))
+    for indices in (worst, worst.clamp(max=1)):                  # three scores, or two with the sharpness one off
+        assert torch.equal(bvb.worst_counts(indices), torch.bincount(indices, minlength=3))
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("bincount syncs with the host on a GPU"))
+    bom = bom_with({"mse_floor": 0.1, "kl_floor_low": 1.0, "kl_optimum": 5.0, "kl_floor_high": 10.0,
+                    "sharp_ceiling": 0.5})
+    _, _, logs = bom.batch_loss(torch.tensor([0.01, 0.09]), torch.tensor([5.0, 5.0]), torch.tensor([0.25, 0.5]), None)
+    assert logs["bottleneck_counts"].tolist() == [1, 0, 1]      # image 2's MSE score 0.1 is its worst; image 1's sharpness
+
+
+class StripeModel(torch.nn.Module):
+    """Stands in for the VAE: call i returns batch i's outputs (the last batch's once they run out): image j is
+    vertical stripes of contrast a_j (MSE against zeros a_j²/2, sharpness a_j/2) with posterior means μ_j and
+    log σ² = 0 (KL = Σ_d μ_d²/2). Each batch is (contrasts, μ of shape (N, d))."""
+
+    def __init__(self, *batches):
+        super().__init__()
+        self.batches, self.calls = batches, 0
+
+    def forward(self, x):
+        contrasts, mu = self.batches[min(self.calls, len(self.batches) - 1)]
+        self.calls += 1
+        recon = torch.zeros(len(contrasts), 1, 8, 8)
+        for i, a in enumerate(contrasts):
+            recon[i, ..., ::2] = a
+        return recon, mu, torch.zeros_like(mu)
+
+
+STRIPES = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+STRIPES[:2, ..., ::2] = 255                              # sharpness 0.5 (|Δ| = 1 across, 0 down), twice; then 0, 0
+
+
+def test_calibration_on_a_fixed_batch():
+    mus = torch.zeros(2, 4)
+    mus[0, 0] = 2.0                                     # KL 2
+    mus[1, :3] = 2.0                                    # KL 6
+    model = StripeModel(([0.2, 0.6], mus))
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)]), calib_batches=50, mse_floor_mult=2.0,
+                      kl_low_mult=0.1, kl_high_mult=50.0)
+    assert c["mse_floor"] == pytest.approx(2 * 0.18)
+    assert c["kl_floor_low"] == pytest.approx(0.2)
+    assert c["kl_optimum"] == pytest.approx(4.0)
+    assert c["kl_floor_high"] == pytest.approx(300.0)
+    assert c["sharp_ceiling"] == pytest.approx(0.2)
+
+
+def test_calibration_takes_max_mse_min_kl_and_max_kl_over_all_batches_read():
+    # MSE per batch: [0.02, 0.08], [0.18, 0.005], [0.045, 0.045] -> max 0.18 in batch 2
+    # KL per batch:  [2, 4.5], [8, 18], [0.5, 4.5] -> min 0.5 in batch 3, max 18 in batch 2, mean 37.5/6
+    # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with calib_batches=3
+    model = StripeModel(*[(contrasts, torch.tensor(mus).view(-1, 1)) for contrasts, mus in [
+        ([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]), ([0.9, 0.9], [10.0, 0.0])]])
+    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), calib_batches=3, mse_floor_mult=3.0,
+                      kl_low_mult=0.2, kl_high_mult=10.0)
+    assert model.calls == 3
+    assert c["mse_floor"] == pytest.approx(3.0 * 0.18)
+    assert c["kl_floor_low"] == pytest.approx(0.2 * 0.5)
+    assert c["kl_optimum"] == pytest.approx(37.5 / 6)
+    assert c["kl_floor_high"] == pytest.approx(10.0 * 18.0)
+    assert c["sharp_ceiling"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.05 + 0.15 + 0.15) / 6)
 
 
 def test_squeeze_factor_rule():
@@ -193,16 +419,92 @@ def test_bom_end_epoch_squeezes_only_from_start_epoch_and_above_threshold():
     assert row["bottleneck_counts"] == {"mse": 5, "kl": 2, "sharp": 1}
 
 
-STRIPES = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-STRIPES[:2, ..., ::2] = 255                              # sharpness 0.5 (|Δ| = 1 across, 0 down), twice; then 0, 0
+def test_end_epoch_averages_s_min_over_the_stepped_batches_only():
+    # batch means of s_min 0.5, 0.2 (skipped: adds 0 to s_min_stepped), 0.7: stepped mean (0.5 + 0.7)/2 = 0.6 →
+    # factor 1 − (0.6 − 0.5)·0.5 = 0.95; a mean over all 3 batches (1.4/3, or 1.2/3) is below 0.5: no squeeze
+    sums = {"steps": 2, "batches": 3, "s_min": 0.5 + 0.2 + 0.7, "s_min_stepped": 0.5 + 0.0 + 0.7, "violations": 5,
+            "skipped": 1, "bottleneck_counts": [60, 30, 6]}
+    method = bom_with(BOX, squeeze_start=3)
+    row = method.end_epoch(3, sums)
+    assert row["s_min"] == pytest.approx(0.6) and row["squeeze_factor"] == pytest.approx(0.95)
+    assert row["violations"] == 5 and row["skipped_batches"] == 1 and row["constraints"] == BOX
+    assert method.constraints["mse_floor"] == pytest.approx(0.4 * 0.95)
+    assert method.constraints["kl_optimum"] == pytest.approx(20.0 + (0.625 * 128 - 20.0) * 0.05)
+    stalled = bom_with(BOX).end_epoch(5, dict(sums, steps=0, s_min_stepped=0.0, skipped=3))
+    assert stalled["s_min"] == 0.0 and stalled["squeeze_factor"] == 1.0
+
+
+class FixedBOM(bvb.BOMVAE):
+    """BOM whose calibrated constraints are then overridden by `fixed` (some keys or all), recording each batch's
+    (mean s_min, loss, skip, violations) in `seen`."""
+
+    def __init__(self, latent_dim, fixed, **knobs):
+        super().__init__(latent_dim, **knobs)
+        self.fixed, self.seen = fixed, []
+
+    def setup(self, model, images, batch_size, seed):
+        super().setup(model, images, batch_size, seed)
+        self.constraints.update(self.fixed)
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        loss, skip, logs = super().batch_loss(mse, kl, sharp, kl_dims)
+        self.seen.append((logs["s_min"].item(), loss.item(), bool(skip), int(logs["violations"])))
+        return loss, skip, logs
+
+
+# a KL box and a sharpness ceiling no image can miss: the MSE floor alone decides
+OPEN_BOX = {"kl_floor_low": -1e6, "kl_optimum": 0.0, "kl_floor_high": 1e6, "sharp_ceiling": 1e-6}
+
+
+def test_an_epoch_with_one_skipped_batch_of_three_steps_twice_and_squeezes_from_the_stepped_mean():
+    # 24 mid-gray images in 3 batches of 8 (MSE ≈ 0.04 under the untrained model, score ≈ 0.7), 4 of them made
+    # black (MSE ≈ 0.3, score ≈ −1), all in the epoch's 2nd batch: that batch is skipped, the other two step
+    images = torch.full((24, 1, 64, 64), 128, dtype=torch.uint8)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))    # train_run's first epoch order
+    images[order[8:12]] = 0
+    method = FixedBOM(16, dict(OPEN_BOX, mse_floor=0.15), squeeze_start=1)
+    run = bvb.train_run(method, images, tiny_args(epochs=1, batch_size=8))
+    row = run["history"][0]
+    assert [skip for _, _, skip, _ in method.seen] == [False, True, False]
+    assert [v for _, _, _, v in method.seen] == [0, 4, 0]
+    assert row["steps"] == 2 and row["skipped_batches"] == 1 and row["violations"] == 4
+    s = [s for s, _, _, _ in method.seen]
+    stepped_mean, all_mean = (s[0] + s[2]) / 2, sum(s) / 3
+    assert stepped_mean > 0.5 >= all_mean                          # the design: only the right mean squeezes
+    assert row["s_min"] == pytest.approx(stepped_mean, rel=1e-6)
+    assert row["loss"] == pytest.approx((method.seen[0][1] + method.seen[2][1]) / 2, rel=1e-6)
+    factor = max(0.5, 1 - (stepped_mean - 0.5) * 0.5)
+    assert row["squeeze_factor"] == pytest.approx(factor, rel=1e-6) and factor < 1
+    assert method.constraints["mse_floor"] == pytest.approx(0.15 * factor, rel=1e-6)
+    assert row["constraints"]["mse_floor"] == 0.15 and run["status"] == "ok"
+
+
+def test_squeeze_factor_and_the_next_epochs_constraints_follow_the_rule(train_images):
+    # epoch 1 is before squeeze_start 2 (factor 1 although s_min > 0.5);
+    # epoch 2 squeezes by max(0.5, 1 − (s_min − 0.5)·0.5) and moves each KL edge that fraction to its target
+    method = FixedBOM(16, dict(OPEN_BOX, mse_floor=10.0), squeeze_start=2)      # s_min ≈ 0.99: it must squeeze
+    run = bvb.train_run(method, train_images[:16], tiny_args(epochs=2, batch_size=8))
+    first, second = run["history"]
+    assert first["s_min"] > 0.5 and first["squeeze_factor"] == 1.0
+    assert second["constraints"] == first["constraints"]
+    s = second["s_min"]
+    factor = max(0.5, 1 - (s - 0.5) * 0.5)
+    assert s > 0.5 and factor < 0.8 and second["squeeze_factor"] == pytest.approx(factor, rel=1e-9)
+    low, opt, high = (t * 16 for t in bvb.KL_TARGETS_PER_DIM)
+    c = method.constraints
+    assert c["mse_floor"] == pytest.approx(10.0 * factor)
+    assert c["kl_floor_low"] == pytest.approx(-1e6 + (low + 1e6) * (1 - factor))
+    assert c["kl_optimum"] == pytest.approx(opt * (1 - factor))
+    assert c["kl_floor_high"] == pytest.approx(1e6 + (high - 1e6) * (1 - factor))
+    assert c["sharp_ceiling"] == 1e-6
 
 
 def bom_set_up(ablation=None):
-    """A BOM (or an ablation) calibrated on FixedOutputs against STRIPES: KL 2 and 6, sharpness 0.1 and 0.3."""
+    """A BOM (or an ablation) calibrated on StripeModel against STRIPES: KL 2 and 6, sharpness 0.1 and 0.3."""
     mus = torch.zeros(2, 4)
     mus[0, 0], mus[1, :3] = 2.0, 2.0
     method = bvb.BOMVAE(4, ablation=ablation)
-    method.setup(FixedOutputs([0.2, 0.6], mus), STRIPES, 2, seed=0)
+    method.setup(StripeModel(([0.2, 0.6], mus)), STRIPES, 2, seed=0)
     return method
 
 
@@ -241,32 +543,53 @@ def test_ablation_squeeze_1_squeezes_from_the_first_epoch_and_overrides_the_star
     assert method.knobs == dict(bvb.BOMVAE.defaults(), squeeze_start=1) and method.settings()["ablation"] == "squeeze=1"
 
 
-class FixedOutputs(torch.nn.Module):
-    """Stands in for the VAE: image i is vertical stripes of contrast a_i, μ_i fixed, log σ² = 0."""
-
-    def __init__(self, contrasts, mus):
-        super().__init__()
-        self.contrasts, self.mus = contrasts, mus
-
-    def forward(self, x):
-        recon = torch.zeros(len(self.contrasts), 1, 8, 8)
-        for i, a in enumerate(self.contrasts):
-            recon[i, ..., ::2] = a                      # MSE vs zeros = a²/2, sharpness = a/2
-        return recon, self.mus, torch.zeros_like(self.mus)
+def test_bom_flags_reach_the_method():
+    args = bvb.parse_args(["--device", "cpu", "--latent-dim", "16", *BOM_FLAGS])
+    method = bvb.make_method(("bom", None), args)
+    assert method.name == "bom"
+    assert method.knobs == {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2,
+                            "mse_floor_mult": 3.0, "kl_low_mult": 0.2, "kl_high_mult": 10.0}
+    assert method.kl_targets == pytest.approx((0.390625 * 32, 0.625 * 32, 1.171875 * 32))    # per dim x 16 x 2
+    row = bom_with(BOX, **method.knobs).end_epoch(2, {"steps": 1, "s_min_stepped": 0.9, "violations": 0,
+                                                      "skipped": 0, "bottleneck_counts": [1, 0, 0]})
+    assert row["squeeze_factor"] == pytest.approx(1 - 0.4 * 0.25)        # k = 0.25 from epoch 2 on
 
 
-def test_calibration_on_a_fixed_batch():
-    mus = torch.zeros(2, 4)
-    mus[0, 0] = 2.0                                     # KL 2
-    mus[1, :3] = 2.0                                    # KL 6
-    model = FixedOutputs([0.2, 0.6], mus)
-    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)]), calib_batches=50, mse_floor_mult=2.0,
-                      kl_low_mult=0.1, kl_high_mult=50.0)
-    assert c["mse_floor"] == pytest.approx(2 * 0.18)
-    assert c["kl_floor_low"] == pytest.approx(0.2)
-    assert c["kl_optimum"] == pytest.approx(4.0)
-    assert c["kl_floor_high"] == pytest.approx(300.0)
-    assert c["sharp_ceiling"] == pytest.approx(0.2)
+def test_non_default_bom_flags_are_recorded_in_the_run_file_and_used_by_calibration(shared_out, data_dir):
+    run = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
+    knobs = {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2, "mse_floor_mult": 3.0,
+             "kl_low_mult": 0.2, "kl_high_mult": 10.0}
+    assert {k: run["settings"][k] for k in knobs} == knobs
+    assert run["settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
+    flags = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in bvb.knob_flags()}
+    assert "bom_kl_scale" in flags and not (flags | set(knobs)) & set(run["config"])     # stored once: in settings
+    assert run["fingerprint"]["method_settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
+    assert len(run["history"]) == 1 and run["history"][0]["squeeze_factor"] == 1.0    # epoch 1 < squeeze start 2
+    # the recorded calibration: the untrained model's metrics on 2 batches (calibration order seeded with seed + 1)
+    # through the multipliers 3 (max MSE), 0.2 (min KL) and 10 (max KL)
+    images = bvb.load_mnist(data_dir, train=True)[0][:80]
+    bvb.seed_everything(0)
+    model = bvb.new_model(16, torch.device("cpu")).train()
+    with torch.no_grad():
+        metrics = [bvb.forward_metrics(model, x)[:3] for x, _ in
+                   zip(bvb.batches(images, 32, torch.Generator().manual_seed(1)), range(2))]
+    mse, kl, sharp = (torch.cat(parts) for parts in zip(*metrics))
+    assert mse.numel() == 64
+    expected = {"mse_floor": 3.0 * mse.max().item(), "kl_floor_low": 0.2 * kl.min().item(),
+                "kl_optimum": kl.mean().item(), "kl_floor_high": 10.0 * kl.max().item(),
+                "sharp_ceiling": sharp.mean().item()}
+    assert run["config"]["calibration"] == pytest.approx(expected, rel=1e-6)
+    assert run["history"][0]["constraints"] == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the other methods
+
+
+def test_beta_loss_is_mean_mse_plus_beta_mean_kl():
+    loss, skip, _ = bvb.BetaVAE(0.5).batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
+                                                torch.tensor([0.1, 0.1]), None)
+    assert loss.item() == pytest.approx(0.2 + 0.5 * 3.0)
+    assert skip is None
 
 
 def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
@@ -367,53 +690,7 @@ def test_methods_all_is_every_beta_every_tuning_free_method_and_every_ablation()
         bvb.parse_methods("ablations,bom:sharp=off")
 
 
-# ----------------------------------------------------------------------------- data
-
-def test_load_mnist_matches_seed_pil_resize(data_dir):
-    images, labels = bvb.load_mnist(data_dir, train=False)
-    assert images.shape == (N_TEST, 1, 64, 64) and images.dtype == torch.uint8
-    seed_pipeline = datasets.MNIST(data_dir, train=False, download=False,
-                                   transform=transforms.Compose([transforms.Resize(64), transforms.ToTensor()]))
-    reference = torch.stack([seed_pipeline[i][0] for i in range(N_TEST)])
-    assert torch.equal(images.float() / 255, reference)
-    assert labels.tolist() == [seed_pipeline[i][1] for i in range(N_TEST)]
-
-
-def test_splits_hold_out_the_last_training_images_for_validation(data_dir):
-    full, labels = bvb.load_mnist(data_dir, train=True)
-    args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10, test_subset=8, quick=False)
-    splits = bvb.load_splits(args, torch.device("cpu"))
-    assert torch.equal(splits["train"][0], full[:10]) and torch.equal(splits["val"][0], full[80:])
-    assert torch.equal(splits["classifier"][0], full[:80]) and torch.equal(splits["val"][1], labels[80:])
-    assert splits["test"][0].shape[0] == 8
-    args.val_size, args.train_subset = 0, 0
-    splits = bvb.load_splits(args, torch.device("cpu"))
-    assert splits["train"][0].shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
-    with pytest.MonkeyPatch.context() as patch:                  # --quick trains the classifier on a slice
-        patch.setattr(bvb, "QUICK_CLASSIFIER_IMAGES", 50)
-        splits = bvb.load_splits(types.SimpleNamespace(**dict(vars(args), quick=True)), torch.device("cpu"))
-        assert torch.equal(splits["classifier"][0], full[:50])
-
-
-def test_batches_cover_every_image_once_with_a_short_last_batch():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
-    got = list(bvb.batches(images, 4, torch.Generator().manual_seed(0)))
-    assert [b.shape[0] for b in got] == [4, 4, 2]
-    assert sorted((torch.cat(got) * 255).round().flatten().tolist()) == list(range(10))
-
-
-# ----------------------------------------------------------------------------- training loop
-
-def tiny_args(**kw):
-    base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
-                val_size=0, **{f"{cls.kind}_{knob}": default for _, cls, knob, default, _ in bvb.knob_flags()})
-    base.update(kw)
-    return types.SimpleNamespace(**base)
-
-
-@pytest.fixture(scope="module")
-def train_images(data_dir):
-    return bvb.load_mnist(data_dir, train=True)[0]
+# ----------------------------------------------------------------------------- the training loop
 
 
 @pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1)] + [(m, None) for m in bvb.TUNING_FREE])
@@ -434,18 +711,10 @@ def test_every_method_trains_on_tiny_data(train_images, spec):
         assert all(math.isfinite(row[key]) for row in run["history"]), key
 
 
-class ImpossibleBOM(bvb.BOMVAE):
-    """BOM whose MSE floor no image can meet: every batch violates."""
-
-    def setup(self, model, images, batch_size, seed):
-        super().setup(model, images, batch_size, seed)
-        self.constraints["mse_floor"] = 1e-9
-
-
 def test_violating_batches_are_skipped_and_parameters_do_not_change(train_images):
     bvb.seed_everything(0)
     start = bvb.VAE(16).state_dict()
-    run = bvb.train_run(ImpossibleBOM(16), train_images, tiny_args(epochs=3))
+    run = bvb.train_run(FixedBOM(16, {"mse_floor": 1e-9}), train_images, tiny_args(epochs=3))
     assert run["status"] == "stalled" and len(run["history"]) == 1       # ends after the first such epoch
     assert run["history"][0]["skipped_batches"] == 3 and run["history"][0]["violations"] == N_TRAIN
     for key, value in run["model"].state_dict().items():
@@ -478,11 +747,56 @@ def test_divergence_is_caught_in_its_epoch_at_its_step_and_the_last_good_checkpo
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_step_leaves_weights_and_adam_state_alone_fused_or_not(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    loss = lambda: model(torch.randn(3, 4)).pow(2).sum()
+    assert bvb.optimizer_step(optimizer, model, loss(), None).item()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in optimizer.state_dict()["state"].items()}
+    assert not bvb.optimizer_step(optimizer, model, loss(), torch.tensor(True)).item()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k][kk], after[k][kk]) for k in state for kk in state[k])
+    assert bvb.optimizer_step(optimizer, model, loss(), torch.tensor(False)).item()
+    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict()["state"][0]["step"].item() == 2
+
+
+def test_a_non_fused_optimizer_state_resumes_under_a_fused_optimizer_and_still_skips(monkeypatch):
+    # an MPS checkpoint (non-fused Adam) loaded on the CPU, where the optimizer is built fused: the param
+    # group now says non-fused, and a skipped batch must neither assert nor move the weights
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    mps_adam = torch.optim.Adam(model.parameters(), lr=0.1, fused=False)
+    bvb.optimizer_step(mps_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
+    cpu_adam = bvb.new_optimizer(model, 0.1)
+    assert cpu_adam.defaults["fused"]
+    cpu_adam.load_state_dict(mps_adam.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(True))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
+    assert not torch.equal(before[0], model.weight)
+
+
 def test_amp_training_runs_and_keeps_metrics_in_fp32(train_images):
     run = bvb.train_run(bvb.BetaVAE(0.001), train_images, tiny_args(amp=True))
     assert run["status"] == "ok" and math.isfinite(run["history"][0]["mse"])
     mse, kl, sharp, kl_dims = bvb.forward_metrics(run["model"], train_images[:4].float() / 255, amp=True)
     assert mse.dtype == kl.dtype == sharp.dtype == kl_dims.dtype == torch.float32
+
+
+def test_autocast_is_entered_only_with_amp(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append(a) or pytest.fail("autocast entered"))
+    model, x = bvb.VAE(8), torch.rand(2, 1, 64, 64)
+    bvb.forward_metrics(model, x, amp=False)
+    with pytest.raises(pytest.fail.Exception):
+        bvb.forward_metrics(model, x, amp=True)
+    assert entered == [("cpu",)]
 
 
 def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_weights(data_dir):
@@ -510,260 +824,18 @@ def test_fast_path_and_seed_pipeline_give_the_same_loss_on_the_same_batch_and_we
         seed_model.zero_grad(), fast_model.zero_grad()
 
 
-def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path, capsys):
-    out = tmp_path / "bench"
-    report = bvb.main(run_args(data_dir, out, "--benchmark", "--benchmark-steps", "2", "--benchmark-repeats", "2",
-                               "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2", "--seeds", "0", "1"))
-    saved = json.loads((out / "benchmark.json").read_text())
-    assert set(saved["paths"]) == {"seed pipeline (reference)", "compute ceiling", "beta_0.001", "bom"}
-    assert all(len(row["repeats_ms"]) == 2 for row in saved["paths"].values())   # the arithmetic: a test below
-    assert saved == json.loads(json.dumps(bvb.json_safe(report))) and "vs ceiling" in capsys.readouterr().out
-    assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(shared_out, data_dir, tmp_path):
+    first = json.loads((shared_out / "summary.json").read_text())          # the same flags, another process
+    second = bvb.main(run_args(data_dir, tmp_path / "b", *SHARED, "--no-plots"))
+    other = bvb.main(run_args(data_dir, tmp_path / "c", *SHARED, "--no-plots", "--seed", "1"))
+    metrics = lambda summary: [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["test_iwae_nll"])
+                               for r in summary["runs"]]
+    assert metrics(first) == metrics(second)
+    assert metrics(first) != metrics(other)
 
 
-# ----------------------------------------------------------------------------- checkpoints and resume
+# ----------------------------------------------------------------------------- evaluation: likelihood bound, Fréchet distance, feature classifier
 
-def test_atomic_write_keeps_the_old_file_when_a_write_breaks(tmp_path):
-    path = tmp_path / "summary.json"
-    path.write_text("old")
-
-    def broken(tmp):
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError):
-        bvb.atomic_write(str(path), broken)
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
-
-
-SMALL = ["--epochs", "3", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
-
-
-def summary_metrics(out):
-    rows = json.loads((out / "summary.json").read_text())["runs"]
-    return [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["status"]) for r in rows]
-
-
-def script(*argv):
-    return [sys.executable, os.path.join(HERE, "bom_vs_beta.py"), *argv]
-
-
-STATEFUL = ["--epochs", "3", "--latent-dim", "16", "--methods", "geco,controlvae,bom", "--bom-squeeze-start", "1",
-            "--no-plots"]
-
-
-def test_stateful_runs_killed_mid_training_resume_to_the_same_metrics(data_dir, tmp_path):
-    """SIGKILL inside epoch 2 of each of GECO, ControlVAE and BOM in turn (after their state has moved: λ, the
-    integral, a squeeze), resuming each time; the result equals an uninterrupted run's exactly."""
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    bvb.main(run_args(data_dir, reference, *STATEFUL))
-    for i, name in enumerate(("geco", "controlvae", "bom")):
-        checkpoint = killed / "checkpoints" / f"{name}_seed0.pt"
-        proc = subprocess.Popen(script(*run_args(data_dir, killed, *STATEFUL, *(["--resume"] if i else []))),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)             # after epoch 1 of this run: inside epoch 2
-        proc.wait()
-        state = torch.load(checkpoint, weights_only=True)
-        assert not state["finished"] and len(state["history"]) < 3, name
-        moved = {"geco": float(state["method"].get("lambda", 1.0)) != 1.0,
-                 "controlvae": state["method"].get("integral", 0.0) != 0.0,
-                 "bom": state["method"].get("constraints") != state["method"].get("calibration")}
-        assert moved[name], name
-    assert not (killed / "summary.json").exists()
-    resumed = subprocess.run(script(*run_args(data_dir, killed, *STATEFUL, "--resume")),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "bom: resuming after epoch" in resumed.stdout
-    assert summary_metrics(killed) == summary_metrics(reference)
-    for name in ("geco", "controlvae", "bom"):
-        history = lambda out: json.loads((out / "runs" / f"{name}_seed0.json").read_text())["history"]
-        assert history(killed) == history(reference), name
-
-
-def test_resume_skips_finished_runs_and_reproduces_the_summary(data_dir, tmp_path, capsys):
-    first = bvb.main(run_args(data_dir, tmp_path, *SMALL))
-    again = bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
-    assert capsys.readouterr().out.count("finished earlier") == 2
-    assert [r["seed"] for r in again["runs"]] == [r["seed"] for r in first["runs"]]
-
-
-def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # (a shell's background job ignores SIGINT and passes that on; Ctrl-C must reach the script as at a terminal)
-    first = out / "checkpoints" / "beta_0.001_seed0.pt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "resume with:" in err and err.strip().endswith("--no-plots --resume")
-    assert "Traceback" not in err
-    torch.load(first, weights_only=True)             # what was saved is intact
-
-
-def test_corrupt_checkpoint_is_named_in_a_one_line_error(data_dir, tmp_path, capsys):
-    bvb.main(run_args(data_dir, tmp_path, *SMALL))
-    (tmp_path / "runs" / "bom_seed0.json").unlink()             # as if killed before the run file was written
-    path = tmp_path / "checkpoints" / "bom_seed0.pt"
-    path.write_bytes(path.read_bytes()[:5000])
-    before = (tmp_path / "summary.json").read_text()
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert str(path) in err and "unreadable" in err
-    assert (tmp_path / "summary.json").read_text() == before
-
-
-def test_checkpoint_from_other_settings_says_what_differs(data_dir, tmp_path, capsys):
-    bvb.main(run_args(data_dir, tmp_path, *SMALL))
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume", "--latent-dim", "8"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "beta_0.001_seed0.json" in err and "latent_dim 16 there, 8 now" in err
-    (tmp_path / "runs" / "beta_0.001_seed0.json").unlink()
-    with pytest.raises(SystemExit):
-        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume", "--latent-dim", "8"))
-    err = capsys.readouterr().err.strip()
-    assert "beta_0.001_seed0.pt" in err and "latent_dim 16 there, 8 now" in err
-
-
-class WritesAFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_a_checkpoint_cannot_run_code(data_dir, tmp_path, capsys):
-    marker = tmp_path / "ran"
-    (tmp_path / "checkpoints").mkdir()
-    torch.save({"fingerprint": WritesAFile(str(marker))}, tmp_path / "checkpoints" / "bom_seed0.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
-    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
-    assert not marker.exists()
-
-
-def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_rerun_says_resume(
-        tmp_path, monkeypatch, capsys):
-    """In a copy of the repository (the script and a committed experiment under results/), the headline
-    command's flags (--epochs 20, the device aside) with the data holding 5,000 validation images starts
-    training in results/default; the same command again is refused, offering a fresh --out and --resume, and
-    naming what --overwrite would delete; the committed folder is never touched."""
-    repo = tmp_path / "clone"
-    committed = repo / "results" / "e5_methods-all_n6400_test2000_s0-1-2_val2000_iw16"
-    (committed / "runs").mkdir(parents=True)
-    (committed / "runs" / "bom_seed0.json").write_text('{"name": "bom"}')
-    (committed / "summary.md").write_text("# committed")
-    shutil.copy(os.path.join(HERE, "bom_vs_beta.py"), repo)
-    raw = tmp_path / "data" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    write_idx(raw, "train-images-idx3-ubyte", fake_digits(5064, rng))      # 64 to train on, 5,000 to validate
-    write_idx(raw, "train-labels-idx1-ubyte", rng.integers(0, 10, 5064))
-    write_idx(raw, "t10k-images-idx3-ubyte", fake_digits(16, rng))
-    write_idx(raw, "t10k-labels-idx1-ubyte", rng.integers(0, 10, 16))
-    before = tree(committed)
-    monkeypatch.chdir(repo)
-    started, train_run = [], bvb.train_run
-
-    def interrupt(method, images, args, checkpoint=None, resume_from=None):
-        if checkpoint is None:                                    # the wall-time estimate's few timed steps
-            return train_run(method, images, args)
-        started.append((method.name, images.shape[0], args.epochs))
-        open(checkpoint, "w").close()                             # its first epoch is saved, then Ctrl-C
-        raise KeyboardInterrupt
-    monkeypatch.setattr(bvb, "train_run", interrupt)
-    headline = ["--epochs", "20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--cache-dir", CACHE,
-                "--no-progress"]
-    assert bvb.parse_args(headline).out == os.path.join("results", "default")
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(headline)
-    assert exit_info.value.code == 130 and started == [("beta_0.0001", 64, 20)]
-    captured = capsys.readouterr()
-    assert "writing to results/default" in captured.out and "Estimated wall time" in captured.out
-    assert "--resume" in captured.err and (repo / "results" / "default" / "runs").is_dir()
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(headline)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "give this run a fresh folder (--out results/default-2)" in err and "--resume" in err
-    assert err.index("--out results/default-2") < err.index(
-        "--overwrite would delete checkpoints/beta_0.0001_seed0.pt, checkpoints in")
-    assert tree(committed) == before
-
-
-def test_default_out_is_named_from_the_settings_that_change_results():
-    name = lambda *argv: bvb.parse_args(["--device", "cpu", *argv]).out
-    assert name() == name("--epochs", "20", "--data-dir", "elsewhere", "--no-progress") == os.path.join("results", "default")
-    assert name("--epochs", "5", "--seeds", "0", "1") == os.path.join("results", "e5_s0-1")
-    assert name("--methods", "all", "--lr", "0.0003") == os.path.join("results", "methods-all_lr-0.0003")
-    assert name("--seeds", "0", "1") != name("--seeds", "0", "2") and name("--out", "mine") == "mine"
-    many = "beta:0.001,beta:0.002,beta:0.003,beta:0.004,beta:0.005,bom,geco"        # over 80 characters: cut, hashed
-    long = name("--methods", many, "--bom-kl-scale", "2")
-    assert len(os.path.basename(long)) == 60 + 1 + 8 and long != name("--methods", many, "--bom-kl-scale", "3")
-    quick = bvb.parse_args(["--quick", "--device", "cpu"])
-    assert (quick.epochs, quick.train_subset, quick.val_size, quick.test_subset, quick.iw_samples) == (3, 512, 256, 256, 8)
-    assert quick.out == os.path.join("results", "quick") and bvb.parse_args(["--quick", "--epochs", "1"]).epochs == 1
-    assert name("--quick", "--epochs", "1") == os.path.join("results", "quick_e1")
-
-
-def test_classifier_is_trained_once_per_training_set_and_a_corrupt_or_foreign_cache_is_retrained(
-        data_dir, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    args = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache)))
-    splits = bvb.load_splits(args, torch.device("cpu"))
-    _, accuracy, sha = bvb.get_classifier(splits, args)
-    [path] = cache.iterdir()
-    assert "trained on 80 images" in capsys.readouterr().out and 0 <= accuracy <= 1
-    stamp = path.stat().st_mtime_ns
-    assert bvb.get_classifier(splits, args)[2] == sha and path.stat().st_mtime_ns == stamp
-    assert "loaded from" in capsys.readouterr().out
-    path.write_bytes(b"not a checkpoint")                              # corrupt: retrained, same seeded weights
-    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
-    state = torch.load(path, weights_only=True)
-    torch.save(dict(state, fingerprint=dict(state["fingerprint"], epochs=1)), path)   # another setting: retrained
-    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
-    other = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache), "--val-size", "8"))
-    bvb.get_classifier(bvb.load_splits(other, torch.device("cpu")), other)           # 88 other images: own file
-    assert len(list(cache.iterdir())) == 2
-
-
-def test_prepare_caches_the_classifier_and_writes_no_results(data_dir, tmp_path, capsys):
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    assert bvb.main(run_args(data_dir, out, "--prepare", "--cache-dir", str(cache))) is None
-    assert "Feature classifier ready" in capsys.readouterr().out
-    assert not out.exists() and len(list(cache.iterdir())) == 1
-    summary = bvb.main(run_args(data_dir, out, "--cache-dir", str(cache), *SMALL[:4], "--methods", "beta:0.1"))
-    assert "loaded from" in capsys.readouterr().out
-    run = json.loads((out / "runs" / "beta_0.1_seed0.json").read_text())
-    assert run["reference"]["classifier_sha256"] == summary["reference"]["classifier_sha256"]
-    assert len(run["reference"]["classifier_sha256"]) == 64
-
-
-def test_existing_results_are_refused_then_replaced_only_on_purpose(data_dir, tmp_path, capsys):
-    bvb.main(run_args(data_dir, tmp_path, *SMALL))
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots"))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "already holds results" in err and "--overwrite would delete runs" in err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
-                      "--methods", "beta:0.01", "--overwrite"))
-    assert sorted(os.listdir(tmp_path / "runs")) == ["beta_0.01_seed0.json"]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["beta_0.01_seed0.pt"]
-
-
-# ----------------------------------------------------------------------------- held-out metrics and the verdict
 
 class ConstantDecoder(torch.nn.Module):
     """Decodes every z to the same image c: log p(x|z) does not depend on z."""
@@ -802,511 +874,6 @@ def test_iwae_with_one_sample_is_the_one_sample_elbo():
     elbo = log_px + torch.distributions.Normal(0, 1).log_prob(z).sum(1) - q.log_prob(z).sum(1)
     assert got.tolist() == pytest.approx((-elbo).tolist(), rel=1e-5)
 
-
-def test_frechet_distance_of_a_set_with_itself_is_zero_and_of_gaussians_matches_the_formula():
-    torch.manual_seed(0)
-    a = torch.randn(500, 4)
-    assert bvb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
-    # exact sample moments: a centered set scaled per dimension and shifted has known mean and covariance
-    base = torch.tensor([[1.0, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1]])   # mean 0, cov (4/3)·I
-    b = base * torch.tensor([2.0, 1, 3]) + torch.tensor([1.0, 0, -2])
-    var_a, var_b = torch.full((3,), 4 / 3), torch.tensor([4.0, 1, 9]) * 4 / 3
-    expected = (1 + 0 + 4) + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum().item()
-    assert bvb.frechet_distance(base, b) == pytest.approx(expected, rel=1e-6)
-
-
-def test_active_units_count_dimensions_whose_posterior_mean_varies():
-    mu = torch.zeros(100, 4)
-    mu[:, 0] = torch.linspace(-1, 1, 100)                      # variance ≈ 0.34
-    mu[:, 1] = torch.linspace(-0.1, 0.1, 100)                  # variance ≈ 0.0034
-    mu[:, 2] = 5.0                                             # constant
-    assert bvb.active_units(mu) == 1
-
-
-def test_mean_ci_is_the_student_t_interval():
-    mean, half = bvb.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
-    assert math.isnan(bvb.mean_ci([1.0])[1]) and bvb.mean_ci([1.0, float("nan")])[0] == 1.0
-
-
-def test_judgement_takes_the_side_of_the_interval_and_the_metric_direction():
-    assert bvb.judge(-5.0, 1.0, -1) == "better" and bvb.judge(5.0, 1.0, -1) == "worse"
-    assert bvb.judge(0.5, 1.0, -1) == "not distinguishable" and bvb.judge(5.0, 1.0, 1) == "better"
-    assert bvb.judge(-5.0, float("nan"), -1) == "undetermined"
-
-
-def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 64):
-    return {"name": name, "kind": kind, "variant": False, "seed": seed, "status": "ok", "train_seconds": 1.0,
-            "settings": settings or ({"beta": float(name[5:])} if kind == "beta" else {}), "history": list(history),
-            "reference": {"classifier_sha256": sha},
-            "val": {k: val.get(k, 1.0) for k in bvb.METRICS}, "test": {k: test.get(k, 1.0) for k in bvb.METRICS}}
-
-
-def robust_and_fragile():
-    """beta_0.001 wins validation IWAE NLL on the mean over seeds (10 vs 10.33), but seed 0 alone prefers beta_0.1.
-    sigma_vae beats beta_0.001 on test IWAE NLL in every seed, yet is 15 nats worse than beta_0.1 in seed 0; it beats
-    both on FD prior by 10 in every seed; MSE is equal everywhere. Validation FD prior prefers beta_0.1 in every seed."""
-    records = []
-    for seed, noise in ((0, 0.0), (1, 0.5), (2, -0.5)):
-        records.append(fake_run("beta_0.001", "beta", seed, {"iwae_nll": 10.0, "fd_prior": 50.0},
-                                {"iwae_nll": 100.0 + noise, "fd_prior": 10.0}))
-        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 9.0 if seed == 0 else 11.0, "fd_prior": 30.0},
-                                {"iwae_nll": 80.0, "fd_prior": 10.0}))
-        records.append(fake_run("sigma_vae", "sigma_vae", seed, {}, {"iwae_nll": 95.0 + (0.0, 0.2, -0.4)[seed],
-                                                                     "fd_prior": 0.0 + noise}))
-    return bvb.aggregate(records)
-
-
-def test_a_finding_against_one_beta_vae_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
-    methods = robust_and_fragile()
-    choices = bvb.criteria(methods, "iwae_nll")
-    assert choices["fd_prior"]["beta"] == "beta_0.1" and set(choices["fd_prior"]["per_seed"].values()) == {"beta_0.1"}
-    choice = choices["iwae_nll"]
-    assert choice["beta"] == "beta_0.001" and choice["per_seed"] == {0: "beta_0.1", 1: "beta_0.001", 2: "beta_0.001"}
-    row = bvb.against_beta(methods, choice)["sigma_vae"]
-    likelihood, samples, recon = (row[f] for f in ("likelihood", "samples", "reconstructions"))
-    assert likelihood["mean"] == pytest.approx((-5.0 - 5.3 - 4.9) / 3) and likelihood["per_seed_choice"]["mean"] == \
-        pytest.approx((15.0 - 5.3 - 4.9) / 3)
-    # on the mean choice IWAE is better after Holm; with seed 0's own choice it is not: not a robust finding
-    assert likelihood["finding_mean"] == "better" and likelihood["finding_per_seed"] == "not distinguishable"
-    assert likelihood["finding"] == "not distinguishable"
-    assert samples["mean"] == pytest.approx(-10.0) and samples["finding"] == "better"      # robust: both agree
-    assert recon["mean"] == 0.0 and recon["p"] == 1.0 and recon["finding"] == "not distinguishable"
-    # Holm over the three families: the smallest p is tripled, the next doubled, the largest kept
-    ps = [row[f]["p"] for f in bvb.FAMILIES]
-    assert [row[f]["p_holm"] for f in bvb.FAMILIES] == pytest.approx(bvb.holm(ps))
-
-
-def test_holm_and_the_t_test_at_hand_computed_points():
-    assert bvb.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])     # 3·0.01; max(2·0.03, 0.04) kept monotone
-    adjusted = bvb.holm([0.02, float("nan"), 0.5])
-    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == 0.5
-    # t = 2/(1/√3) with 2 dof: p = 1 − t/√(2 + t²) in closed form
-    t = 2 * math.sqrt(3)
-    assert bvb.t_test_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
-    assert math.isnan(bvb.t_test_p([1.0])) and bvb.t_test_p([2.0, 2.0]) == 0.0 and bvb.t_test_p([0.0, 0.0]) == 1.0
-    cell = bvb.interval([2.0, 8.0], ratio=True)                                  # geometric mean of 2 and 8
-    assert cell["mean"] == pytest.approx(4.0) and cell["low"] * cell["high"] == pytest.approx(16.0)
-
-
-SEED_SCALE = {0: 1.0, 1: 1.5, 2: 0.7}     # every run of a seed is that much worse: only a paired comparison cancels it
-
-
-def front_records():
-    """Per seed three β runs at KL 10, 50, 200 with MSE 0.025, 0.008, 0.004 (times the seed's scale), FD prior
-    400/200/800, IWAE NLL −20/−60/−100; and methods at a known ratio to that seed's front at KL 100 (front MSE
-    √(0.008·0.004), IWAE −80, FD prior 400) or at KL 400 (outside)."""
-    front = {0: 0.025, 1: 0.008, 2: 0.004}
-    records = []
-    for seed, scale in SEED_SCALE.items():
-        for (name, kl, fd, iwae), mse in zip((("beta_0.001", 10.0, 400.0, -20.0), ("beta_0.0001", 50.0, 200.0, -60.0),
-                                              ("beta_1e-05", 200.0, 800.0, -100.0)), front.values()):
-            records.append(fake_run(name, "beta", seed, {}, {"kl": kl, "mse": mse * scale, "fd_prior": fd,
-                                                              "iwae_nll": iwae}))
-        at_100 = math.sqrt(0.008 * 0.004) * scale
-        for name, kind, ratios, kl in (("bom_like", "bom", (1.9, 2.1, 2.0), 100.0), ("geco", "geco", (0.9, 1.1, 1.0), 100.0),
-                                       ("sigma_vae", "sigma_vae", (0.45, 0.55, 0.5), 100.0),
-                                       ("controlvae", "controlvae", (0.79, 0.81, 0.8), 100.0),
-                                       ("freebits", "freebits", (1.0, 1.0, 1.0), 100.0)):
-            records.append(fake_run(name, kind, seed, {}, {"kl": 400.0 if name == "freebits" and seed else kl,
-                                                           "mse": ratios[seed] * at_100, "fd_prior": 200.0,
-                                                           "iwae_nll": -70.0},
-                                    {"kl_targets": [50.0, 80.0, 150.0], "tolerance": 0.01, "kl_target": 80.0,
-                                     "lambda": 0.25}))
-    return records
-
-
-def test_the_front_is_interpolated_in_log_kl_and_never_extrapolated():
-    betas = [r for r in front_records() if r["kind"] == "beta" and r["seed"] == 0]
-    value, bracket = bvb.front_at(betas, 100.0, "mse")                 # halfway between KL 50 and 200 in log KL
-    assert value == pytest.approx(math.sqrt(0.008 * 0.004)) and bracket == (0.008, 0.004)
-    assert bvb.front_at(betas, 100.0, "iwae_nll")[0] == pytest.approx(-80.0)     # linear in the value itself
-    assert bvb.front_at(betas, 10.0, "fd_prior")[0] == pytest.approx(400.0)      # an end point is inside
-    assert bvb.front_at(betas, 9.9, "mse") is None and bvb.front_at(betas, 201.0, "mse") is None
-    assert bvb.front_at(betas[:1], 10.0, "mse") is None                          # one β run is no front
-
-
-def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_path):
-    gone = [dict(fake_run("bom_gone", "bom", seed, {}, {}, {"kl_targets": [50.0, 80.0, 150.0]}), status="diverged")
-            for seed in SEED_SCALE]
-    records = front_records() + gone
-    front = bvb.matched_rate(bvb.aggregate(records))
-    bom, geco, sigma, control, freebits = (front[n] for n in ("bom_like", "geco", "sigma_vae", "controlvae",
-                                                              "freebits"))
-    # the seed scales (1, 1.5, 0.7) cancel in the pairs: the ratios are exactly those put in
-    assert bom["mse"]["mean"] == pytest.approx((1.9 * 2.1 * 2.0) ** (1 / 3)) and bom["position"] == "above"
-    assert [bom["per_seed"][s]["mse"] for s in SEED_SCALE] == pytest.approx([1.9, 2.1, 2.0])
-    assert geco["position"] == "on" and geco["mse"]["low"] < 1 < geco["mse"]["high"]
-    assert sigma["position"] == "below" and sigma["mse"]["mean"] == pytest.approx((0.45 * 0.55 * 0.5) ** (1 / 3))
-    # 0.8x the front at KL 100 is 0.0045: below the chord, but above the β run at KL 200 (0.004) in every seed
-    assert control["mse"]["p_holm"] < 0.05 and control["position"] == "on" and control["interpolation_only"]
-    assert bom["iwae_nll"]["mean"] == pytest.approx(10.0) and bom["fd_prior"]["mean"] == pytest.approx(0.5)
-    assert freebits["position"] == "outside" and freebits["seeds_outside"] == [1, 2] and freebits["mse"]["n"] == 1
-    assert front["bom_gone"]["position"] == "diverged" and front["bom_gone"]["mse"]["n"] == 0
-    config = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1, "device": "cpu",
-              "torch": "x", "latent_dim": 128}
-    summary, _ = bvb.write_report(str(tmp_path), records, {"test_data_sharpness": 0.03,
-                                                            "classifier_test_accuracy": 0.9}, config, "iwae_nll")
-    md = (tmp_path / "summary.md").read_text()
-    verdict = md.split("## Where each method lands")[0]
-    assert "- Above the front (more MSE than β-VAE at the same rate): bom_like 2.00x [" in verdict
-    assert "- Outside the β runs' rates (not extrapolated): freebits" in verdict
-    assert "controlvae 0.80x [" in verdict and "(off it only by the interpolation)" in verdict
-    assert "freebits 1.00x (1 of 3 seeds inside)." in verdict
-    assert "- No verdict (every run diverged): bom_gone n/a." in verdict
-    assert summary["front"]["sigma_vae"]["position"] == "below"
-
-
-def test_free_bits_whose_floor_never_bound_is_reported_as_its_twin():
-    assert bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.04}, {"dims_below_lambda": 0.0}])
-    assert not bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.0}, {"dims_below_lambda": 2.0}])
-    assert not bvb.SigmaVAE.idle([{"dims_below_lambda": 0.0}] * 3)
-    assert not bvb.FreeBits.idle([{"dims_below_lambda": 0.0}])                  # one epoch says nothing yet
-    records = [fake_run("freebits", "freebits", seed, {}, {}, {"lambda": 0.25},
-                        [{"dims_below_lambda": 5.0}, {"dims_below_lambda": 0.0 if seed else 1.0}]) for seed in (0, 1)]
-    methods = bvb.aggregate(records)
-    assert methods["freebits"]["idle"] == [1] and bvb.FreeBits.twin == "sigma_vae"
-    assert bvb.ControlVAE.sets_rate({"kl_target": 80.0}, 128).endswith("(BOM's KL optimum target, copied)")
-    assert "copied" not in bvb.ControlVAE.sets_rate({"kl_target": 50.0}, 128)
-
-
-def test_the_answer_figures_draw_one_distinct_marker_per_method_at_the_set_size(tmp_path):
-    methods = bvb.aggregate(front_records())
-    names = [m["name"] for m in bvb.judged(methods)]
-    drawn = bvb.plot_rate_distortion(methods, str(tmp_path / "rd.png"))
-    assert set(drawn) == set(names) | {"β-VAE front (seed mean)"} and len(set(drawn.values())) == len(drawn)
-    front = bvb.matched_rate(methods)
-    forest = bvb.plot_matched_rate(front, methods, str(tmp_path / "forest.png"))
-    assert set(forest) == set(names)            # freebits: inside in one seed only, a point without an interval
-    for path, size in ((tmp_path / "rd.png", (6.5, 10)), (tmp_path / "forest.png", (2 + 0.5 * len(names), 12))):
-        image = mpimg.imread(path)[..., :3]
-        assert image.shape[:2] == (size[0] * 150, size[1] * 150)
-        assert image.std() > 0.05 and ((image.max(-1) - image.min(-1)) > 0.3).mean() > 0.0005
-
-
-def test_beta_is_chosen_on_validation_never_on_test_and_within_a_grid_when_asked():
-    records = []
-    for seed in (0, 1):
-        # beta_0.1 is best on validation, beta_1e-05 would be best on test: the choice must ignore test
-        records.append(fake_run("beta_1e-05", "beta", seed, {"iwae_nll": 12.0}, {"iwae_nll": 5.0}))
-        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 10.0}, {"iwae_nll": 9.0}))
-    methods = bvb.aggregate(records)
-    assert bvb.choose_beta(methods, "iwae_nll") == "beta_0.1"
-    assert bvb.choose_beta(methods, "iwae_nll", (1e-5,)) == "beta_1e-05"
-    assert bvb.choose_beta(methods, "iwae_nll", (1e-3,)) is None
-    assert bvb.sweep_edge(methods, "beta_0.1") == "largest" and bvb.sweep_edge(methods, "beta_1e-05") == "smallest"
-    assert bvb.sweep_edge(methods, "beta_1e-05", (1e-5,)) is None                # a grid of one has no edge
-    assert bvb.criteria(methods, "iwae_nll")["iwae_nll_notebook_grid"]["beta"] == "beta_0.1"
-    assert methods["beta_0.1"]["runs_to_choose"] == 2
-
-
-def test_a_constrained_run_that_misses_its_target_is_flagged_and_one_that_reaches_it_is_not():
-    geco = {"kind": "geco", "settings": {"tolerance": 0.01}, "history": [{"mse": 0.02}, {"mse": 0.0029}]}
-    control = {"kind": "controlvae", "settings": {"kl_target": 80.0}, "history": [{"kl": 77.1}]}
-    assert bvb.target_checks(geco) == [("training MSE", 0.0029, 0.01)] and bvb.missed(bvb.target_checks(geco)[0])
-    assert not bvb.missed(bvb.target_checks(control)[0])                   # |77.1/80 − 1| = 3.6% ≤ 30%
-    assert not bvb.missed(("training MSE", 0.0071, 0.01)) and bvb.missed(("training MSE", 0.0069, 0.01))
-    records = [fake_run("beta_0.001", "beta", s, {}, {}) for s in (0, 1)]
-    records += [fake_run("geco", "geco", s, {}, {}, {"tolerance": 0.01}, [{"mse": 0.0029 if s else 0.009}])
-                for s in (0, 1)]
-    methods = bvb.aggregate(records)
-    assert methods["geco"]["missed_target"] == [1]
-
-
-def test_report_refuses_runs_evaluated_with_different_classifiers(tmp_path, capsys):
-    (tmp_path / "runs").mkdir()
-    for seed, sha in ((0, "a" * 64), (1, "b" * 64)):
-        (tmp_path / "runs" / f"beta_0.1_seed{seed}.json").write_text(json.dumps(fake_run("beta_0.1", "beta", seed, {}, {},
-                                                                                          sha=sha)))
-    with pytest.raises(bvb.UsageError, match="2 different feature classifiers"):
-        bvb.load_runs(str(tmp_path))
-    (tmp_path / "runs" / "beta_0.1_seed1.json").write_text(json.dumps(fake_run("beta_0.1", "beta", 1, {}, {})))
-    assert [r["seed"] for r in bvb.load_runs(str(tmp_path))] == [0, 1]
-
-
-def test_student_t_quantile_matches_published_values():
-    published = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 30: 2.042272, 100: 1.983972}
-    for dof, value in published.items():
-        assert bvb.t_quantile(dof) == pytest.approx(value, abs=1e-5)
-    assert bvb.t_quantile(5, 0.95) == pytest.approx(2.015048, abs=1e-5)
-
-
-SHARD_RUN = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,beta:0.1,bom", "--seeds", "0", "1"]
-
-
-def comparable(summary):
-    """A summary without what legitimately differs between invocations: timings and the invocation's flags."""
-    strip = lambda row: {k: v for k, v in row.items() if k != "train_seconds"}
-    methods = {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in summary["methods"].items()}
-    return json.dumps(bvb.json_safe([[strip(r) for r in summary["runs"]], methods, summary["front"],
-                                     summary["criteria"], summary["against_beta"], summary["analysis"]]))   # nan: null
-
-
-def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
-    whole = bvb.main(run_args(data_dir, tmp_path / "whole", *SHARD_RUN))
-    sharded = tmp_path / "sharded"
-    assert bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "1/2")) is None
-    assert not (sharded / "summary.json").exists() and len(os.listdir(sharded / "runs")) == 3
-    bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "2/2"))
-    report = bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--report"))
-    assert comparable(report) == comparable(whole)
-    assert len(whole["runs"]) == 7 and whole["methods"]["bom"]["seeds"] == [0, 1]
-    for name in FIGURES:
-        assert_drawn(sharded / name)
-    md = (tmp_path / "whole" / "summary.md").read_text()
-    assert md.index("## Verdict: each method against the β-VAE rate–distortion front") < md.index(
-        "## Where each method lands") < md.index("## Against one β-VAE per criterion") < md.index("## Test metrics")
-    assert "| bom | " in md.split("## Where each method lands")[0] and " ± " in md
-
-
-def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp_path):
-    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
-                                "--methods", "beta:0.001,beta:0.1,bom", "--bom-sensitivity"))
-    names = set(summary["methods"])
-    assert {"bom_kl_scale0.5", "bom_kl_scale2", "bom_squeeze_k0.25", "bom_squeeze_k1", "bom_mse_floor_mult1.5",
-            "bom_mse_floor_mult4"} <= names
-    run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
-    assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
-    assert summary["sensitivity"][0].startswith("| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs")
-    assert list(summary["front"]) == ["bom"]                                 # variants are not in the verdict
-
-
-def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_dir, tmp_path):
-    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "2", "--latent-dim", "16", "--no-plots",
-                                "--methods", "beta:0.001,beta:0.1,bom,ablations"))
-    runs = {name: json.loads((tmp_path / "runs" / f"{name}_seed0.json").read_text())
-            for name in ("bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1")}
-    train = bvb.load_mnist(data_dir, train=True)[0][:80].float() / 255
-    assert runs["bom_sharp=data"]["config"]["calibration"]["sharp_ceiling"] == pytest.approx(
-        bvb.sharpness(train).mean().item(), rel=1e-5)
-    assert runs["bom_sharp=off"]["config"]["calibration"]["sharp_ceiling"] is None
-    assert all(row["bottleneck_counts"]["sharp"] == 0 for row in runs["bom_sharp=off"]["history"])
-    assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
-    first = runs["bom_squeeze=1"]["history"][0]
-    assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"], k=0.5))
-    # every ablation is judged against the β front and the β-VAE like every method
-    assert list(summary["front"]) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
-    assert all(list(rows) == list(summary["front"]) for rows in summary["against_beta"].values())
-    # the why section: one row per BOM, counts recomputed from the run files, one sentence per ablation
-    diagnosis = summary["bom_diagnosis"]
-    row = next(line for line in diagnosis if line.startswith("| bom_squeeze=1 |")).split(" | ")
-    histories = [json.loads((tmp_path / "runs" / f"bom_squeeze=1_seed{seed}.json").read_text())["history"]
-                 for seed in (0,)]
-    assert row[2] == f"{statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories):.0f}"
-    assert row[3] == f"{statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse'] for h in histories):.1f}x"
-    assert next(line for line in diagnosis if line.startswith("| bom_sharp=off |")).split(" | ")[5] == "none"
-    assert [line for line in diagnosis if line.startswith("| 2 |")]        # the per-epoch shares reach epoch 2
-    sentences = [line for line in diagnosis if line.startswith("- ")]
-    assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
-    fd = bvb.paired_difference(*(bvb.aggregate(bvb.load_runs(str(tmp_path)))[n] for n in ("bom_sharp=off", "bom")),
-                               "fd_recon")
-    assert f"({bvb.fmt_ci(fd[0], fd[1], 2)}, " in sentences[1]
-    assert "## Why BOM ends where it does" in (tmp_path / "summary.md").read_text()
-    alone = bvb.bom_diagnosis({n: m for n, m in bvb.aggregate(bvb.load_runs(str(tmp_path))).items()
-                               if "ablation" not in m["settings"]}, 0.03, "beta_0.001")
-    assert [line.split(" | ")[0] for line in alone if line.startswith("| bom")] == ["| bom"]
-    assert alone[-1].startswith("- No ablation in these runs")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def test_cli_end_to_end_writes_every_output(data_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bom_vs_beta.py"),
-                           *run_args(data_dir, out, "--epochs", "3", "--latent-dim", "16")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for name in FIGURES:
-        assert_drawn(out / name)
-    summary = json.loads((out / "summary.json").read_text())
-    methods = [r["method"] for r in summary["runs"]]
-    assert methods == ["beta_0.0001", "beta_0.001", "beta_0.01", "beta_0.1", "bom", "data"]
-    data_row = summary["runs"][-1]
-    assert data_row["status"] == "reference" and data_row["test_mse"] is None
-    test_images = bvb.load_mnist(data_dir, train=False)[0]
-    assert data_row["test_sharp"] == pytest.approx(bvb.sharpness(test_images.float() / 255).mean().item(), rel=1e-5)
-    assert sorted(os.listdir(out / "runs")) == sorted(f"{m}_seed0.json" for m in methods[:-1])
-    bom = json.loads((out / "runs" / "bom_seed0.json").read_text())
-    assert set(bom["config"]["calibration"]) == {"mse_floor", "kl_floor_low", "kl_optimum", "kl_floor_high",
-                                                 "sharp_ceiling"}
-    assert len(bom["history"]) == 3 and [h["epoch"] for h in bom["history"]] == [1, 2, 3]
-    md = (out / "summary.md").read_text()
-    assert "Best β-VAE by validation MSE" in md and md.index("## Verdict") < md.index("## Test metrics")
-    assert summary["front"]["bom"]["position"] in ("undetermined", "outside")   # one seed: no interval
-    assert len((out / "summary.csv").read_text().strip().splitlines()) == 7
-    assert "## Verdict" in proc.stdout
-    for row in summary["runs"][:-1]:
-        assert all(math.isfinite(row[f"test_{k}"]) for k in bvb.METRICS), row["method"]
-        assert math.isfinite(row["val_neg_elbo"])
-
-
-def test_same_seed_gives_identical_metrics_and_another_seed_does_not(data_dir, tmp_path):
-    common = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
-    first = bvb.main(run_args(data_dir, tmp_path / "a", *common))
-    second = bvb.main(run_args(data_dir, tmp_path / "b", *common))
-    other = bvb.main(run_args(data_dir, tmp_path / "c", *common, "--seed", "1"))
-    metrics = lambda summary: [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["test_iwae_nll"])
-                               for r in summary["runs"]]
-    assert metrics(first) == metrics(second)
-    assert metrics(first) != metrics(other)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--methods", "beta:0.1,vae"], "unknown method 'vae'"),
-    (["--methods", "beta:0"], "β must be a finite number > 0"),
-    (["--methods", "beta:-0.1"], "β must be a finite number > 0"),
-    (["--methods", "beta:abc"], "needs a number"),
-    (["--methods", "bom,bom"], "listed twice"),
-    (["--train-subset", "-1"], "--train-subset must be >= 0"),
-    (["--test-subset", "-5"], "--test-subset must be >= 0"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--epochs", "two"], "invalid int value"),
-    (["--lr", "-0.001"], "--lr must be a finite number > 0"),
-    (["--methods", "beta:"], "needs a number"),
-    (["--train-subset", "81"], "--train-subset 81 is larger than the 80 training images there are after holding"),
-    (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 test images there are"),
-    (["--val-size", "96"], "--val-size 96 leaves no training images"),
-    (["--seeds", "0", "0"], "a seed is listed twice"),
-    (["--shard", "3/2"], "--shard must be K/N"),
-    (["--shard", "1/2", "--report"], "separate modes"),
-    (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
-    (["--resume", "--overwrite"], "choose one"),
-    (["--geco-tolerance", "0"], "--geco-tolerance must be a finite number > 0"),
-    (["--controlvae-kl", "-5"], "--controlvae-kl must be a finite number > 0"),
-    (["--methods", "all,bom"], "listed twice"),
-])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(data_dir, tmp_path, capsys, flags, message):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, *flags))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not out.exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_asked_but_absent_is_a_clean_error(data_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-def test_missing_data_that_cannot_be_downloaded_names_folder_and_files(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # refused at once, no network
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert os.path.join("nowhere", "MNIST", "raw") in err
-    assert all(name in err for name in bvb.MNIST_RAW_FILES)
-    assert not (tmp_path / "out").exists()
-
-
-def test_out_that_is_a_file_or_unwritable_is_refused(data_dir, tmp_path, capsys):
-    a_file = tmp_path / "file"
-    a_file.write_text("keep me")
-    for out, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "is not writable")):
-        with pytest.raises(SystemExit) as exit_info:
-            bvb.main(run_args(data_dir, out))
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
-    assert a_file.read_text() == "keep me"
-
-
-def test_cli_bad_input_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bom_vs_beta.py"), "--methods", "beta:",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["bom_vs_beta.py: error: --methods: 'beta:' needs a number after 'beta:'"]
-
-
-def test_notebook_kernel_argv_is_ignored(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1234.json"])
-    args = bvb.parse_args()
-    assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == os.path.join("results", "default")
-    assert bvb.parse_args(["--epochs", "2"]).epochs == 2
-
-
-def test_truncated_data_file_is_reported_as_unreadable(data_dir, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    shutil.copytree(data_dir, broken)
-    images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:1000])
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--data-dir", str(broken), "--out", str(tmp_path / "out"), "--device", "cpu", "--val-size", "16"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "could not read MNIST from" in err and not (tmp_path / "out").exists()
-
-
-def test_sharpness_is_judged_against_the_data_within_ten_percent():
-    methods = {name: {"name": name, "variant": False, "test": {"sharp": (sharp, float("nan"))}}
-               for name, sharp in (("bom", 0.26), ("beta_0.0001", 0.0275), ("sigma_vae", 0.02))}
-    lines = bvb.sharpness_against_data(methods, 0.026)
-    assert lines[0] == "bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
-    assert "within 10% of the data's" in lines[1] and "blurrier than the data" in lines[2]
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_a_skipped_step_leaves_weights_and_adam_state_alone_fused_or_not(fused):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
-    loss = lambda: model(torch.randn(3, 4)).pow(2).sum()
-    assert bvb.optimizer_step(optimizer, model, loss(), None).item()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in optimizer.state_dict()["state"].items()}
-    assert not bvb.optimizer_step(optimizer, model, loss(), torch.tensor(True)).item()
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    after = optimizer.state_dict()["state"]
-    assert all(torch.equal(state[k][kk], after[k][kk]) for k in state for kk in state[k])
-    assert bvb.optimizer_step(optimizer, model, loss(), torch.tensor(False)).item()
-    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    assert optimizer.state_dict()["state"][0]["step"].item() == 2
-
-
-# ----------------------------------------------------------------------------- audit: helpers
-
-def tree(root):
-    """Every folder and file under root, files with their bytes: equal trees mean nothing was written."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        out[rel + os.sep] = None
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.join(rel, name)] = f.read()
-    return out
-
-
-# BOM knobs that differ from every default; with 80 training images of batch 32, 2 calibration batches
-# read 64 images (the default 50 would read all three batches).
-BOM_FLAGS = ["--bom-kl-scale", "2", "--bom-squeeze-k", "0.25", "--bom-squeeze-start", "2",
-             "--bom-calib-batches", "2", "--bom-mse-floor-mult", "3", "--bom-kl-low-mult", "0.2",
-             "--bom-kl-high-mult", "10"]
-SHARED = ["--methods", "beta:0.0001,bom", "--epochs", "1", "--latent-dim", "16", *BOM_FLAGS]
-
-
-@pytest.fixture(scope="module")
-def shared_out(data_dir, tmp_path_factory):
-    """One tiny real run with figures, shared read-only; tests that change it work on a copy."""
-    out = tmp_path_factory.mktemp("shared") / "out"
-    bvb.main(run_args(data_dir, out, *SHARED))
-    return out
-
-
-def copy_of(shared_out, tmp_path):
-    dest = tmp_path / "out"
-    shutil.copytree(shared_out, dest)
-    return dest
-
-
-# ----------------------------------------------------------------------------- IWAE on a linear-Gaussian model
 
 D, LATENT, SIGMA2 = bvb.IMAGE_PIXELS, 3, 0.05
 SCALES = torch.tensor([1.5, 1.0, 0.6], dtype=torch.float64)
@@ -1425,7 +992,17 @@ def test_iwae_with_a_partial_last_chunk_uses_exactly_k_draws_and_matches_a_direc
     assert log_w.std(0).min() > 0.1                                # q is not the posterior: the weights differ
 
 
-# ----------------------------------------------------------------------------- Fréchet distance
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_of_gaussians_matches_the_formula():
+    torch.manual_seed(0)
+    a = torch.randn(500, 4)
+    assert bvb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # exact sample moments: a centered set scaled per dimension and shifted has known mean and covariance
+    base = torch.tensor([[1.0, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1]])   # mean 0, cov (4/3)·I
+    b = base * torch.tensor([2.0, 1, 3]) + torch.tensor([1.0, 0, -2])
+    var_a, var_b = torch.full((3,), 4 / 3), torch.tensor([4.0, 1, 9]) * 4 / 3
+    expected = (1 + 0 + 4) + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum().item()
+    assert bvb.frechet_distance(base, b) == pytest.approx(expected, rel=1e-6)
+
 
 def test_frechet_distance_with_non_commuting_covariances_at_a_hand_computed_point():
     # a = {±(1,0), ±(0,2)}: mean 0, Σa = (2/3)·A, A = diag(1, 4); b = {±(1,1), ±(0,1)} + (1, −2): Σb = (2/3)·B,
@@ -1458,182 +1035,959 @@ def test_frechet_distance_with_random_non_commuting_covariances_matches_the_eige
     assert abs(got - naive) > 0.05 * abs(expected)
 
 
-# ----------------------------------------------------------------------------- BOM: skipping, squeeze, calibration
+class OnMPS(torch.Tensor):
+    """A tensor that refuses float64 until it is moved to the CPU, as one on Apple's MPS does."""
 
-def test_end_epoch_averages_s_min_over_the_stepped_batches_only():
-    # batch means of s_min 0.5, 0.2 (skipped: adds 0 to s_min_stepped), 0.7: stepped mean (0.5 + 0.7)/2 = 0.6 →
-    # factor 1 − (0.6 − 0.5)·0.5 = 0.95; a mean over all 3 batches (1.4/3, or 1.2/3) is below 0.5: no squeeze
-    sums = {"steps": 2, "batches": 3, "s_min": 0.5 + 0.2 + 0.7, "s_min_stepped": 0.5 + 0.0 + 0.7, "violations": 5,
-            "skipped": 1, "bottleneck_counts": [60, 30, 6]}
-    method = bom_with(BOX, squeeze_start=3)
-    row = method.end_epoch(3, sums)
-    assert row["s_min"] == pytest.approx(0.6) and row["squeeze_factor"] == pytest.approx(0.95)
-    assert row["violations"] == 5 and row["skipped_batches"] == 1 and row["constraints"] == BOX
-    assert method.constraints["mse_floor"] == pytest.approx(0.4 * 0.95)
-    assert method.constraints["kl_optimum"] == pytest.approx(20.0 + (0.625 * 128 - 20.0) * 0.05)
-    stalled = bom_with(BOX).end_epoch(5, dict(sums, steps=0, s_min_stepped=0.0, skipped=3))
-    assert stalled["s_min"] == 0.0 and stalled["squeeze_factor"] == 1.0
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor)
+        if func is torch.Tensor.double or (func is torch.Tensor.to and torch.float64 in (*args[1:], *kwargs.values())):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+        return super().__torch_function__(func, types, args, kwargs)
 
 
-class RecordingBOM(bvb.BOMVAE):
-    """BOM with fixed constraints after its calibration (MSE floor 0.15, a KL box and a sharpness ceiling no
-    image can miss), recording each batch's mean s_min, loss and skip."""
-
-    def setup(self, model, images, batch_size, seed):
-        super().setup(model, images, batch_size, seed)
-        self.constraints = {"mse_floor": 0.15, "kl_floor_low": -1e6, "kl_optimum": 0.0, "kl_floor_high": 1e6,
-                            "sharp_ceiling": 1e-6}
-        self.seen = []
-
-    def batch_loss(self, mse, kl, sharp, kl_dims):
-        loss, skip, logs = super().batch_loss(mse, kl, sharp, kl_dims)
-        self.seen.append((logs["s_min"].item(), loss.item(), bool(skip), int(logs["violations"])))
-        return loss, skip, logs
+def test_frechet_distance_makes_no_float64_tensor_on_the_features_device():
+    a, b = torch.randn(50, 4), torch.randn(60, 4) + 1
+    assert bvb.frechet_distance(a.as_subclass(OnMPS), b.as_subclass(OnMPS)) == bvb.frechet_distance(a, b)
 
 
-def test_an_epoch_with_one_skipped_batch_of_three_steps_twice_and_squeezes_from_the_stepped_mean():
-    # 24 mid-gray images in 3 batches of 8 (MSE ≈ 0.04 under the untrained model, score ≈ 0.7), 4 of them made
-    # black (MSE ≈ 0.3, score ≈ −1), all in the epoch's 2nd batch: that batch is skipped, the other two step
-    images = torch.full((24, 1, 64, 64), 128, dtype=torch.uint8)
-    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))    # train_run's first epoch order
-    images[order[8:12]] = 0
-    method = RecordingBOM(16, squeeze_start=1)
-    run = bvb.train_run(method, images, tiny_args(epochs=1, batch_size=8))
-    row = run["history"][0]
-    assert [skip for _, _, skip, _ in method.seen] == [False, True, False]
-    assert [v for _, _, _, v in method.seen] == [0, 4, 0]
-    assert row["steps"] == 2 and row["skipped_batches"] == 1 and row["violations"] == 4
-    s = [s for s, _, _, _ in method.seen]
-    stepped_mean, all_mean = (s[0] + s[2]) / 2, sum(s) / 3
-    assert stepped_mean > 0.5 >= all_mean                          # the design: only the right mean squeezes
-    assert row["s_min"] == pytest.approx(stepped_mean, rel=1e-6)
-    assert row["loss"] == pytest.approx((method.seen[0][1] + method.seen[2][1]) / 2, rel=1e-6)
-    factor = max(0.5, 1 - (stepped_mean - 0.5) * 0.5)
-    assert row["squeeze_factor"] == pytest.approx(factor, rel=1e-6) and factor < 1
-    assert method.constraints["mse_floor"] == pytest.approx(0.15 * factor, rel=1e-6)
-    assert row["constraints"]["mse_floor"] == 0.15 and run["status"] == "ok"
+def test_active_units_count_dimensions_whose_posterior_mean_varies():
+    mu = torch.zeros(100, 4)
+    mu[:, 0] = torch.linspace(-1, 1, 100)                      # variance ≈ 0.34
+    mu[:, 1] = torch.linspace(-0.1, 0.1, 100)                  # variance ≈ 0.0034
+    mu[:, 2] = 5.0                                             # constant
+    assert bvb.active_units(mu) == 1
 
 
-@pytest.mark.parametrize("mse, kl, sharp, which", [
-    (0.4, 20.0, 0.3, "mse"),          # MSE at its floor: (0.4 − 0.4)/0.4 = 0
-    (0.1, 10.0, 0.3, "kl"),           # KL at the box's low floor: (10 − 10)/(20 − 10) = 0
-    (0.1, 60.0, 0.3, "kl"),           # KL at the box's high floor: (60 − 60)/(60 − 20) = 0
-    (0.1, 20.0, 0.0, "sharp"),        # sharpness 0: 0/0.2 = 0
-])
-def test_a_score_of_exactly_zero_is_a_violation_and_skips_the_batch(mse, kl, sharp, which):
-    # image 0 scores exactly 0 on one bottleneck, image 1 scores min(0.75, 1, 1.5) = 0.75
-    loss, skip, logs = bom_with(BOX).batch_loss(torch.tensor([mse, 0.1]), torch.tensor([kl, 20.0]),
-                                                torch.tensor([sharp, 0.3]), None)
-    scores = bvb.constraint_scores(torch.tensor([mse]), torch.tensor([kl]), torch.tensor([sharp]), BOX)[0]
-    assert scores[bvb.BOTTLENECKS.index(which)].item() == 0.0 and scores.min().item() == 0.0
-    assert bool(skip) and logs["violations"].item() == 1 and logs["skipped"].item() == 1
-    assert logs["s_min_stepped"].item() == 0.0 and logs["s_min"].item() == pytest.approx(0.375)
-    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(-(math.log(1e-12) + math.log(0.75)) / 2)
+def test_classifier_is_trained_once_per_training_set_and_a_corrupt_or_foreign_cache_is_retrained(
+        data_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache)))
+    splits = bvb.load_splits(args, torch.device("cpu"))
+    _, accuracy, sha = bvb.get_classifier(splits, args)
+    [path] = cache.iterdir()
+    assert "trained on 80 images" in capsys.readouterr().out and 0 <= accuracy <= 1
+    stamp = path.stat().st_mtime_ns
+    assert bvb.get_classifier(splits, args)[2] == sha and path.stat().st_mtime_ns == stamp
+    assert "loaded from" in capsys.readouterr().out
+    path.write_bytes(b"not a checkpoint")                              # corrupt: retrained, same seeded weights
+    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, fingerprint=dict(state["fingerprint"], epochs=1)), path)   # another setting: retrained
+    assert bvb.get_classifier(splits, args)[2] == sha and "trained on 80" in capsys.readouterr().out
+    other = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache), "--val-size", "8"))
+    bvb.get_classifier(bvb.load_splits(other, torch.device("cpu")), other)           # 88 other images: own file
+    assert len(list(cache.iterdir())) == 2
 
 
-class PerBatchOutputs(torch.nn.Module):
-    """Stands in for the VAE: call i returns batch i's stripes (contrast a: MSE vs zeros a²/2, sharpness a/2)
-    and 1-d means μ (log σ² = 0: KL = μ²/2)."""
-
-    def __init__(self, batches):
-        super().__init__()
-        self.batches, self.calls = batches, 0
-
-    def forward(self, x):
-        contrasts, mus = self.batches[self.calls]
-        self.calls += 1
-        recon = torch.zeros(len(contrasts), 1, 8, 8)
-        for i, a in enumerate(contrasts):
-            recon[i, ..., ::2] = a
-        mu = torch.tensor(mus).view(-1, 1)
-        return recon, mu, torch.zeros_like(mu)
+def test_prepare_caches_the_classifier_and_writes_no_results(data_dir, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert bvb.main(run_args(data_dir, out, "--prepare", "--cache-dir", str(cache))) is None
+    assert "Feature classifier ready" in capsys.readouterr().out
+    assert not out.exists() and len(list(cache.iterdir())) == 1
+    summary = bvb.main(run_args(data_dir, out, "--cache-dir", str(cache), *SMALL[:4], "--methods", "beta:0.1"))
+    assert "loaded from" in capsys.readouterr().out
+    run = json.loads((out / "runs" / "beta_0.1_seed0.json").read_text())
+    assert run["reference"]["classifier_sha256"] == summary["reference"]["classifier_sha256"]
+    assert len(run["reference"]["classifier_sha256"]) == 64
 
 
-def test_calibration_takes_max_mse_min_kl_and_max_kl_over_all_batches_read():
-    # MSE per batch: [0.02, 0.08], [0.18, 0.005], [0.045, 0.045] -> max 0.18 in batch 2
-    # KL per batch:  [2, 4.5], [8, 18], [0.5, 4.5] -> min 0.5 in batch 3, max 18 in batch 2, mean 37.5/6
-    # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with calib_batches=3
-    model = PerBatchOutputs([([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]),
-                             ([0.9, 0.9], [10.0, 0.0])])
-    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), calib_batches=3, mse_floor_mult=3.0,
-                      kl_low_mult=0.2, kl_high_mult=10.0)
-    assert model.calls == 3
-    assert c["mse_floor"] == pytest.approx(3.0 * 0.18)
-    assert c["kl_floor_low"] == pytest.approx(0.2 * 0.5)
-    assert c["kl_optimum"] == pytest.approx(37.5 / 6)
-    assert c["kl_floor_high"] == pytest.approx(10.0 * 18.0)
-    assert c["sharp_ceiling"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.05 + 0.15 + 0.15) / 6)
+# ----------------------------------------------------------------------------- the report and the verdict
 
 
-def test_bom_flags_reach_the_method():
-    args = bvb.parse_args(["--device", "cpu", "--latent-dim", "16", *BOM_FLAGS])
-    method = bvb.make_method(("bom", None), args)
-    assert method.name == "bom"
-    assert method.knobs == {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2,
-                            "mse_floor_mult": 3.0, "kl_low_mult": 0.2, "kl_high_mult": 10.0}
-    assert method.kl_targets == pytest.approx((0.390625 * 32, 0.625 * 32, 1.171875 * 32))    # per dim x 16 x 2
-    row = bom_with(BOX, **method.knobs).end_epoch(2, {"steps": 1, "s_min_stepped": 0.9, "violations": 0,
-                                                      "skipped": 0, "bottleneck_counts": [1, 0, 0]})
-    assert row["squeeze_factor"] == pytest.approx(1 - 0.4 * 0.25)        # k = 0.25 from epoch 2 on
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = bvb.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(bvb.mean_ci([1.0])[1]) and bvb.mean_ci([1.0, float("nan")])[0] == 1.0
 
 
-def test_non_default_bom_flags_are_recorded_in_the_run_file_and_used_by_calibration(shared_out, data_dir):
-    run = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
-    knobs = {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2, "mse_floor_mult": 3.0,
-             "kl_low_mult": 0.2, "kl_high_mult": 10.0}
-    assert {k: run["settings"][k] for k in knobs} == knobs
-    assert run["settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
-    flags = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in bvb.knob_flags()}
-    assert "bom_kl_scale" in flags and not (flags | set(knobs)) & set(run["config"])     # stored once: in settings
-    assert run["fingerprint"]["method_settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
-    assert len(run["history"]) == 1 and run["history"][0]["squeeze_factor"] == 1.0    # epoch 1 < squeeze start 2
-    # the recorded calibration: the untrained model's metrics on 2 batches (calibration order seeded with seed + 1)
-    # through the multipliers 3 (max MSE), 0.2 (min KL) and 10 (max KL)
-    images = bvb.load_mnist(data_dir, train=True)[0][:80]
-    bvb.seed_everything(0)
-    model = bvb.new_model(16, torch.device("cpu")).train()
-    with torch.no_grad():
-        metrics = [bvb.forward_metrics(model, x)[:3] for x, _ in
-                   zip(bvb.batches(images, 32, torch.Generator().manual_seed(1)), range(2))]
-    mse, kl, sharp = (torch.cat(parts) for parts in zip(*metrics))
-    assert mse.numel() == 64
-    expected = {"mse_floor": 3.0 * mse.max().item(), "kl_floor_low": 0.2 * kl.min().item(),
-                "kl_optimum": kl.mean().item(), "kl_floor_high": 10.0 * kl.max().item(),
-                "sharp_ceiling": sharp.mean().item()}
-    assert run["config"]["calibration"] == pytest.approx(expected, rel=1e-6)
-    assert run["history"][0]["constraints"] == pytest.approx(expected, rel=1e-6)
+def test_student_t_quantile_matches_published_values():
+    published = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 30: 2.042272, 100: 1.983972}
+    for dof, value in published.items():
+        assert bvb.t_quantile(dof) == pytest.approx(value, abs=1e-5)
+    assert bvb.t_quantile(5, 0.95) == pytest.approx(2.015048, abs=1e-5)
 
 
-class LenientBOM(bvb.BOMVAE):
-    """BOM whose constraints every image meets comfortably (s_min ≈ 0.99): the squeeze must act."""
+def test_holm_and_the_t_test_at_hand_computed_points():
+    assert bvb.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])     # 3·0.01; max(2·0.03, 0.04) kept monotone
+    adjusted = bvb.holm([0.02, float("nan"), 0.5])
+    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == 0.5
+    # t = 2/(1/√3) with 2 dof: p = 1 − t/√(2 + t²) in closed form
+    t = 2 * math.sqrt(3)
+    assert bvb.t_test_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+    assert math.isnan(bvb.t_test_p([1.0])) and bvb.t_test_p([2.0, 2.0]) == 0.0 and bvb.t_test_p([0.0, 0.0]) == 1.0
+    cell = bvb.interval([2.0, 8.0], ratio=True)                                  # geometric mean of 2 and 8
+    assert cell["mean"] == pytest.approx(4.0) and cell["low"] * cell["high"] == pytest.approx(16.0)
 
-    def setup(self, model, images, batch_size, seed):
-        super().setup(model, images, batch_size, seed)
-        self.constraints = {"mse_floor": 10.0, "kl_floor_low": -1e6, "kl_optimum": 0.0, "kl_floor_high": 1e6,
-                            "sharp_ceiling": 1e-6}
+
+def test_judgement_takes_the_side_of_the_interval_and_the_metric_direction():
+    assert bvb.judge(-5.0, 1.0, -1) == "better" and bvb.judge(5.0, 1.0, -1) == "worse"
+    assert bvb.judge(0.5, 1.0, -1) == "not distinguishable" and bvb.judge(5.0, 1.0, 1) == "better"
+    assert bvb.judge(-5.0, float("nan"), -1) == "undetermined"
 
 
-def test_squeeze_factor_and_the_next_epochs_constraints_follow_the_rule(train_images):
-    # epoch 1 is before squeeze_start 2 (factor 1 although s_min > 0.5);
-    # epoch 2 squeezes by max(0.5, 1 − (s_min − 0.5)·0.5) and moves each KL edge that fraction to its target
-    method = LenientBOM(16, squeeze_start=2)
-    run = bvb.train_run(method, train_images[:16], tiny_args(epochs=2, batch_size=8))
-    first, second = run["history"]
-    assert first["s_min"] > 0.5 and first["squeeze_factor"] == 1.0
-    assert second["constraints"] == first["constraints"]
-    s = second["s_min"]
-    factor = max(0.5, 1 - (s - 0.5) * 0.5)
-    assert s > 0.5 and factor < 0.8 and second["squeeze_factor"] == pytest.approx(factor, rel=1e-9)
-    low, opt, high = (t * 16 for t in bvb.KL_TARGETS_PER_DIM)
-    c = method.constraints
-    assert c["mse_floor"] == pytest.approx(10.0 * factor)
-    assert c["kl_floor_low"] == pytest.approx(-1e6 + (low + 1e6) * (1 - factor))
-    assert c["kl_optimum"] == pytest.approx(opt * (1 - factor))
-    assert c["kl_floor_high"] == pytest.approx(1e6 + (high - 1e6) * (1 - factor))
-    assert c["sharp_ceiling"] == 1e-6
+def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 64):
+    return {"name": name, "kind": kind, "variant": False, "seed": seed, "status": "ok", "train_seconds": 1.0,
+            "settings": settings or ({"beta": float(name[5:])} if kind == "beta" else {}), "history": list(history),
+            "reference": {"classifier_sha256": sha},
+            "val": {k: val.get(k, 1.0) for k in bvb.METRICS}, "test": {k: test.get(k, 1.0) for k in bvb.METRICS}}
+
+
+def robust_and_fragile():
+    """beta_0.001 wins validation IWAE NLL on the mean over seeds (10 vs 10.33), but seed 0 alone prefers beta_0.1.
+    sigma_vae beats beta_0.001 on test IWAE NLL in every seed, yet is 15 nats worse than beta_0.1 in seed 0; it beats
+    both on FD prior by 10 in every seed; MSE is equal everywhere. Validation FD prior prefers beta_0.1 in every seed."""
+    records = []
+    for seed, noise in ((0, 0.0), (1, 0.5), (2, -0.5)):
+        records.append(fake_run("beta_0.001", "beta", seed, {"iwae_nll": 10.0, "fd_prior": 50.0},
+                                {"iwae_nll": 100.0 + noise, "fd_prior": 10.0}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 9.0 if seed == 0 else 11.0, "fd_prior": 30.0},
+                                {"iwae_nll": 80.0, "fd_prior": 10.0}))
+        records.append(fake_run("sigma_vae", "sigma_vae", seed, {}, {"iwae_nll": 95.0 + (0.0, 0.2, -0.4)[seed],
+                                                                     "fd_prior": 0.0 + noise}))
+    return bvb.aggregate(records)
+
+
+def test_a_finding_against_one_beta_vae_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
+    methods = robust_and_fragile()
+    choices = bvb.criteria(methods, "iwae_nll")
+    assert choices["fd_prior"]["beta"] == "beta_0.1" and set(choices["fd_prior"]["per_seed"].values()) == {"beta_0.1"}
+    choice = choices["iwae_nll"]
+    assert choice["beta"] == "beta_0.001" and choice["per_seed"] == {0: "beta_0.1", 1: "beta_0.001", 2: "beta_0.001"}
+    row = bvb.against_beta(methods, choice)["sigma_vae"]
+    likelihood, samples, recon = (row[f] for f in ("likelihood", "samples", "reconstructions"))
+    assert likelihood["mean"] == pytest.approx((-5.0 - 5.3 - 4.9) / 3) and likelihood["per_seed_choice"]["mean"] == \
+        pytest.approx((15.0 - 5.3 - 4.9) / 3)
+    # on the mean choice IWAE is better after Holm; with seed 0's own choice it is not: not a robust finding
+    assert likelihood["finding_mean"] == "better" and likelihood["finding_per_seed"] == "not distinguishable"
+    assert likelihood["finding"] == "not distinguishable"
+    assert samples["mean"] == pytest.approx(-10.0) and samples["finding"] == "better"      # robust: both agree
+    assert recon["mean"] == 0.0 and recon["p"] == 1.0 and recon["finding"] == "not distinguishable"
+    # Holm over the three families: the smallest p is tripled, the next doubled, the largest kept
+    ps = [row[f]["p"] for f in bvb.FAMILIES]
+    assert [row[f]["p_holm"] for f in bvb.FAMILIES] == pytest.approx(bvb.holm(ps))
+
+
+SEED_SCALE = {0: 1.0, 1: 1.5, 2: 0.7}     # every run of a seed is that much worse: only a paired comparison cancels it
+
+
+def front_records():
+    """Per seed three β runs at KL 10, 50, 200 with MSE 0.025, 0.008, 0.004 (times the seed's scale), FD prior
+    400/200/800, IWAE NLL −20/−60/−100; and methods at a known ratio to that seed's front at KL 100 (front MSE
+    √(0.008·0.004), IWAE −80, FD prior 400) or at KL 400 (outside)."""
+    front = {0: 0.025, 1: 0.008, 2: 0.004}
+    records = []
+    for seed, scale in SEED_SCALE.items():
+        for (name, kl, fd, iwae), mse in zip((("beta_0.001", 10.0, 400.0, -20.0), ("beta_0.0001", 50.0, 200.0, -60.0),
+                                              ("beta_1e-05", 200.0, 800.0, -100.0)), front.values()):
+            records.append(fake_run(name, "beta", seed, {}, {"kl": kl, "mse": mse * scale, "fd_prior": fd,
+                                                              "iwae_nll": iwae}))
+        at_100 = math.sqrt(0.008 * 0.004) * scale
+        for name, kind, ratios, kl in (("bom_like", "bom", (1.9, 2.1, 2.0), 100.0), ("geco", "geco", (0.9, 1.1, 1.0), 100.0),
+                                       ("sigma_vae", "sigma_vae", (0.45, 0.55, 0.5), 100.0),
+                                       ("controlvae", "controlvae", (0.79, 0.81, 0.8), 100.0),
+                                       ("freebits", "freebits", (1.0, 1.0, 1.0), 100.0)):
+            records.append(fake_run(name, kind, seed, {}, {"kl": 400.0 if name == "freebits" and seed else kl,
+                                                           "mse": ratios[seed] * at_100, "fd_prior": 200.0,
+                                                           "iwae_nll": -70.0},
+                                    {"kl_targets": [50.0, 80.0, 150.0], "tolerance": 0.01, "kl_target": 80.0,
+                                     "lambda": 0.25}))
+    return records
+
+
+def test_the_front_is_interpolated_in_log_kl_and_never_extrapolated():
+    betas = [r for r in front_records() if r["kind"] == "beta" and r["seed"] == 0]
+    value, bracket = bvb.front_at(betas, 100.0, "mse")                 # halfway between KL 50 and 200 in log KL
+    assert value == pytest.approx(math.sqrt(0.008 * 0.004)) and bracket == (0.008, 0.004)
+    assert bvb.front_at(betas, 100.0, "iwae_nll")[0] == pytest.approx(-80.0)     # linear in the value itself
+    assert bvb.front_at(betas, 10.0, "fd_prior")[0] == pytest.approx(400.0)      # an end point is inside
+    assert bvb.front_at(betas, 9.9, "mse") is None and bvb.front_at(betas, 201.0, "mse") is None
+    assert bvb.front_at(betas[:1], 10.0, "mse") is None                          # one β run is no front
+
+
+def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_path):
+    gone = [dict(fake_run("bom_gone", "bom", seed, {}, {}, {"kl_targets": [50.0, 80.0, 150.0]}), status="diverged")
+            for seed in SEED_SCALE]
+    records = front_records() + gone
+    front = bvb.matched_rate(bvb.aggregate(records))
+    bom, geco, sigma, control, freebits = (front[n] for n in ("bom_like", "geco", "sigma_vae", "controlvae",
+                                                              "freebits"))
+    # the seed scales (1, 1.5, 0.7) cancel in the pairs: the ratios are exactly those put in
+    assert bom["mse"]["mean"] == pytest.approx((1.9 * 2.1 * 2.0) ** (1 / 3)) and bom["position"] == "above"
+    assert [bom["per_seed"][s]["mse"] for s in SEED_SCALE] == pytest.approx([1.9, 2.1, 2.0])
+    assert geco["position"] == "on" and geco["mse"]["low"] < 1 < geco["mse"]["high"]
+    assert sigma["position"] == "below" and sigma["mse"]["mean"] == pytest.approx((0.45 * 0.55 * 0.5) ** (1 / 3))
+    # 0.8x the front at KL 100 is 0.0045: below the chord, but above the β run at KL 200 (0.004) in every seed
+    assert control["mse"]["p_holm"] < 0.05 and control["position"] == "on" and control["interpolation_only"]
+    assert bom["iwae_nll"]["mean"] == pytest.approx(10.0) and bom["fd_prior"]["mean"] == pytest.approx(0.5)
+    assert freebits["position"] == "outside" and freebits["seeds_outside"] == [1, 2] and freebits["mse"]["n"] == 1
+    assert front["bom_gone"]["position"] == "diverged" and front["bom_gone"]["mse"]["n"] == 0
+    config = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1, "device": "cpu",
+              "torch": "x", "latent_dim": 128}
+    summary, _ = bvb.write_report(str(tmp_path), records, {"test_data_sharpness": 0.03,
+                                                            "classifier_test_accuracy": 0.9}, config, "iwae_nll")
+    md = (tmp_path / "summary.md").read_text()
+    verdict = md.split("## Where each method lands")[0]
+    assert "- Above the front (more MSE than β-VAE at the same rate): bom_like 2.00x [" in verdict
+    assert "- Outside the β runs' rates (not extrapolated): freebits" in verdict
+    assert "controlvae 0.80x [" in verdict and "(off it only by the interpolation)" in verdict
+    assert "freebits 1.00x (1 of 3 seeds inside)." in verdict
+    assert "- No verdict (every run diverged): bom_gone n/a." in verdict
+    assert summary["front"]["sigma_vae"]["position"] == "below"
+
+
+def test_beta_is_chosen_on_validation_never_on_test_and_within_a_grid_when_asked():
+    records = []
+    for seed in (0, 1):
+        # beta_0.1 is best on validation, beta_1e-05 would be best on test: the choice must ignore test
+        records.append(fake_run("beta_1e-05", "beta", seed, {"iwae_nll": 12.0}, {"iwae_nll": 5.0}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 10.0}, {"iwae_nll": 9.0}))
+    methods = bvb.aggregate(records)
+    assert bvb.choose_beta(methods, "iwae_nll") == "beta_0.1"
+    assert bvb.choose_beta(methods, "iwae_nll", (1e-5,)) == "beta_1e-05"
+    assert bvb.choose_beta(methods, "iwae_nll", (1e-3,)) is None
+    assert bvb.sweep_edge(methods, "beta_0.1") == "largest" and bvb.sweep_edge(methods, "beta_1e-05") == "smallest"
+    assert bvb.sweep_edge(methods, "beta_1e-05", (1e-5,)) is None                # a grid of one has no edge
+    assert bvb.criteria(methods, "iwae_nll")["iwae_nll_notebook_grid"]["beta"] == "beta_0.1"
+    assert methods["beta_0.1"]["runs_to_choose"] == 2
+
+
+def test_a_constrained_run_that_misses_its_target_is_flagged_and_one_that_reaches_it_is_not():
+    geco = {"kind": "geco", "settings": {"tolerance": 0.01}, "history": [{"mse": 0.02}, {"mse": 0.0029}]}
+    control = {"kind": "controlvae", "settings": {"kl_target": 80.0}, "history": [{"kl": 77.1}]}
+    assert bvb.target_checks(geco) == [("training MSE", 0.0029, 0.01)] and bvb.missed(bvb.target_checks(geco)[0])
+    assert not bvb.missed(bvb.target_checks(control)[0])                   # |77.1/80 − 1| = 3.6% ≤ 30%
+    assert not bvb.missed(("training MSE", 0.0071, 0.01)) and bvb.missed(("training MSE", 0.0069, 0.01))
+    records = [fake_run("beta_0.001", "beta", s, {}, {}) for s in (0, 1)]
+    records += [fake_run("geco", "geco", s, {}, {}, {"tolerance": 0.01}, [{"mse": 0.0029 if s else 0.009}])
+                for s in (0, 1)]
+    methods = bvb.aggregate(records)
+    assert methods["geco"]["missed_target"] == [1]
+
+
+def test_free_bits_whose_floor_never_bound_is_reported_as_its_twin():
+    assert bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.04}, {"dims_below_lambda": 0.0}])
+    assert not bvb.FreeBits.idle([{"dims_below_lambda": 3.9}, {"dims_below_lambda": 0.0}, {"dims_below_lambda": 2.0}])
+    assert not bvb.SigmaVAE.idle([{"dims_below_lambda": 0.0}] * 3)
+    assert not bvb.FreeBits.idle([{"dims_below_lambda": 0.0}])                  # one epoch says nothing yet
+    records = [fake_run("freebits", "freebits", seed, {}, {}, {"lambda": 0.25},
+                        [{"dims_below_lambda": 5.0}, {"dims_below_lambda": 0.0 if seed else 1.0}]) for seed in (0, 1)]
+    methods = bvb.aggregate(records)
+    assert methods["freebits"]["idle"] == [1] and bvb.FreeBits.twin == "sigma_vae"
+    assert bvb.ControlVAE.sets_rate({"kl_target": 80.0}, 128).endswith("(BOM's KL optimum target, copied)")
+    assert "copied" not in bvb.ControlVAE.sets_rate({"kl_target": 50.0}, 128)
+
+
+def test_sharpness_is_judged_against_the_data_within_ten_percent():
+    methods = {name: {"name": name, "variant": False, "test": {"sharp": (sharp, float("nan"))}}
+               for name, sharp in (("bom", 0.26), ("beta_0.0001", 0.0275), ("sigma_vae", 0.02))}
+    lines = bvb.sharpness_against_data(methods, 0.026)
+    assert lines[0] == "bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
+    assert "within 10% of the data's" in lines[1] and "blurrier than the data" in lines[2]
+
+
+def test_report_refuses_runs_evaluated_with_different_classifiers(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    for seed, sha in ((0, "a" * 64), (1, "b" * 64)):
+        (tmp_path / "runs" / f"beta_0.1_seed{seed}.json").write_text(json.dumps(fake_run("beta_0.1", "beta", seed, {}, {},
+                                                                                          sha=sha)))
+    with pytest.raises(bvb.UsageError, match="2 different feature classifiers"):
+        bvb.load_runs(str(tmp_path))
+    (tmp_path / "runs" / "beta_0.1_seed1.json").write_text(json.dumps(fake_run("beta_0.1", "beta", 1, {}, {})))
+    assert [r["seed"] for r in bvb.load_runs(str(tmp_path))] == [0, 1]
+
+
+def test_the_answer_figures_draw_one_distinct_marker_per_method_at_the_set_size(tmp_path):
+    methods = bvb.aggregate(front_records())
+    names = [m["name"] for m in bvb.judged(methods)]
+    drawn = bvb.plot_rate_distortion(methods, str(tmp_path / "rd.png"))
+    assert set(drawn) == set(names) | {"β-VAE front (seed mean)"} and len(set(drawn.values())) == len(drawn)
+    front = bvb.matched_rate(methods)
+    forest = bvb.plot_matched_rate(front, methods, str(tmp_path / "forest.png"))
+    assert set(forest) == set(names)            # freebits: inside in one seed only, a point without an interval
+    for path, size in ((tmp_path / "rd.png", (6.5, 10)), (tmp_path / "forest.png", (2 + 0.5 * len(names), 12))):
+        image = mpimg.imread(path)[..., :3]
+        assert image.shape[:2] == (size[0] * 150, size[1] * 150)
+        assert image.std() > 0.05 and ((image.max(-1) - image.min(-1)) > 0.3).mean() > 0.0005
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_report_figures_have_the_set_pixel_size_and_are_not_blank(shared_out, name):
+    # pixels = figsize x 150 dpi, and real content (many grey levels, visible contrast,
+    # coloured curves and markers in the plots, none in the grayscale image grids)
+    image = mpimg.imread(shared_out / name)[..., :3]
+    (width, height), colour_share = FIGURES[name]
+    assert image.shape[:2] == (height * 150, width * 150)
+    gray = image.mean(-1)
+    assert gray.std() > 0.05
+    assert len(np.unique((gray * 255).round())) > 20
+    assert (gray < 0.5).mean() > 0.005                    # ink: axes, lines, markers or image pixels
+    coloured = ((image.max(-1) - image.min(-1)) > 0.3).mean()
+    assert (coloured > colour_share) if colour_share else (coloured == 0.0)
+
+
+def test_reconstruction_figure_shows_the_test_digits_in_its_first_row(shared_out):
+    # fake digits are bright strokes on black: the "original" row holds large black areas, drawn on a fixed scale
+    image = mpimg.imread(shared_out / "reconstructions_comparison.png")[..., :3].mean(-1)
+    first_row = image[: image.shape[0] // 3]
+    assert (first_row < 0.02).mean() > 0.2 and (first_row > 0.9).mean() > 0.1
+
+
+def test_run_files_carry_the_script_hash_and_the_image_figure_arrays_of_their_model(shared_out, data_dir):
+    record = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
+    assert record["script_sha256"] == bvb.SCRIPT_SHA256 and "resumed_from_script_sha256" not in record
+    model = bvb.new_model(16, torch.device("cpu"))
+    model.load_state_dict(torch.load(shared_out / "checkpoints" / "bom_seed0.pt", weights_only=True)["model"])
+    test_images = bvb.load_mnist(data_dir, train=False)[0]
+    for key, packed in bvb.figure_images(model, test_images).items():
+        stored = bvb.unpack_images(record["images"][key])
+        assert stored.shape == (8, 1, 64, 64) and stored.dtype == np.uint8, key
+        assert np.array_equal(stored, bvb.unpack_images(packed)) and stored.std() > 0, key
+    recon = bvb.unpack_images(record["images"]["reconstructions"])
+    model.eval()
+    torch.manual_seed(0)
+    torch.randn(8, 16)                                          # the shared prior samples come first
+    exact = model(bvb.as_float(test_images[:8]))[0].detach().numpy() * 255
+    assert np.abs(recon.astype(float) - exact).max() <= 0.5 + 1e-4   # rounded to the nearest grey level
+
+
+def test_the_report_draws_every_figure_from_the_run_files_alone(shared_out, data_dir, tmp_path):
+    out = copy_of(shared_out, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    for name in FIGURES:
+        (out / name).unlink()
+    bvb.main(run_args(data_dir, out, *SHARED, "--report"))
+    for name in FIGURES:
+        assert np.array_equal(mpimg.imread(out / name), mpimg.imread(shared_out / name)), name
+
+
+def test_the_report_counts_the_script_versions_of_its_run_files(shared_out, data_dir, tmp_path, capsys):
+    out = copy_of(shared_out, tmp_path)
+    path = out / "runs" / "bom_seed0.json"
+    record = json.loads(path.read_text())
+    del record["script_sha256"]                                 # a run file written before they carried it
+    path.write_text(json.dumps(record))
+    summary = bvb.main(run_args(data_dir, out, *SHARED, "--report", "--no-plots"))
+    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 1, None: 1}
+    assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (1 of 2 runs), not recorded (1 of 2 runs)"
+            in capsys.readouterr().out)
+
+
+def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp_path):
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
+                                "--methods", "beta:0.001,beta:0.1,bom", "--bom-sensitivity"))
+    names = set(summary["methods"])
+    assert {"bom_kl_scale0.5", "bom_kl_scale2", "bom_squeeze_k0.25", "bom_squeeze_k1", "bom_mse_floor_mult1.5",
+            "bom_mse_floor_mult4"} <= names
+    run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
+    assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
+    assert summary["sensitivity"][0].startswith("| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs")
+    assert list(summary["front"]) == ["bom"]                                 # variants are not in the verdict
+
+
+def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_dir, tmp_path):
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "2", "--latent-dim", "16", "--no-plots",
+                                "--methods", "beta:0.001,beta:0.1,bom,ablations"))
+    runs = {name: json.loads((tmp_path / "runs" / f"{name}_seed0.json").read_text())
+            for name in ("bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1")}
+    train = bvb.load_mnist(data_dir, train=True)[0][:80].float() / 255
+    assert runs["bom_sharp=data"]["config"]["calibration"]["sharp_ceiling"] == pytest.approx(
+        bvb.sharpness(train).mean().item(), rel=1e-5)
+    assert runs["bom_sharp=off"]["config"]["calibration"]["sharp_ceiling"] is None
+    assert all(row["bottleneck_counts"]["sharp"] == 0 for row in runs["bom_sharp=off"]["history"])
+    assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
+    first = runs["bom_squeeze=1"]["history"][0]
+    assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"], k=0.5))
+    # every ablation is judged against the β front and the β-VAE like every method
+    assert list(summary["front"]) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
+    assert all(list(rows) == list(summary["front"]) for rows in summary["against_beta"].values())
+    # the why section: one row per BOM, counts recomputed from the run files, one sentence per ablation
+    diagnosis = summary["bom_diagnosis"]
+    row = next(line for line in diagnosis if line.startswith("| bom_squeeze=1 |")).split(" | ")
+    histories = [json.loads((tmp_path / "runs" / f"bom_squeeze=1_seed{seed}.json").read_text())["history"]
+                 for seed in (0,)]
+    assert row[2] == f"{statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories):.0f}"
+    assert row[3] == f"{statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse'] for h in histories):.1f}x"
+    assert next(line for line in diagnosis if line.startswith("| bom_sharp=off |")).split(" | ")[5] == "none"
+    assert [line for line in diagnosis if line.startswith("| 2 |")]        # the per-epoch shares reach epoch 2
+    sentences = [line for line in diagnosis if line.startswith("- ")]
+    assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
+    fd = bvb.paired_difference(*(bvb.aggregate(bvb.load_runs(str(tmp_path)))[n] for n in ("bom_sharp=off", "bom")),
+                               "fd_recon")
+    assert f"({bvb.fmt_ci(fd[0], fd[1], 2)}, " in sentences[1]
+    assert "## Why BOM ends where it does" in (tmp_path / "summary.md").read_text()
+    alone = bvb.bom_diagnosis({n: m for n, m in bvb.aggregate(bvb.load_runs(str(tmp_path))).items()
+                               if "ablation" not in m["settings"]}, 0.03, "beta_0.001")
+    assert [line.split(" | ")[0] for line in alone if line.startswith("| bom")] == ["| bom"]
+    assert alone[-1].startswith("- No ablation in these runs")
+
+
+# ----------------------------------------------------------------------------- the command line and bad input
+
+
+def test_cli_end_to_end_writes_every_output(shared_out, data_dir):
+    out = shared_out
+    returncode, stdout = (out.parent / "cli.txt").read_text().split("\n", 1)
+    assert returncode == "0", stdout
+    for name in FIGURES:
+        assert_drawn(out / name)
+    summary = json.loads((out / "summary.json").read_text())
+    methods = [r["method"] for r in summary["runs"]]
+    assert methods == ["beta_0.0001", "bom", "data"]
+    assert bvb.parse_args([]).method_specs == [("beta", 1e-4), ("beta", 1e-3), ("beta", 0.01), ("beta", 0.1),
+                                               ("bom", None)]                     # the notebook's comparison
+    data_row = summary["runs"][-1]
+    assert data_row["status"] == "reference" and data_row["test_mse"] is None
+    test_images = bvb.load_mnist(data_dir, train=False)[0]
+    assert data_row["test_sharp"] == pytest.approx(bvb.sharpness(test_images.float() / 255).mean().item(), rel=1e-5)
+    assert sorted(os.listdir(out / "runs")) == sorted(f"{m}_seed0.json" for m in methods[:-1])
+    bom = json.loads((out / "runs" / "bom_seed0.json").read_text())
+    assert set(bom["config"]["calibration"]) == {"mse_floor", "kl_floor_low", "kl_optimum", "kl_floor_high",
+                                                 "sharp_ceiling"}
+    assert [h["epoch"] for h in bom["history"]] == [1]
+    md = (out / "summary.md").read_text()
+    assert "Best β-VAE by validation MSE" in md and md.index("## Verdict") < md.index("## Test metrics")
+    assert summary["front"]["bom"]["position"] in ("undetermined", "outside")   # one seed: no interval
+    assert len((out / "summary.csv").read_text().strip().splitlines()) == 4
+    assert "## Verdict" in stdout
+    for row in summary["runs"][:-1]:
+        assert all(math.isfinite(row[f"test_{k}"]) for k in bvb.METRICS), row["method"]
+        assert math.isfinite(row["val_neg_elbo"])
+
+
+def test_default_out_is_named_from_the_settings_that_change_results():
+    name = lambda *argv: bvb.parse_args(["--device", "cpu", *argv]).out
+    assert name() == name("--epochs", "20", "--data-dir", "elsewhere", "--no-progress") == os.path.join("results", "default")
+    assert name("--epochs", "5", "--seeds", "0", "1") == os.path.join("results", "e5_s0-1")
+    assert name("--methods", "all", "--lr", "0.0003") == os.path.join("results", "methods-all_lr-0.0003")
+    assert name("--seeds", "0", "1") != name("--seeds", "0", "2") and name("--out", "mine") == "mine"
+    many = "beta:0.001,beta:0.002,beta:0.003,beta:0.004,beta:0.005,bom,geco"        # over 80 characters: cut, hashed
+    long = name("--methods", many, "--bom-kl-scale", "2")
+    assert len(os.path.basename(long)) == 60 + 1 + 8 and long != name("--methods", many, "--bom-kl-scale", "3")
+    quick = bvb.parse_args(["--quick", "--device", "cpu"])
+    assert (quick.epochs, quick.train_subset, quick.val_size, quick.test_subset, quick.iw_samples) == (3, 512, 256, 256, 8)
+    assert quick.out == os.path.join("results", "quick") and bvb.parse_args(["--quick", "--epochs", "1"]).epochs == 1
+    assert name("--quick", "--epochs", "1") == os.path.join("results", "quick_e1")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--methods", "beta:0.1,vae"], "unknown method 'vae'"),
+    (["--methods", "beta:0"], "β must be a finite number > 0"),
+    (["--methods", "beta:-0.1"], "β must be a finite number > 0"),
+    (["--methods", "beta:abc"], "needs a number"),
+    (["--methods", "bom,bom"], "listed twice"),
+    (["--train-subset", "-1"], "--train-subset must be >= 0"),
+    (["--test-subset", "-5"], "--test-subset must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--lr", "-0.001"], "--lr must be a finite number > 0"),
+    (["--methods", "beta:"], "needs a number"),
+    (["--train-subset", "81"], "--train-subset 81 is larger than the 80 training images there are after holding"),
+    (["--test-subset", "1000"], "--test-subset 1000 is larger than the 40 test images there are"),
+    (["--val-size", "96"], "--val-size 96 leaves no training images"),
+    (["--seeds", "0", "0"], "a seed is listed twice"),
+    (["--shard", "3/2"], "--shard must be K/N"),
+    (["--shard", "1/2", "--report"], "separate modes"),
+    (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
+    (["--resume", "--overwrite"], "choose one"),
+    (["--geco-tolerance", "0"], "--geco-tolerance must be a finite number > 0"),
+    (["--controlvae-kl", "-5"], "--controlvae-kl must be a finite number > 0"),
+    (["--methods", "all,bom"], "listed twice"),
+    (["--methods", ""], "--methods"),
+    (["--iw-samples", "0"], "--iw-samples must be >= 1"),
+    (["--val-size", "-1"], "--val-size must be >= 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--shard", "0/2"], "--shard must be K/N"),
+    (["--bom-kl-scale", "0"], "--bom-kl-scale must be a finite number > 0"),
+    (["--bom-squeeze-k", "-1"], "--bom-squeeze-k must be a finite number > 0"),
+    (["--bom-squeeze-start", "0"], "--bom-squeeze-start must be >= 1"),
+    (["--bom-calib-batches", "0"], "--bom-calib-batches must be >= 1"),
+    (["--bom-mse-floor-mult", "0"], "--bom-mse-floor-mult must be a finite number > 0"),
+    (["--bom-kl-low-mult", "0"], "--bom-kl-low-mult must be a finite number > 0"),
+    (["--bom-kl-high-mult", "-2"], "--bom-kl-high-mult must be a finite number > 0"),
+    (["--geco-rate", "nan"], "--geco-rate must be a finite number > 0"),
+    (["--freebits-lambda", "0"], "--freebits-lambda must be a finite number > 0"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(data_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:"), err
+    assert not out.exists() and tree(tmp_path) == before
+
+
+def test_cli_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bom_vs_beta.py"), "--methods", "beta:",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["bom_vs_beta.py: error: --methods: 'beta:' needs a number after 'beta:'"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_but_absent_is_a_clean_error(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(["--device", "cuda", "--data-dir", data_dir, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_amp_is_refused_where_bf16_is_not_native_or_autocast_fails(monkeypatch):
+    bvb.check_amp(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(bvb.UsageError, match=r"Tesla T4 \(compute capability 7.5\) has no native bf16"):
+        bvb.check_amp(torch.device("cuda"))
+
+    def no_bf16(*a, **k):
+        raise RuntimeError("bf16 autocast is not supported here\nsecond line")
+    monkeypatch.setattr(torch, "autocast", no_bf16)
+    with pytest.raises(bvb.UsageError, match=r"^--amp: bf16 autocast fails on cpu .*\(bf16 autocast is not supported "
+                                             r"here\); run without --amp$"):
+        bvb.check_amp(torch.device("cpu"))
+
+
+def test_out_that_is_a_file_or_unwritable_is_refused(data_dir, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "is not writable")):
+        with pytest.raises(SystemExit) as exit_info:
+            bvb.main(run_args(data_dir, out))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert a_file.read_text() == "keep me"
+
+
+def test_report_without_run_files_is_a_one_line_error_and_creates_no_out(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "no run files" in err
+    assert not out.exists(), sorted(os.listdir(tmp_path))
+
+
+def test_report_on_an_existing_out_without_run_files_leaves_it_untouched(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "no run files" in err
+    assert tree(tmp_path) == before
+
+
+def test_existing_results_are_refused_then_replaced_only_on_purpose(small_out, data_dir, tmp_path, capsys):
+    out = copy_of(small_out, tmp_path)
+    before = tree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, "--epochs", "1", "--latent-dim", "16", "--no-plots"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "already holds results" in err and "--overwrite would delete runs" in err
+    assert tree(out) == before
+    bvb.main(run_args(data_dir, out, "--epochs", "1", "--latent-dim", "16", "--no-plots",
+                      "--methods", "beta:0.01", "--overwrite"))
+    assert sorted(os.listdir(out / "runs")) == ["beta_0.01_seed0.json"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["beta_0.01_seed0.pt"]
+
+
+def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_rerun_says_resume(
+        tmp_path, monkeypatch, capsys):
+    """In a copy of the repository (the script and a committed experiment under results/), the headline
+    command's flags (--epochs 20, the device aside) with the data holding 5,000 validation images starts
+    training in results/default; the same command again is refused, offering a fresh --out and --resume, and
+    naming what --overwrite would delete; the committed folder is never touched."""
+    repo = tmp_path / "clone"
+    committed = repo / "results" / "e5_methods-all_n6400_test2000_s0-1-2_val2000_iw16"
+    (committed / "runs").mkdir(parents=True)
+    (committed / "runs" / "bom_seed0.json").write_text('{"name": "bom"}')
+    (committed / "summary.md").write_text("# committed")
+    shutil.copy(os.path.join(HERE, "bom_vs_beta.py"), repo)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    write_idx(raw, "train-images-idx3-ubyte", fake_digits(5064, rng))      # 64 to train on, 5,000 to validate
+    write_idx(raw, "train-labels-idx1-ubyte", rng.integers(0, 10, 5064))
+    write_idx(raw, "t10k-images-idx3-ubyte", fake_digits(16, rng))
+    write_idx(raw, "t10k-labels-idx1-ubyte", rng.integers(0, 10, 16))
+    before = tree(committed)
+    monkeypatch.chdir(repo)
+    started, train_run = [], bvb.train_run
+
+    def interrupt(method, images, args, checkpoint=None, resume_from=None):
+        if checkpoint is None:                                    # the wall-time estimate's few timed steps
+            return train_run(method, images, args)
+        started.append((method.name, images.shape[0], args.epochs))
+        open(checkpoint, "w").close()                             # its first epoch is saved, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bvb, "train_run", interrupt)
+    headline = ["--epochs", "20", "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--cache-dir", CACHE,
+                "--no-progress"]
+    assert bvb.parse_args(headline).out == os.path.join("results", "default")
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(headline)
+    assert exit_info.value.code == 130 and started == [("beta_0.0001", 64, 20)]
+    captured = capsys.readouterr()
+    assert "writing to results/default" in captured.out and "Estimated wall time" in captured.out
+    assert "--resume" in captured.err and (repo / "results" / "default" / "runs").is_dir()
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(headline)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "give this run a fresh folder (--out results/default-2)" in err and "--resume" in err
+    assert err.index("--out results/default-2") < err.index(
+        "--overwrite would delete checkpoints/beta_0.0001_seed0.pt, checkpoints in")
+    assert tree(committed) == before
+
+
+def test_empty_result_folders_left_by_a_failed_start_do_not_block_the_rerun(data_dir, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    bvb.main(run_args(data_dir, tmp_path, "--methods", "beta:0.001", "--epochs", "1", "--latent-dim", "8",
+                      "--no-plots"))
+    assert (tmp_path / "runs" / "beta_0.001_seed0.json").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume and shards
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_breaks(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        bvb.atomic_write(str(path), broken)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_random_states_are_the_cpu_s_and_the_run_device_s_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a GPU machine ...
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: pytest.fail("a CPU run created a CUDA context"))
+    order = torch.Generator().manual_seed(3)
+    assert set(bvb.random_states(order, torch.device("cpu"))) == {"torch", "order"}   # ... running on its CPU
+    saved = torch.tensor([7], dtype=torch.uint8)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    rng = bvb.random_states(order, torch.device("mps"))
+    assert rng["mps"] is saved
+    bvb.set_random_states(rng, order, torch.device("mps"))
+    assert restored == [saved]
+
+
+STATEFUL = ["--epochs", "3", "--latent-dim", "16", "--methods", "geco,controlvae,bom", "--bom-squeeze-start", "1",
+            "--no-plots"]
+
+
+class Killed(BaseException):
+    """A crash no handler in the script catches, raised right after a checkpoint is written."""
+
+
+def test_stateful_runs_killed_mid_training_resume_to_the_same_metrics(data_dir, tmp_path, monkeypatch, capsys):
+    """Killed inside epoch 2 of each of GECO, ControlVAE and BOM in turn (after their state has moved: λ, the
+    integral, a squeeze), resuming each time; the result equals an uninterrupted run's exactly. GECO and ControlVAE
+    die in this process right after their epoch-1 checkpoint; BOM's process gets a real SIGKILL."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    bvb.main(run_args(data_dir, reference, *STATEFUL))
+    real_save = bvb.save_checkpoint
+    for i, name in enumerate(("geco", "controlvae", "bom")):
+        checkpoint = killed / "checkpoints" / f"{name}_seed0.pt"
+        argv = run_args(data_dir, killed, *STATEFUL, *(["--resume"] if i else []))
+        if name != "bom":
+            def save(path, state, name=name):
+                real_save(path, state)
+                if os.path.basename(path) == f"{name}_seed0.pt" and len(state["history"]) == 1:
+                    raise Killed
+            monkeypatch.setattr(bvb, "save_checkpoint", save)
+            with pytest.raises(Killed):
+                bvb.main(argv)
+            monkeypatch.setattr(bvb, "save_checkpoint", real_save)
+        else:
+            proc = subprocess.Popen(script(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 120
+            while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)             # after epoch 1 of this run: inside epoch 2
+            proc.wait()
+        state = torch.load(checkpoint, weights_only=True)
+        assert not state["finished"] and len(state["history"]) < 3, name
+        moved = {"geco": float(state["method"].get("lambda", 1.0)) != 1.0,
+                 "controlvae": state["method"].get("integral", 0.0) != 0.0,
+                 "bom": state["method"].get("constraints") != state["method"].get("calibration")}
+        assert moved[name], name
+    assert not (killed / "summary.json").exists()
+    capsys.readouterr()
+    bvb.main(run_args(data_dir, killed, *STATEFUL, "--resume"))
+    assert "bom: resuming after epoch" in capsys.readouterr().out
+    assert summary_metrics(killed) == summary_metrics(reference)
+    for name in ("geco", "controlvae", "bom"):
+        history = lambda out: json.loads((out / "runs" / f"{name}_seed0.json").read_text())["history"]
+        assert history(killed) == history(reference), name
+
+
+def test_resume_skips_finished_runs_and_reproduces_the_summary(small_out, data_dir, tmp_path, capsys):
+    first = json.loads((small_out / "summary.json").read_text())
+    again = bvb.main(run_args(data_dir, copy_of(small_out, tmp_path), *SMALL, "--resume"))
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert [r["seed"] for r in again["runs"]] == [r["seed"] for r in first["runs"]]
+
+
+def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out, data_dir, tmp_path, capsys):
+    # the β run's file is gone but its finished checkpoint is there: --resume must load it (no training) and
+    # evaluate it again to the same numbers, and keep the BOM run's file as it is
+    out = copy_of(shared_out, tmp_path)
+    original = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    bom_file = (out / "runs" / "bom_seed0.json").read_bytes()
+    (out / "runs" / "beta_0.0001_seed0.json").unlink()
+    bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    printed = capsys.readouterr().out
+    assert "beta_0.0001: finished earlier" in printed and "loaded from" in printed
+    assert "bom, seed 0: finished earlier, kept from" in printed and "epoch 1/1" not in printed
+    again = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    for split in ("val", "test"):
+        assert again[split] == original[split], split
+    assert again["history"] == original["history"] and again["train_seconds"] == original["train_seconds"]
+    assert (out / "runs" / "bom_seed0.json").read_bytes() == bom_file
+
+
+def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (a shell's background job ignores SIGINT and passes that on; Ctrl-C must reach the script as at a terminal)
+    first = out / "checkpoints" / "beta_0.001_seed0.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with:" in err and err.strip().endswith("--no-plots --resume")
+    assert "Traceback" not in err
+    torch.load(first, weights_only=True)             # what was saved is intact
+
+
+def test_corrupt_checkpoint_is_named_in_a_one_line_error(small_out, data_dir, tmp_path, capsys):
+    out = copy_of(small_out, tmp_path)
+    (out / "runs" / "bom_seed0.json").unlink()             # as if killed before the run file was written
+    path = out / "checkpoints" / "bom_seed0.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    before = (out / "summary.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SMALL, "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert str(path) in err and "unreadable" in err
+    assert (out / "summary.json").read_text() == before
+
+
+def test_checkpoint_from_other_settings_says_what_differs(small_out, data_dir, tmp_path, capsys):
+    out = copy_of(small_out, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SMALL, "--resume", "--latent-dim", "8"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "beta_0.001_seed0.json" in err and "latent_dim 16 there, 8 now" in err
+    (out / "runs" / "beta_0.001_seed0.json").unlink()
+    with pytest.raises(SystemExit):
+        bvb.main(run_args(data_dir, out, *SMALL, "--resume", "--latent-dim", "8"))
+    err = capsys.readouterr().err.strip()
+    assert "beta_0.001_seed0.pt" in err and "latent_dim 16 there, 8 now" in err
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_cannot_run_code(data_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"fingerprint": WritesAFile(str(marker))}, tmp_path / "checkpoints" / "bom_seed0.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, tmp_path, *SMALL, "--resume"))
+    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\xff\xfe not json at all",
+    b'{"name": "beta_0.0001", "fingerprint": {"method": "beta_0.0',     # cut off mid-write
+    b"null",
+    b"[1, 2, 3]",
+    b'{"fingerprint": "beta_0.0001"}',
+], ids=["binary", "truncated", "null", "list", "fingerprint-not-a-dict"])
+def test_unreadable_run_file_under_resume_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
+                                                                                  capsys, garbage):
+    out = copy_of(shared_out, tmp_path)
+    run_file = out / "runs" / "beta_0.0001_seed0.json"
+    run_file.write_bytes(garbage)
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:"), err
+    assert str(run_file) in err
+    assert tree(tmp_path) == before
+
+
+def test_unreadable_run_file_under_report_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
+                                                                                  capsys):
+    out = copy_of(shared_out, tmp_path)
+    (out / "runs" / "beta_0.0001_seed0.json").write_bytes(b"\x00\xff\xfe not json at all")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--report"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "beta_0.0001_seed0" in err
+    assert tree(tmp_path) == before
+
+
+def test_resuming_a_checkpoint_of_another_script_version_is_refused_unless_asked(shared_out, data_dir, tmp_path,
+                                                                                  capsys):
+    out = copy_of(shared_out, tmp_path)
+    checkpoint = out / "checkpoints" / "beta_0.0001_seed0.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["script_sha256"] = "0123456789ab" + "0" * 52
+    torch.save(state, checkpoint)
+    (out / "runs" / "beta_0.0001_seed0.json").unlink()
+    before = tree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"was written by another version of bom_vs_beta.py (SHA-256 0123456789ab there, {bvb.SCRIPT_SHA256[:12]} " \
+           f"now)" in err and "--any-version" in err
+    assert tree(out) == before
+    summary = bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume", "--any-version"))
+    record = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
+    assert record["script_sha256"] == bvb.SCRIPT_SHA256
+    assert record["resumed_from_script_sha256"] == state["script_sha256"]
+    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 2}
+    assert f"{bvb.SCRIPT_SHA256[:12]} (2 of 2 runs)" in capsys.readouterr().out
+
+
+def test_the_script_hash_is_of_the_file_or_of_the_notebook_cell_it_was_pasted_into():
+    with open(os.path.join(HERE, "bom_vs_beta.py"), "rb") as f:
+        source = f.read()
+    assert bvb.SCRIPT_SHA256 == hashlib.sha256(source).hexdigest()
+    cell_name = "<ipython-input-7-0123456789ab>"        # IPython keeps a cell's text in linecache under such a name
+    linecache.cache[cell_name] = (len(source), None, source.decode().splitlines(True), cell_name)
+    namespace = {"__name__": "cell"}
+    try:
+        exec(compile(source, cell_name, "exec"), namespace)
+    finally:
+        del linecache.cache[cell_name]
+    assert namespace["SCRIPT_SHA256"] == hashlib.sha256(source).hexdigest()
+
+
+SHARD_RUN = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,beta:0.1,bom", "--seeds", "0", "1"]
+
+
+def comparable(summary):
+    """A summary without what legitimately differs between invocations: timings and the invocation's flags."""
+    strip = lambda row: {k: v for k, v in row.items() if k != "train_seconds"}
+    methods = {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in summary["methods"].items()}
+    return json.dumps(bvb.json_safe([[strip(r) for r in summary["runs"]], methods, summary["front"],
+                                     summary["criteria"], summary["against_beta"], summary["analysis"]]))   # nan: null
+
+
+def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
+    whole = bvb.main(run_args(data_dir, tmp_path / "whole", *SHARD_RUN))
+    sharded = tmp_path / "sharded"
+    assert bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "1/2")) is None
+    assert not (sharded / "summary.json").exists() and len(os.listdir(sharded / "runs")) == 3
+    bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--shard", "2/2"))
+    report = bvb.main(run_args(data_dir, sharded, *SHARD_RUN, "--report"))
+    assert comparable(report) == comparable(whole)
+    assert len(whole["runs"]) == 7 and whole["methods"]["bom"]["seeds"] == [0, 1]
+    for name in FIGURES:
+        assert_drawn(sharded / name)
+    md = (tmp_path / "whole" / "summary.md").read_text()
+    assert md.index("## Verdict: each method against the β-VAE rate–distortion front") < md.index(
+        "## Where each method lands") < md.index("## Against one β-VAE per criterion") < md.index("## Test metrics")
+    assert "| bom | " in md.split("## Where each method lands")[0] and " ± " in md
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_times_every_path_and_writes_benchmark_json(data_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    report = bvb.main(run_args(data_dir, out, "--benchmark", "--benchmark-steps", "2", "--benchmark-repeats", "2",
+                               "--latent-dim", "16", "--methods", "beta:0.001,bom", "--epochs", "2", "--seeds", "0", "1"))
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert set(saved["paths"]) == {"seed pipeline (reference)", "compute ceiling", "beta_0.001", "bom"}
+    assert all(len(row["repeats_ms"]) == 2 for row in saved["paths"].values())   # the arithmetic: a test below
+    assert saved == json.loads(json.dumps(bvb.json_safe(report))) and "vs ceiling" in capsys.readouterr().out
+    assert not (out / "summary.json").exists()                  # a benchmark trains nothing for the tables
+
+
+def test_benchmark_report_arithmetic_from_known_timings(tmp_path, monkeypatch):
+    # known seconds per step in, hand-computed speeds, ratios and wall-time estimates out.
+    # medians: seed 0.2 s, ceiling 0.05 s, beta_0.001 0.1 s, bom 0.25 s; 2 epochs x ceil(80/32) = 6 steps, 2 seeds,
+    # 7 s of evaluation per run: estimate 2·((0.1·6 + 7) + (0.25·6 + 7)) = 32.2 s, seed's 2·2·0.2·6 = 4.8 s
+    per_spec = {("beta", 0.001): [0.1, 0.1, 0.1], ("bom", None): [0.4, 0.2, 0.25]}
+    monkeypatch.setattr(bvb, "time_seed_pipeline", lambda args, device: [0.3, 0.1, 0.2])
+    monkeypatch.setattr(bvb, "time_compute_ceiling", lambda images, args: [0.05, 0.04, 0.06])
+    monkeypatch.setattr(bvb, "time_training", lambda spec, images, args: per_spec[spec])
+    monkeypatch.setattr(bvb, "time_evaluation", lambda splits, args: 7.0)
+    args = bvb.parse_args(["--benchmark", "--epochs", "2", "--seeds", "0", "1", "--methods", "beta:0.001,bom",
+                           "--batch-size", "32", "--device", "cpu", "--out", str(tmp_path)])
+    x, y = torch.zeros(80, 1, 64, 64, dtype=torch.uint8), torch.zeros(80, dtype=torch.long)
+    bvb.run_benchmark(args, {"train": (x, y), "val": (x[:0], y[:0]), "test": (x[:8], y[:8])})
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    expected = {"seed pipeline (reference)": (200.0, 160.0, 1.0, 0.25),
+                "compute ceiling": (50.0, 640.0, 4.0, 1.0),
+                "beta_0.001": (100.0, 320.0, 2.0, 0.5),
+                "bom": (250.0, 128.0, 0.8, 0.2)}
+    assert set(saved["paths"]) == set(expected)
+    for name, (ms, per_s, vs_seed, vs_ceiling) in expected.items():
+        row = saved["paths"][name]
+        assert (row["ms_per_step"], row["images_per_s"], row["vs_seed"], row["vs_ceiling"]) == pytest.approx(
+            (ms, per_s, vs_seed, vs_ceiling)), name
+    assert saved["paths"]["bom"]["repeats_ms"] == pytest.approx([400.0, 200.0, 250.0])
+    assert saved["eval_seconds_per_run"] == 7.0
+    assert saved["estimated_comparison_seconds"] == pytest.approx(32.2)
+    assert saved["seed_pipeline_training_seconds"] == pytest.approx(4.8)
+
+
+def test_the_benchmark_waits_for_an_mps_queue_before_reading_the_clock(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waited.append("cuda"))
+    for device in ("cpu", "mps", "cuda"):
+        bvb.sync(torch.device(device))
+    assert waited == ["mps", "cuda"]
 
 
 # ----------------------------------------------------------------------------- the file as a notebook cell
+
+
+def test_notebook_kernel_argv_is_ignored(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1234.json"])
+    args = bvb.parse_args()
+    assert args.epochs == 20 and args.methods == bvb.DEFAULT_METHODS and args.out == os.path.join("results", "default")
+    assert bvb.parse_args(["--epochs", "2"]).epochs == 2
+
 
 KERNEL_ARGV = ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
                "/root/.local/share/jupyter/runtime/kernel-1234.json"]
@@ -1678,366 +2032,3 @@ def test_the_resume_hint_in_a_notebook_is_a_main_call_that_resumes(monkeypatch):
     monkeypatch.delitem(sys.modules, "ipykernel")
     hint = bvb.resume_command(args)
     assert shlex.split(hint) == ["python", "bom_vs_beta.py", *argv]
-
-
-# ----------------------------------------------------------------------------- hostile inputs
-
-HOSTILE_FLAGS = [
-    (["--iw-samples", "0"], "--iw-samples"),
-    (["--val-size", "-1"], "--val-size"),
-    (["--bom-kl-scale", "0"], "--bom-kl-scale"),
-    (["--bom-squeeze-k", "-1"], "--bom-squeeze-k"),
-    (["--bom-squeeze-start", "0"], "--bom-squeeze-start"),
-    (["--bom-calib-batches", "0"], "--bom-calib-batches"),
-    (["--bom-mse-floor-mult", "0"], "--bom-mse-floor-mult"),
-    (["--bom-kl-low-mult", "0"], "--bom-kl-low-mult"),
-    (["--bom-kl-high-mult", "-2"], "--bom-kl-high-mult"),
-    (["--lr", "inf"], "--lr"),
-    (["--methods", ""], "--methods"),
-    (["--shard", "0/2"], "--shard"),
-    (["--shard", "3/2"], "--shard"),
-]
-
-
-@pytest.mark.parametrize("flags, flag", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
-def test_hostile_flag_is_a_one_line_error_and_writes_nothing(data_dir, tmp_path, capsys, flags, flag):
-    out = tmp_path / "out"
-    before = tree(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, *flags))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and flag in err, err
-    assert not out.exists() and tree(tmp_path) == before
-
-
-def test_report_without_run_files_is_a_one_line_error_and_creates_no_out(data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, "--report"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "no run files" in err
-    assert not out.exists(), sorted(os.listdir(tmp_path))
-
-
-def test_report_on_an_existing_out_without_run_files_leaves_it_untouched(data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    (out / "runs").mkdir(parents=True)
-    (out / "notes.txt").write_text("mine")
-    before = tree(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, "--report"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "no run files" in err
-    assert tree(tmp_path) == before
-
-
-@pytest.mark.parametrize("garbage", [
-    b"\x00\xff\xfe not json at all",
-    b'{"name": "beta_0.0001", "fingerprint": {"method": "beta_0.0',     # cut off mid-write
-    b"null",
-    b"[1, 2, 3]",
-    b'{"fingerprint": "beta_0.0001"}',
-], ids=["binary", "truncated", "null", "list", "fingerprint-not-a-dict"])
-def test_unreadable_run_file_under_resume_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
-                                                                                  capsys, garbage):
-    out = copy_of(shared_out, tmp_path)
-    run_file = out / "runs" / "beta_0.0001_seed0.json"
-    run_file.write_bytes(garbage)
-    before = tree(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:"), err
-    assert str(run_file) in err
-    assert tree(tmp_path) == before
-
-
-def test_unreadable_run_file_under_report_is_a_one_line_error_and_changes_nothing(shared_out, data_dir, tmp_path,
-                                                                                  capsys):
-    out = copy_of(shared_out, tmp_path)
-    (out / "runs" / "beta_0.0001_seed0.json").write_bytes(b"\x00\xff\xfe not json at all")
-    before = tree(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, *SHARED, "--report"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("bom_vs_beta.py: error:") and "beta_0.0001_seed0" in err
-    assert tree(tmp_path) == before
-
-
-# ----------------------------------------------------------------------------- figures, benchmark arithmetic, resume
-
-FIGURES = {  # file: (figsize in inches as the script sets it, least share of coloured pixels: curves, markers)
-    "training_comparison.png": ((15, 4), 0.002), "rate_distortion.png": ((10, 6.5), 0.0003),
-    "reconstructions_comparison.png": ((16, 2 * 3), 0.0), "samples_comparison.png": ((16, 2 * 2), 0.0)}
-# 2 methods: 3 rows of reconstructions (originals + 2 models), 2 rows of samples; grids use the gray colormap
-
-
-def assert_drawn(path):
-    """A figure of the width the script sets (at 150 dpi) with real content on it, whatever its row count."""
-    image = mpimg.imread(path)[..., :3].mean(-1)
-    assert image.shape[1] == FIGURES[path.name][0][0] * 150 and image.std() > 0.05, path.name
-
-
-@pytest.mark.parametrize("name", sorted(FIGURES))
-def test_report_figures_have_the_set_pixel_size_and_are_not_blank(shared_out, name):
-    # pixels = figsize x 150 dpi, and real content (many grey levels, visible contrast,
-    # coloured curves and markers in the plots, none in the grayscale image grids)
-    image = mpimg.imread(shared_out / name)[..., :3]
-    (width, height), colour_share = FIGURES[name]
-    assert image.shape[:2] == (height * 150, width * 150)
-    gray = image.mean(-1)
-    assert gray.std() > 0.05
-    assert len(np.unique((gray * 255).round())) > 20
-    assert (gray < 0.5).mean() > 0.005                    # ink: axes, lines, markers or image pixels
-    coloured = ((image.max(-1) - image.min(-1)) > 0.3).mean()
-    assert (coloured > colour_share) if colour_share else (coloured == 0.0)
-
-
-def test_reconstruction_figure_shows_the_test_digits_in_its_first_row(shared_out):
-    # fake digits are bright strokes on black: the "original" row holds large black areas, drawn on a fixed scale
-    image = mpimg.imread(shared_out / "reconstructions_comparison.png")[..., :3].mean(-1)
-    first_row = image[: image.shape[0] // 3]
-    assert (first_row < 0.02).mean() > 0.2 and (first_row > 0.9).mean() > 0.1
-
-
-def test_benchmark_report_arithmetic_from_known_timings(tmp_path, monkeypatch):
-    # known seconds per step in, hand-computed speeds, ratios and wall-time estimates out.
-    # medians: seed 0.2 s, ceiling 0.05 s, beta_0.001 0.1 s, bom 0.25 s; 2 epochs x ceil(80/32) = 6 steps, 2 seeds,
-    # 7 s of evaluation per run: estimate 2·((0.1·6 + 7) + (0.25·6 + 7)) = 32.2 s, seed's 2·2·0.2·6 = 4.8 s
-    per_spec = {("beta", 0.001): [0.1, 0.1, 0.1], ("bom", None): [0.4, 0.2, 0.25]}
-    monkeypatch.setattr(bvb, "time_seed_pipeline", lambda args, device: [0.3, 0.1, 0.2])
-    monkeypatch.setattr(bvb, "time_compute_ceiling", lambda images, args: [0.05, 0.04, 0.06])
-    monkeypatch.setattr(bvb, "time_training", lambda spec, images, args: per_spec[spec])
-    monkeypatch.setattr(bvb, "time_evaluation", lambda splits, args: 7.0)
-    args = bvb.parse_args(["--benchmark", "--epochs", "2", "--seeds", "0", "1", "--methods", "beta:0.001,bom",
-                           "--batch-size", "32", "--device", "cpu", "--out", str(tmp_path)])
-    x, y = torch.zeros(80, 1, 64, 64, dtype=torch.uint8), torch.zeros(80, dtype=torch.long)
-    bvb.run_benchmark(args, {"train": (x, y), "val": (x[:0], y[:0]), "test": (x[:8], y[:8])})
-    saved = json.loads((tmp_path / "benchmark.json").read_text())
-    expected = {"seed pipeline (reference)": (200.0, 160.0, 1.0, 0.25),
-                "compute ceiling": (50.0, 640.0, 4.0, 1.0),
-                "beta_0.001": (100.0, 320.0, 2.0, 0.5),
-                "bom": (250.0, 128.0, 0.8, 0.2)}
-    assert set(saved["paths"]) == set(expected)
-    for name, (ms, per_s, vs_seed, vs_ceiling) in expected.items():
-        row = saved["paths"][name]
-        assert (row["ms_per_step"], row["images_per_s"], row["vs_seed"], row["vs_ceiling"]) == pytest.approx(
-            (ms, per_s, vs_seed, vs_ceiling)), name
-    assert saved["paths"]["bom"]["repeats_ms"] == pytest.approx([400.0, 200.0, 250.0])
-    assert saved["eval_seconds_per_run"] == 7.0
-    assert saved["estimated_comparison_seconds"] == pytest.approx(32.2)
-    assert saved["seed_pipeline_training_seconds"] == pytest.approx(4.8)
-
-
-def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out, data_dir, tmp_path, capsys):
-    # the β run's file is gone but its finished checkpoint is there: --resume must load it (no training) and
-    # evaluate it again to the same numbers, and keep the BOM run's file as it is
-    out = copy_of(shared_out, tmp_path)
-    original = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
-    bom_file = (out / "runs" / "bom_seed0.json").read_bytes()
-    (out / "runs" / "beta_0.0001_seed0.json").unlink()
-    bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
-    printed = capsys.readouterr().out
-    assert "beta_0.0001: finished earlier" in printed and "loaded from" in printed
-    assert "bom, seed 0: finished earlier, kept from" in printed and "epoch 1/1" not in printed
-    again = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
-    for split in ("val", "test"):
-        assert again[split] == original[split], split
-    assert again["history"] == original["history"] and again["train_seconds"] == original["train_seconds"]
-    assert (out / "runs" / "bom_seed0.json").read_bytes() == bom_file
-
-
-# ----------------------------------------------------------------------------- devices, provenance, run files alone
-
-class OnMPS(torch.Tensor):
-    """A tensor that refuses float64 until it is moved to the CPU, as one on Apple's MPS does."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cpu:
-            return args[0].as_subclass(torch.Tensor)
-        if func is torch.Tensor.double or (func is torch.Tensor.to and torch.float64 in (*args[1:], *kwargs.values())):
-            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-def test_frechet_distance_makes_no_float64_tensor_on_the_features_device():
-    a, b = torch.randn(50, 4), torch.randn(60, 4) + 1
-    assert bvb.frechet_distance(a.as_subclass(OnMPS), b.as_subclass(OnMPS)) == bvb.frechet_distance(a, b)
-
-
-def test_worst_score_counts_equal_bincount_without_calling_it(monkeypatch):
-    worst = torch.randint(0, 3, (100,))
-    for indices in (worst, worst.clamp(max=1)):                  # three scores, or two with the sharpness one off
-        assert torch.equal(bvb.worst_counts(indices), torch.bincount(indices, minlength=3))
-    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("bincount syncs with the host on a GPU"))
-    bom = bom_with({"mse_floor": 0.1, "kl_floor_low": 1.0, "kl_optimum": 5.0, "kl_floor_high": 10.0,
-                    "sharp_ceiling": 0.5})
-    _, _, logs = bom.batch_loss(torch.tensor([0.01, 0.09]), torch.tensor([5.0, 5.0]), torch.tensor([0.25, 0.5]), None)
-    assert logs["bottleneck_counts"].tolist() == [1, 0, 1]      # image 2's MSE score 0.1 is its worst; image 1's sharpness
-
-
-def test_a_non_fused_optimizer_state_resumes_under_a_fused_optimizer_and_still_skips(monkeypatch):
-    # an MPS checkpoint (non-fused Adam) loaded on the CPU, where the optimizer is built fused: the param
-    # group now says non-fused, and a skipped batch must neither assert nor move the weights
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    mps_adam = torch.optim.Adam(model.parameters(), lr=0.1, fused=False)
-    bvb.optimizer_step(mps_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
-    cpu_adam = bvb.new_optimizer(model, 0.1)
-    assert cpu_adam.defaults["fused"]
-    cpu_adam.load_state_dict(mps_adam.state_dict())
-    before = [p.detach().clone() for p in model.parameters()]
-    assert not bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(True))
-    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    assert bvb.optimizer_step(cpu_adam, model, model(torch.ones(2, 3)).sum(), torch.tensor(False))
-    assert not torch.equal(before[0], model.weight)
-
-
-def test_autocast_is_entered_only_with_amp(monkeypatch):
-    entered = []
-    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append(a) or pytest.fail("autocast entered"))
-    model, x = bvb.VAE(8), torch.rand(2, 1, 64, 64)
-    bvb.forward_metrics(model, x, amp=False)
-    with pytest.raises(pytest.fail.Exception):
-        bvb.forward_metrics(model, x, amp=True)
-    assert entered == [("cpu",)]
-
-
-def test_random_states_are_the_cpu_s_and_the_run_device_s_only(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a GPU machine ...
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: pytest.fail("a CPU run created a CUDA context"))
-    order = torch.Generator().manual_seed(3)
-    assert set(bvb.random_states(order, torch.device("cpu"))) == {"torch", "order"}   # ... running on its CPU
-    saved = torch.tensor([7], dtype=torch.uint8)
-    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
-    restored = []
-    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
-    rng = bvb.random_states(order, torch.device("mps"))
-    assert rng["mps"] is saved
-    bvb.set_random_states(rng, order, torch.device("mps"))
-    assert restored == [saved]
-
-
-def test_the_benchmark_waits_for_an_mps_queue_before_reading_the_clock(monkeypatch):
-    waited = []
-    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waited.append("cuda"))
-    for device in ("cpu", "mps", "cuda"):
-        bvb.sync(torch.device(device))
-    assert waited == ["mps", "cuda"]
-
-
-def test_each_data_file_is_moved_to_the_device_once_and_the_splits_are_views_of_it(data_dir):
-    args = bvb.parse_args(run_args(data_dir, "unused", "--train-subset", "48"))
-    splits = bvb.load_splits(args, torch.device("meta"))        # a copy per split would leave each without a base
-    train_file = splits["train"][0]._base
-    assert train_file is not None and train_file.shape[0] == N_TRAIN
-    assert splits["val"][0]._base is train_file and splits["classifier"][0]._base is train_file
-    assert splits["test"][0]._base.shape[0] == N_TEST
-
-
-def test_amp_is_refused_where_bf16_is_not_native_or_autocast_fails(monkeypatch):
-    bvb.check_amp(torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with pytest.raises(bvb.UsageError, match=r"Tesla T4 \(compute capability 7.5\) has no native bf16"):
-        bvb.check_amp(torch.device("cuda"))
-
-    def no_bf16(*a, **k):
-        raise RuntimeError("bf16 autocast is not supported here\nsecond line")
-    monkeypatch.setattr(torch, "autocast", no_bf16)
-    with pytest.raises(bvb.UsageError, match=r"^--amp: bf16 autocast fails on cpu .*\(bf16 autocast is not supported "
-                                             r"here\); run without --amp$"):
-        bvb.check_amp(torch.device("cpu"))
-
-
-def test_the_script_hash_is_of_the_file_or_of_the_notebook_cell_it_was_pasted_into():
-    with open(os.path.join(HERE, "bom_vs_beta.py"), "rb") as f:
-        source = f.read()
-    assert bvb.SCRIPT_SHA256 == hashlib.sha256(source).hexdigest()
-    cell_name = "<ipython-input-7-0123456789ab>"        # IPython keeps a cell's text in linecache under such a name
-    linecache.cache[cell_name] = (len(source), None, source.decode().splitlines(True), cell_name)
-    namespace = {"__name__": "cell"}
-    try:
-        exec(compile(source, cell_name, "exec"), namespace)
-    finally:
-        del linecache.cache[cell_name]
-    assert namespace["SCRIPT_SHA256"] == hashlib.sha256(source).hexdigest()
-
-
-def test_run_files_carry_the_script_hash_and_the_image_figure_arrays_of_their_model(shared_out, data_dir):
-    record = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
-    assert record["script_sha256"] == bvb.SCRIPT_SHA256 and "resumed_from_script_sha256" not in record
-    model = bvb.new_model(16, torch.device("cpu"))
-    model.load_state_dict(torch.load(shared_out / "checkpoints" / "bom_seed0.pt", weights_only=True)["model"])
-    test_images = bvb.load_mnist(data_dir, train=False)[0]
-    for key, packed in bvb.figure_images(model, test_images).items():
-        stored = bvb.unpack_images(record["images"][key])
-        assert stored.shape == (8, 1, 64, 64) and stored.dtype == np.uint8, key
-        assert np.array_equal(stored, bvb.unpack_images(packed)) and stored.std() > 0, key
-    recon = bvb.unpack_images(record["images"]["reconstructions"])
-    model.eval()
-    torch.manual_seed(0)
-    torch.randn(8, 16)                                          # the shared prior samples come first
-    exact = model(bvb.as_float(test_images[:8]))[0].detach().numpy() * 255
-    assert np.abs(recon.astype(float) - exact).max() <= 0.5 + 1e-4   # rounded to the nearest grey level
-
-
-def test_the_report_draws_every_figure_from_the_run_files_alone(shared_out, data_dir, tmp_path):
-    out = copy_of(shared_out, tmp_path)
-    shutil.rmtree(out / "checkpoints")
-    for name in FIGURES:
-        (out / name).unlink()
-    bvb.main(run_args(data_dir, out, *SHARED, "--report"))
-    for name in FIGURES:
-        assert np.array_equal(mpimg.imread(out / name), mpimg.imread(shared_out / name)), name
-
-
-def test_resuming_a_checkpoint_of_another_script_version_is_refused_unless_asked(shared_out, data_dir, tmp_path,
-                                                                                  capsys):
-    out = copy_of(shared_out, tmp_path)
-    checkpoint = out / "checkpoints" / "beta_0.0001_seed0.pt"
-    state = torch.load(checkpoint, weights_only=True)
-    state["script_sha256"] = "0123456789ab" + "0" * 52
-    torch.save(state, checkpoint)
-    (out / "runs" / "beta_0.0001_seed0.json").unlink()
-    before = tree(out)
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert f"was written by another version of bom_vs_beta.py (SHA-256 0123456789ab there, {bvb.SCRIPT_SHA256[:12]} " \
-           f"now)" in err and "--any-version" in err
-    assert tree(out) == before
-    summary = bvb.main(run_args(data_dir, out, *SHARED, "--no-plots", "--resume", "--any-version"))
-    record = json.loads((out / "runs" / "beta_0.0001_seed0.json").read_text())
-    assert record["script_sha256"] == bvb.SCRIPT_SHA256
-    assert record["resumed_from_script_sha256"] == state["script_sha256"]
-    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 2}
-    assert f"{bvb.SCRIPT_SHA256[:12]} (2 of 2 runs)" in capsys.readouterr().out
-
-
-def test_the_report_counts_the_script_versions_of_its_run_files(shared_out, data_dir, tmp_path, capsys):
-    out = copy_of(shared_out, tmp_path)
-    path = out / "runs" / "bom_seed0.json"
-    record = json.loads(path.read_text())
-    del record["script_sha256"]                                 # a run file written before they carried it
-    path.write_text(json.dumps(record))
-    summary = bvb.main(run_args(data_dir, out, *SHARED, "--report", "--no-plots"))
-    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 1, None: 1}
-    assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (1 of 2 runs), not recorded (1 of 2 runs)"
-            in capsys.readouterr().out)
-
-
-def test_empty_result_folders_left_by_a_failed_start_do_not_block_the_rerun(data_dir, tmp_path):
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "checkpoints").mkdir()
-    bvb.main(run_args(data_dir, tmp_path, "--methods", "beta:0.001", "--epochs", "1", "--latent-dim", "8",
-                      "--no-plots"))
-    assert (tmp_path / "runs" / "beta_0.001_seed0.json").exists()
