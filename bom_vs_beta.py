@@ -1355,22 +1355,16 @@ def judge(mean, half, direction):
 
 
 def sensitivity(methods):
-    """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid."""
+    """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid: per metric the
+    (min, max) of the seed means of each (None without a finite one); {} with fewer than two BOM settings."""
     boms = [m for m in methods.values() if m["kind"] == "bom" and "ablation" not in m["settings"]]
     betas = [m for m in methods.values() if m["kind"] == "beta"]
     if len(boms) < 2:
-        return []
-    lines = [f"| metric | BOM: range over its {len(boms)} settings | β-VAE: range over its {len(betas)} βs |",
-             "|---|---|---|"]
-    for key in SELECTABLE + ("kl",):
-        label, digits, _ = METRICS[key]
-        spread = lambda group: [m["test"][key][0] for m in group if math.isfinite(m["test"][key][0])]
-        bom, beta = spread(boms), spread(betas)
-        lines.append(f"| {label} | {fmt(min(bom), digits) if bom else 'n/a'} … {fmt(max(bom), digits) if bom else 'n/a'}"
-                     f" (spread {fmt(max(bom) - min(bom), digits) if bom else 'n/a'}) | "
-                     f"{fmt(min(beta), digits) if beta else 'n/a'} … {fmt(max(beta), digits) if beta else 'n/a'}"
-                     f" (spread {fmt(max(beta) - min(beta), digits) if beta else 'n/a'}) |")
-    return lines
+        return {}
+    span = lambda group, key: (lambda v: [min(v), max(v)] if v else None)(
+        [m["test"][key][0] for m in group if math.isfinite(m["test"][key][0])])
+    return {"bom_settings": len(boms), "betas": len(betas),
+            "range": {key: {"bom": span(boms, key), "beta": span(betas, key)} for key in SELECTABLE + ("kl",)}}
 
 
 def balanced_score(mse, kl, sharp):
@@ -1379,37 +1373,26 @@ def balanced_score(mse, kl, sharp):
 
 
 def notebook_analysis(methods):
-    """The notebook's analysis, computed on seed means with β chosen on validation (not on test)."""
+    """The notebook's analysis on seed means, β chosen on validation (not on test): the best β-VAE by validation MSE
+    and by the balanced score with their test values, and BOM's; {} without finished β runs."""
     betas = [m for m in methods.values() if m["kind"] == "beta" and m["statuses"] == ["ok"]]
-    bom = methods.get("bom")
-    lines = []
+    if not (betas and math.isfinite(betas[0]["val"]["mse"][0])):
+        return {}
     score = lambda m, split: balanced_score(*(m[split][k][0] for k in ("mse", "kl", "sharp")))
-    if betas and math.isfinite(betas[0]["val"]["mse"][0]):
-        best = min(betas, key=lambda m: m["val"]["mse"][0])
-        lines.append(f"Best β-VAE by validation MSE: {best['name']} (test MSE {best['test']['mse'][0]:.4f}).")
-        best_bal = max(betas, key=lambda m: score(m, "val"))
-        lines.append(f"Best β-VAE by the notebook's balanced score on validation: {best_bal['name']} "
-                     f"(test score {score(best_bal, 'test'):.4f}).")
-        if bom is not None and math.isfinite(bom["test"]["mse"][0]):
-            lines.append(f"BOM-VAE: test MSE {bom['test']['mse'][0]:.4f} "
-                         f"({100 * (bom['test']['mse'][0] / best['test']['mse'][0] - 1):+.1f}% vs {best['name']}), "
-                         f"balanced score {score(bom, 'test'):.4f} vs {score(best_bal, 'test'):.4f} "
-                         f"({'higher' if score(bom, 'test') > score(best_bal, 'test') else 'not higher'}).")
-    return lines
+    best = min(betas, key=lambda m: m["val"]["mse"][0])
+    best_balanced = max(betas, key=lambda m: score(m, "val"))
+    out = {"best_by_mse": best["name"], "best_test_mse": best["test"]["mse"][0],
+           "best_by_balanced": best_balanced["name"], "best_balanced_test": score(best_balanced, "test")}
+    bom = methods.get("bom")
+    if bom is not None and math.isfinite(bom["test"]["mse"][0]):
+        out.update(bom_test_mse=bom["test"]["mse"][0], bom_balanced_test=score(bom, "test"))
+    return out
 
 
 def sharpness_against_data(methods, data_sharp):
-    """Each method's test sharpness as a multiple of the test images' own: more than 10% above it is
-    high-frequency noise, not detail; more than 10% below, blur."""
-    lines = []
-    for m in methods.values():
-        sharp = m["test"]["sharp"][0]
-        if not m["variant"] and math.isfinite(sharp):
-            ratio = sharp / data_sharp
-            word = ("sharper than the data: high-frequency noise, not detail" if ratio > 1.1 else
-                    "blurrier than the data" if ratio < 0.9 else "within 10% of the data's")
-            lines.append(f"{m['name']}: {sharp:.4f}, {ratio:.2f}x the data's ({word})")
-    return lines
+    """Each method's test sharpness and its multiple of the test images' own (BOM's sensitivity runs left out)."""
+    return {m["name"]: {"sharp": m["test"]["sharp"][0], "ratio": m["test"]["sharp"][0] / data_sharp}
+            for m in methods.values() if not m["variant"] and math.isfinite(m["test"]["sharp"][0])}
 
 
 def history_mean(m, value):
@@ -1425,60 +1408,40 @@ def bottleneck_shares(row):
 
 
 def bom_diagnosis(methods, data_sharp, baseline):
-    """Why BOM ends where it does, from the run files of BOM and its ablations: the last epoch's constraints
-    against their targets, the worst score's share of images per epoch, and per ablation what changing its
-    one component moved (test differences ablation − BOM paired by seed, and the share of BOM's gap to the
-    β-VAE `baseline` that the change closes)."""
-    boms = [m for m in methods.values() if m["kind"] == "bom" and not m["variant"]]
+    """Why BOM ends where it does, from the run files of BOM and its ablations (seed means): per BOM its squeezes, last
+    constraints against their targets and the worst score's share of images (last epoch, and per epoch); per
+    ablation what changing its one component moved: test differences ablation − BOM paired by seed, and the share of
+    BOM's gap to the β-VAE `baseline` that the change closes (negative: widens). {} without the notebook's BOM."""
     if "bom" not in methods:
-        return []
-    bom, share = methods["bom"], lambda key, epoch=-1: lambda h: bottleneck_shares(h[epoch])[key]
-    md = ["| method | what it changes | squeezes trained with | MSE floor / training MSE | KL box optimum (target) | "
-          "sharpness ceiling / data's | test sharpness / data's | worst score, last epoch (MSE · KL · sharpness) |",
-          "|---|---|---|---|---|---|---|---|"]
-    for m in boms:
-        last = lambda h: h[-1]["constraints"]
-        ceiling = history_mean(m, lambda h: last(h)["sharp_ceiling"] or float("nan")) / data_sharp
-        md.append(f"| {m['name']} | {BOMVAE.ABLATIONS.get(m['settings'].get('ablation'), 'the notebook’s BOM')} | "
-                  f"{history_mean(m, lambda h: sum(row['squeeze_factor'] < 1 for row in h[:-1])):.0f} | "
-                  f"{history_mean(m, lambda h: last(h)['mse_floor'] / h[-1]['mse']):.1f}x | "
-                  f"{history_mean(m, lambda h: last(h)['kl_optimum']):.1f} ({m['settings']['kl_targets'][1]:g}) | "
-                  f"{'none' if not math.isfinite(ceiling) else f'{ceiling:.2f}x'} | "
-                  f"{m['test']['sharp'][0] / data_sharp:.2f}x | "
-                  + " · ".join(f"{history_mean(m, share(k)):.0%}" for k in BOTTLENECKS) + " |")
+        return {}
+    boms = [m for m in methods.values() if m["kind"] == "bom" and not m["variant"]]
+    bom, last = methods["bom"], lambda h: h[-1]["constraints"]
+    share = lambda key, epoch=-1: lambda h: bottleneck_shares(h[epoch])[key]
     epochs = min(len(r["history"]) for m in boms for r in m["runs"])
-    md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", "",
-           "| epoch | " + " | ".join(m["name"] for m in boms) + " |", "|" + "---|" * (len(boms) + 1)]
-    for e in range(epochs):
-        md.append(f"| {e + 1} | " + " | ".join(
-            "/".join(f"{100 * history_mean(m, share(k, e)):.0f}" for k in BOTTLENECKS) for m in boms) + " |")
-    md.append("")
-    if len(boms) == 1:
-        md.append("- No ablation in these runs (`--methods ...,ablations` adds them): nothing here separates BOM's "
-                  "components.")
-    for m in (m for m in boms if m is not bom):
-        ablation = m["settings"]["ablation"]
+    rows = {m["name"]: {
+        "ablation": m["settings"].get("ablation"),
+        "squeezes": history_mean(m, lambda h: sum(row["squeeze_factor"] < 1 for row in h[:-1])),
+        "mse_floor_over_mse": history_mean(m, lambda h: last(h)["mse_floor"] / h[-1]["mse"]),
+        "kl_optimum": history_mean(m, lambda h: last(h)["kl_optimum"]), "kl_target": m["settings"]["kl_targets"][1],
+        "sharp_ceiling_over_data": history_mean(m, lambda h: last(h)["sharp_ceiling"] or float("nan")) / data_sharp,
+        "test_sharp_over_data": m["test"]["sharp"][0] / data_sharp,
+        "worst_share": {k: history_mean(m, share(k)) for k in BOTTLENECKS},
+        "worst_share_per_epoch": [{k: history_mean(m, share(k, e)) for k in BOTTLENECKS} for e in range(epochs)]}
+        for m in boms}
+    for m in boms:
+        if m is bom:
+            continue
+        moves = {}
+        for key in ("fd_recon", "fd_prior", "iwae_nll", "mse"):
+            diff, half, n = paired_difference(m, bom, key)
+            gap = bom["test"][key][0] - methods[baseline]["test"][key][0] if baseline else float("nan")
+            moves[key] = {"bom": bom["test"][key][0], "ablation": m["test"][key][0], "diff": diff, "half": half, "n": n,
+                          "judgement": judge(diff, half, METRICS[key][2]),
+                          "gap_closed": diff / -gap if METRICS[key][2] * gap < 0 else None}
         same = [other["name"] for other in boms if other is not m and other["seeds"] == m["seeds"] and all(
             r.get("test") == o.get("test") for r, o in zip(m["runs"], other["runs"]))]
-        moves = []
-        for key in ("fd_recon", "fd_prior", "iwae_nll", "mse"):
-            diff, half, _ = paired_difference(m, bom, key)
-            label, digits, direction = METRICS[key]
-            text = (f"{label} {fmt(bom['test'][key][0], digits)} → {fmt(m['test'][key][0], digits)} "
-                    f"({fmt_ci(diff, half, digits)}, {judge(diff, half, direction)})")
-            gap = bom["test"][key][0] - methods[baseline]["test"][key][0] if baseline else float("nan")
-            if direction * gap < 0:       # BOM worse than the β-VAE: how much of that gap the change closes
-                closed = diff / -gap
-                text += (f", {closed:.0%} of BOM's gap to {baseline} closed" if closed >= 0 else
-                         f", BOM's gap to {baseline} widened by {-closed:.0%}")
-            moves.append(text)
-        md.append(f"- {m['name']} ({BOMVAE.ABLATIONS[ablation]}): test sharpness "
-                  f"{bom['test']['sharp'][0] / data_sharp:.2f}x → {m['test']['sharp'][0] / data_sharp:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was "
-                  f"the worst score for {history_mean(m, share('sharp')):.0%} of the last epoch's images (BOM: "
-                  f"{history_mean(bom, share('sharp')):.0%}), MSE for {history_mean(m, share('mse')):.0%} "
-                  f"(BOM: {history_mean(bom, share('mse')):.0%})."
-                  + (f" Identical to {', '.join(same)} in every seed on every test metric." if same else ""))
-    return md
+        rows[m["name"]].update(moves=moves, identical_to=same)
+    return {"baseline": baseline, "methods": rows}
 
 
 SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for k in METRICS),
@@ -1578,11 +1541,9 @@ def summary_markdown(summary, methods, config):
                                                  if row["seeds_outside"] else ""),
                          row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
                         for name, row in front.items()])
-        md += ["", "Per seed, the front is that seed's β runs, piecewise linear in log test KL (log MSE, log FD prior, "
-               "IWAE NLL); each run is compared with it at its own test KL, and the ratios (differences) are summarised "
-               "over seeds: geometric mean and 95% Student-t interval. `*`: Holm-adjusted p < 0.05 over the row's "
-               "three metrics. The position follows the MSE ratio's adjusted test, and is above (below) only when "
-               "every seed's MSE is also above (below) both β runs whose rates bracket it."]
+        md += ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: Holm-adjusted "
+               "p < 0.05 over the row's three metrics. The front, the pairing by seed and the position: README, "
+               "\"How the verdict is computed\"."]
     else:
         md += ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
     md += ["", "## Where each method lands without tuning", ""]
@@ -1604,9 +1565,8 @@ def summary_markdown(summary, methods, config):
     md += [f"- By {criterion_label(c)} in each seed alone, the β of seed(s) {', '.join(map(str, c['seeds_at_edge']))} "
            f"is an end of the sweep." for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
     md += ["", "## Against one β-VAE per criterion (secondary)", "",
-           "Paired test differences, method − the chosen β-VAE, mean and 95% interval; `→ better/worse` only when the "
-           "Holm-adjusted p over the three families is < 0.05 both with β chosen by the mean over seeds and with each "
-           "seed's own choice (a robust finding); otherwise `n.d.`.", ""]
+           "Paired test differences, method − the chosen β-VAE, mean [95% interval]; `→ better/worse` only for a robust "
+           "finding (README, \"How the verdict is computed\"), otherwise `n.d.`.", ""]
     for label, rows in summary["against_beta"].items():
         c = choices[label]
         md += [f"### β-VAE chosen by {criterion_label(c)}: {c['beta']}", ""]
@@ -1625,7 +1585,7 @@ def summary_markdown(summary, methods, config):
     md += ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature classifier "
            f"behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test accuracy."]
     md += ["", f"## Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})", ""]
-    md += [f"- {line}" for line in summary["sharpness_against_data"]]
+    md += sharpness_lines(summary["sharpness_against_data"])
     checks = [(name, seed, c) for name, m in methods.items() for seed, cs in m["targets"].items() for c in cs]
     if checks:
         md += ["", f"## Did each constrained method reach its own target? (last training epoch, "
@@ -1635,12 +1595,82 @@ def summary_markdown(summary, methods, config):
                          "" if target is None else "MISSED" if missed((what, value, target)) else "ok"]
                         for name, seed, (what, value, target) in checks])
     if summary["analysis"]:
-        md += ["", "## The notebook's analysis (β chosen on validation)", ""] + [f"- {x}" for x in summary["analysis"]]
+        md += ["", "## The notebook's analysis (β chosen on validation)", ""] + analysis_lines(summary["analysis"])
     if summary["bom_diagnosis"]:
-        md += ["", "## Why BOM ends where it does (seed means)", ""] + summary["bom_diagnosis"]
+        md += ["", "## Why BOM ends where it does (seed means)", ""] + diagnosis_lines(summary["bom_diagnosis"])
     if summary["sensitivity"]:
-        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + summary["sensitivity"]
+        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + sensitivity_lines(summary["sensitivity"])
     return "\n".join(md) + "\n"
+
+
+def analysis_lines(a):
+    """The notebook's analysis as it printed it."""
+    lines = [f"Best β-VAE by validation MSE: {a['best_by_mse']} (test MSE {a['best_test_mse']:.4f}).",
+             f"Best β-VAE by the notebook's balanced score on validation: {a['best_by_balanced']} "
+             f"(test score {a['best_balanced_test']:.4f})."]
+    if "bom_test_mse" in a:
+        higher = a["bom_balanced_test"] > a["best_balanced_test"]
+        lines.append(f"BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({100 * (a['bom_test_mse'] / a['best_test_mse'] - 1):+.1f}% "
+                     f"vs {a['best_by_mse']}), balanced score {a['bom_balanced_test']:.4f} vs {a['best_balanced_test']:.4f} "
+                     f"({'higher' if higher else 'not higher'}).")
+    return [f"- {line}" for line in lines]
+
+
+def sharpness_lines(rows):
+    """More than 10% above the data's sharpness is high-frequency noise, not detail; more than 10% below, blur."""
+    word = lambda r: ("sharper than the data: high-frequency noise, not detail" if r > 1.1 else
+                      "blurrier than the data" if r < 0.9 else "within 10% of the data's")
+    return [f"- {name}: {row['sharp']:.4f}, {row['ratio']:.2f}x the data's ({word(row['ratio'])})"
+            for name, row in rows.items()]
+
+
+def diagnosis_lines(d):
+    rows, baseline = d["methods"], d["baseline"]
+    shares = lambda s: " · ".join(f"{s[k]:.0%}" for k in BOTTLENECKS)
+    md = md_table(["method", "what it changes", "squeezes trained with", "MSE floor / training MSE",
+                   "KL box optimum (target)", "sharpness ceiling / data's", "test sharpness / data's",
+                   "worst score, last epoch (MSE · KL · sharpness)"],
+                  [[name, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"), f"{r['squeezes']:.0f}",
+                    f"{r['mse_floor_over_mse']:.1f}x", f"{r['kl_optimum']:.1f} ({r['kl_target']:g})",
+                    "none" if not math.isfinite(r["sharp_ceiling_over_data"]) else f"{r['sharp_ceiling_over_data']:.2f}x",
+                    f"{r['test_sharp_over_data']:.2f}x", shares(r["worst_share"])] for name, r in rows.items()])
+    md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", ""]
+    epochs = len(rows["bom"]["worst_share_per_epoch"])
+    md += md_table(["epoch", *rows], [[e + 1] + ["/".join(f"{100 * r['worst_share_per_epoch'][e][k]:.0f}"
+                                                          for k in BOTTLENECKS) for r in rows.values()]
+                                      for e in range(epochs)])
+    md.append("")
+    bom = rows["bom"]
+    ablations = {name: r for name, r in rows.items() if "moves" in r}
+    if not ablations:
+        md.append("- No ablation in these runs (`--methods ...,ablations` adds them): nothing here separates BOM's "
+                  "components.")
+    for name, r in ablations.items():
+        moves = []
+        for key, mv in r["moves"].items():
+            label, digits, _ = METRICS[key]
+            text = (f"{label} {fmt(mv['bom'], digits)} → {fmt(mv['ablation'], digits)} "
+                    f"({fmt_ci(mv['diff'], mv['half'], digits)}, {mv['judgement']})")
+            if mv["gap_closed"] is not None:
+                text += (f", {mv['gap_closed']:.0%} of BOM's gap to {baseline} closed" if mv["gap_closed"] >= 0 else
+                         f", BOM's gap to {baseline} widened by {-mv['gap_closed']:.0%}")
+            moves.append(text)
+        md.append(f"- {name} ({BOMVAE.ABLATIONS[r['ablation']]}): test sharpness {bom['test_sharp_over_data']:.2f}x → "
+                  f"{r['test_sharp_over_data']:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was the worst score "
+                  f"for {r['worst_share']['sharp']:.0%} of the last epoch's images (BOM: {bom['worst_share']['sharp']:.0%}), "
+                  f"MSE for {r['worst_share']['mse']:.0%} (BOM: {bom['worst_share']['mse']:.0%})."
+                  + (f" Identical to {', '.join(r['identical_to'])} in every seed on every test metric."
+                     if r["identical_to"] else ""))
+    return md
+
+
+def sensitivity_lines(s):
+    span = lambda r, digits: ("n/a … n/a (spread n/a)" if r is None else
+                              f"{fmt(r[0], digits)} … {fmt(r[1], digits)} (spread {fmt(r[1] - r[0], digits)})")
+    return md_table(["metric", f"BOM: range over its {s['bom_settings']} settings",
+                     f"β-VAE: range over its {s['betas']} βs"],
+                    [[METRICS[key][0], span(r["bom"], METRICS[key][1]), span(r["beta"], METRICS[key][1])]
+                     for key, r in s["range"].items()])
 
 
 def finish_figure(fig, path, top=1.0):

@@ -1283,8 +1283,10 @@ def test_free_bits_whose_floor_never_bound_is_reported_as_its_twin():
 def test_sharpness_is_judged_against_the_data_within_ten_percent():
     methods = {name: {"name": name, "variant": False, "test": {"sharp": (sharp, float("nan"))}}
                for name, sharp in (("bom", 0.26), ("beta_0.0001", 0.0275), ("sigma_vae", 0.02))}
-    lines = bvb.sharpness_against_data(methods, 0.026)
-    assert lines[0] == "bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
+    rows = bvb.sharpness_against_data(methods, 0.026)
+    assert rows["bom"] == {"sharp": 0.26, "ratio": pytest.approx(10.0)}
+    lines = bvb.sharpness_lines(rows)
+    assert lines[0] == "- bom: 0.2600, 10.00x the data's (sharper than the data: high-frequency noise, not detail)"
     assert "within 10% of the data's" in lines[1] and "blurrier than the data" in lines[2]
 
 
@@ -1383,7 +1385,10 @@ def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp
             "bom_mse_floor_mult4"} <= names
     run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
     assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
-    assert summary["sensitivity"][0].startswith("| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs")
+    assert summary["sensitivity"]["bom_settings"] == 7 and summary["sensitivity"]["betas"] == 2
+    mse = [m["test"]["mse"][0] for name, m in summary["methods"].items() if name.startswith("bom")]
+    assert summary["sensitivity"]["range"]["mse"]["bom"] == [min(mse), max(mse)]
+    assert "| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs |" in (tmp_path / "summary.md").read_text()
     assert list(summary["front"]) == ["bom"]                                 # variants are not in the verdict
 
 
@@ -1404,24 +1409,30 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
     assert list(summary["front"]) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     assert all(list(rows) == list(summary["front"]) for rows in summary["against_beta"].values())
     # the why section: one row per BOM, counts recomputed from the run files, one sentence per ablation
-    diagnosis = summary["bom_diagnosis"]
-    row = next(line for line in diagnosis if line.startswith("| bom_squeeze=1 |")).split(" | ")
+    diagnosis = summary["bom_diagnosis"]["methods"]
+    assert list(diagnosis) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     histories = [json.loads((tmp_path / "runs" / f"bom_squeeze=1_seed{seed}.json").read_text())["history"]
                  for seed in (0,)]
-    assert row[2] == f"{statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories):.0f}"
-    assert row[3] == f"{statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse'] for h in histories):.1f}x"
-    assert next(line for line in diagnosis if line.startswith("| bom_sharp=off |")).split(" | ")[5] == "none"
-    assert [line for line in diagnosis if line.startswith("| 2 |")]        # the per-epoch shares reach epoch 2
-    sentences = [line for line in diagnosis if line.startswith("- ")]
-    assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
+    row = diagnosis["bom_squeeze=1"]
+    assert row["squeezes"] == statistics.fmean(sum(r['squeeze_factor'] < 1 for r in h[:-1]) for h in histories)
+    assert row["mse_floor_over_mse"] == statistics.fmean(h[-1]['constraints']['mse_floor'] / h[-1]['mse']
+                                                         for h in histories)
+    assert math.isnan(diagnosis["bom_sharp=off"]["sharp_ceiling_over_data"])           # no ceiling (null in JSON)
+    assert len(row["worst_share_per_epoch"]) == 2                                # the per-epoch shares reach epoch 2
+    assert "moves" not in diagnosis["bom"] and all("moves" in diagnosis[n] for n in list(diagnosis)[1:])
     fd = bvb.paired_difference(*(bvb.aggregate(bvb.load_runs(str(tmp_path)))[n] for n in ("bom_sharp=off", "bom")),
                                "fd_recon")
+    move = diagnosis["bom_sharp=off"]["moves"]["fd_recon"]
+    assert (move["diff"], move["n"]) == (fd[0], fd[2]) and math.isnan(move["half"]) and math.isnan(fd[1])  # 1 seed
+    md = (tmp_path / "summary.md").read_text()
+    sentences = [line for line in md.split("## Why BOM ends where it does")[1].splitlines() if line.startswith("- ")]
+    assert [line.split(" ")[1] for line in sentences] == ["bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     assert f"({bvb.fmt_ci(fd[0], fd[1], 2)}, " in sentences[1]
-    assert "## Why BOM ends where it does" in (tmp_path / "summary.md").read_text()
+    assert "| bom_sharp=off | no sharpness score: the MSE score and the KL box only | " in md
     alone = bvb.bom_diagnosis({n: m for n, m in bvb.aggregate(bvb.load_runs(str(tmp_path))).items()
                                if "ablation" not in m["settings"]}, 0.03, "beta_0.001")
-    assert [line.split(" | ")[0] for line in alone if line.startswith("| bom")] == ["| bom"]
-    assert alone[-1].startswith("- No ablation in these runs")
+    assert list(alone["methods"]) == ["bom"]
+    assert bvb.diagnosis_lines(alone)[-1].startswith("- No ablation in these runs")
 
 
 # ----------------------------------------------------------------------------- the command line and bad input
