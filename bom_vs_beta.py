@@ -9,8 +9,8 @@ intervals, β chosen on validation, figures and a computed verdict land in --out
 
 Evidence (results/README.md; the reference budget: 20 epochs on 6,400 training images, 4 seeds, a 2-core
 CPU): at its own rate the notebook's BOM has 6.90x [5.31–8.96] the test MSE of the β-VAE front; with its
-sharpness ceiling set to the data's sharpness it comes within 1.08x [1.01–1.15] of the front, as GECO
-(1.02x) and ControlVAE (0.98x) lie on it: BOM matches β-VAE only once that ceiling is fixed, never beats it.
+sharpness ceiling set to the data's sharpness it lies on or just above the front (1.08x [1.01–1.15]), where
+GECO (1.02x) and ControlVAE (0.98x) lie: BOM comes close to β-VAE only once that ceiling is fixed, never beats it.
 
     python bom_vs_beta.py --epochs 20 --device cuda                    # the notebook's comparison
     python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, a verdict with CIs
@@ -129,7 +129,8 @@ def load_splits(args, device):
                          + (f" after holding out --val-size {args.val_size}" if args.val_size else ""))
     test_images, test_labels = (t.to(device) for t in load_mnist(args.data_dir, train=False))
     if args.test_subset > len(test_images):
-        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images there are")
+        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images "
+                         f"there are")
     keep, n_test = args.train_subset or n_train, args.test_subset or len(test_images)
     n_classifier = min(n_train, QUICK_CLASSIFIER_IMAGES) if args.quick else n_train
     return {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
@@ -234,7 +235,7 @@ def forward_metrics(model, x, amp=False):
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
 
 
-# ----------------------------------------------------------------------------- BOM's constraint scores, calibration and squeeze
+# ----------------------------------------------------------------------------- BOM's scores, calibration and squeeze
 
 
 def lower_better_score(value, floor):
@@ -320,6 +321,7 @@ class Method:
     from_args() passes to the constructor. `logged` names per-batch values whose epoch means go into the history."""
 
     KNOBS = {}
+    label = None        # the method's name in the flags' help
     logged = ()
     twin = None         # what the method trains as when its own mechanism never acts
 
@@ -392,11 +394,11 @@ class BOMVAE(Method):
     skipped; from epoch squeeze_start the constraints are squeezed (squeeze_factor) once per epoch. An ablation (a key
     of ABLATIONS, `bom:<ablation>`) changes one of these components; a sensitivity run one knob (SENSITIVITY)."""
 
-    kind = "bom"
+    kind, label = "bom", "BOM"
     KNOBS = {
         "kl_scale": (1.0, "multiplies its per-dimension KL targets"),
         "squeeze_k": (0.5, "squeeze gain k"),
-        "squeeze_start": (3, "first epoch whose end may squeeze"),
+        "squeeze_start": (3, "first epoch that may squeeze (at its end)"),
         "calib_batches": (50, "batches of the untrained model that set the initial constraints"),
         "mse_floor_mult": (2.0, "mse_floor = mult · max MSE of the untrained model"),
         "kl_low_mult": (0.1, "kl_floor_low = mult · min KL of the untrained model"),
@@ -499,6 +501,7 @@ class GECO(Method):
     λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1."""
 
     kind = name = "geco"
+    label = "GECO"
     KNOBS = {
         "tolerance": (0.01, "the per-pixel MSE it must reach (its remaining hyperparameter)"),
         "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)"),
@@ -547,6 +550,7 @@ class ControlVAE(Method):
     inside [β_min, β_max] (anti-windup), and β clipped to that range."""
 
     kind = name = "controlvae"
+    label = "ControlVAE"
     KNOBS = {
         "kl": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)"),
         "kp": (0.01, "proportional gain"),
@@ -628,6 +632,7 @@ class FreeBits(Method):
     a latent dimension below λ nats gets no KL gradient."""
 
     kind = name = "freebits"
+    label = "free bits"
     KNOBS = {"lambda": (0.25, "KL floor per latent dim (nats)")}
     logged = ("sigma2", "dims_below_lambda")
     twin = "sigma_vae"
@@ -975,11 +980,13 @@ def heldout_metrics(model, images, labels, sigma2, classifier, reference_feature
 def pack_images(images):
     """Images in [0, 1] as uint8, zlib-compressed and base64-encoded: a few kB of JSON, exact."""
     pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return {"shape": list(pixels.shape), "uint8_zlib_base64": base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()}
+    return {"shape": list(pixels.shape),
+            "uint8_zlib_base64": base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()}
 
 
 def unpack_images(packed):
-    return np.frombuffer(zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"])), np.uint8).reshape(packed["shape"])
+    pixels = zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"]))
+    return np.frombuffer(pixels, np.uint8).reshape(packed["shape"])
 
 
 @torch.no_grad()
@@ -989,7 +996,8 @@ def figure_images(model, test_images, n=8):
     model.eval()
     torch.manual_seed(0)
     z = torch.randn(n, model.latent_dim, device=test_images.device)
-    return {"reconstructions": pack_images(model(as_float(test_images[:n]))[0]), "samples": pack_images(model.decode(z))}
+    return {"reconstructions": pack_images(model(as_float(test_images[:n]))[0]),
+            "samples": pack_images(model.decode(z))}
 
 
 def evaluate_run(model, splits, classifier, references, args, seed):
@@ -1039,10 +1047,12 @@ def fmt(value, digits):
 # metric: (label, digits, direction: +1 higher is better, −1 lower is better, 0 neither)
 METRICS = {
     "mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
-    "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1), "active_units": ("active units", 1, 0),
+    "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1),
+    "active_units": ("active units", 1, 0),
     "fd_recon": ("FD recon", 2, -1), "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1),
 }
-# One declared metric per family; −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE twice.
+# One declared metric per family; −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE
+# twice.
 FAMILIES = {"likelihood": "iwae_nll", "samples": "fd_prior", "reconstructions": "mse"}
 # The front verdict: at a method's own rate, its MSE and FD prior as ratios to the β front's, IWAE NLL as a difference.
 FRONT_METRICS = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
@@ -1299,7 +1309,8 @@ def matched_rate(methods):
         position = ("diverged" if not ok_runs(m) else "outside" if word == "undetermined" and outside else
                     {"better": "below", "worse": "above", "not distinguishable": "on"}.get(word, word))
         interpolation_only = position in past and not past[position]
-        rows[m["name"]] = {"position": "on" if interpolation_only else position, "interpolation_only": interpolation_only,
+        rows[m["name"]] = {"position": "on" if interpolation_only else position,
+                           "interpolation_only": interpolation_only,
                            "seeds_outside": outside, "per_seed": per_seed, **cells}
     return rows
 
@@ -1536,7 +1547,8 @@ def summary_markdown(summary, methods, config):
                     + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
                        if front[name]["seeds_outside"] else "")
                     for name in names) + ".")
-        md += ["", "![rate–distortion plane](rate_distortion.png)", "", "![matched-rate ratios](matched_rate.png)", ""]
+        md += ["", "![rate–distortion plane](rate_distortion.png)", "",
+               "![matched-rate ratios](matched_rate.png)", ""]
         md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
                         "seeds inside", "position"],
                        [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
@@ -1603,7 +1615,8 @@ def summary_markdown(summary, methods, config):
     if summary["bom_diagnosis"]:
         md += ["", "## Why BOM ends where it does (seed means)", ""] + diagnosis_lines(summary["bom_diagnosis"])
     if summary["sensitivity"]:
-        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""] + sensitivity_lines(summary["sensitivity"])
+        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""]
+        md += sensitivity_lines(summary["sensitivity"])
     return "\n".join(md) + "\n"
 
 
@@ -1749,7 +1762,8 @@ def plot_rate_distortion(methods, path):
         (x, x0, x1), (y, y0, y1) = log_interval(methods[name], "kl"), log_interval(methods[name], "mse")
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
-        ax.errorbar(x, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker, ms=9, mfc=color,
+        ax.errorbar(x, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker, ms=9,
+                    mfc=color,
                     mec="black", ecolor=color, capsize=3, label=name)
         drawn[name] = (color, marker)
     ax.set_xscale("log")
@@ -1777,7 +1791,8 @@ def plot_matched_rate(front, methods, path):
                 ax.text(1.0, y, {"diverged": "every run diverged"}.get(front[name]["position"], "outside the β runs' rates"),
                         va="center", ha="center", fontsize=8)
                 continue
-            ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8, mfc=color, mec="black", ecolor=color,
+            ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8,
+                        mfc=color, mec="black", ecolor=color,
                         capsize=3, ls="none")
             drawn[name] = (color, marker)
         ax.axvline(1.0, color="black", lw=1, ls="--")
@@ -1883,15 +1898,16 @@ def build_parser():
     p.add_argument("--cache-dir", default=default_cache_dir(),
                    help="where the feature classifier is cached, keyed by its training images and settings "
                         "(default: $XDG_CACHE_HOME/bom_vs_beta or ~/.cache/bom_vs_beta)")
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N training images (0 = all left after --val-size)")
+    p.add_argument("--train-subset", type=int, default=0,
+                   help="train on the first N training images (0 = all left after --val-size)")
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
     for flag, cls, knob, default, text in knob_flags():
         p.add_argument(flag, type=int if isinstance(default, int) else float, default=default,
-                       help=f"{cls.__name__}: {text}")
+                       help=f"{cls.label}: {text}")
     p.add_argument("--bom-sensitivity", action="store_true",
-                   help="also run BOM with each knob of BOMVAE.SENSITIVITY at each of its values (" + "; ".join(
-                       f"{k} {'/'.join(map(str, v))}" for k, v in BOMVAE.SENSITIVITY.items())
-                        + "), to compare its spread with β-VAE's across β")
+                   help="also run BOM with " + ", ".join(f"--bom-{k.replace('_', '-')} {'/'.join(f'{v:g}' for v in vs)}"
+                                                         for k, vs in BOMVAE.SENSITIVITY.items())
+                        + " (one knob at a time), to compare its spread with β-VAE's across β")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every method once per seed (default: --seed alone)")
     p.add_argument("--val-size", type=int, default=5000,
@@ -1927,9 +1943,10 @@ def build_parser():
 
 
 def knob_flags():
-    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares."""
+    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares.
+    The default --out name lists changed flags in this order, so it stays that of the flags' first release."""
     return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
-            for cls in METHOD_CLASSES.values() for knob, (default, text) in cls.KNOBS.items()]
+            for cls in (GECO, ControlVAE, FreeBits, BOMVAE) for knob, (default, text) in cls.KNOBS.items()]
 
 
 def parse_methods(text):
@@ -2013,11 +2030,13 @@ def parse_args(argv=None):
                              ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
                              ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
                              ("--iw-samples", args.iw_samples, 1),
-                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs if isinstance(default, int))):
+                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs
+                               if isinstance(default, int))):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--lr", args.lr),
-                        *((flag, getattr(args, dest)) for flag, dest, default in knobs if not isinstance(default, int))):
+                        *((flag, getattr(args, dest)) for flag, dest, default in knobs
+                          if not isinstance(default, int))):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.resume and args.overwrite:
@@ -2105,7 +2124,8 @@ def set_random_states(rng, order, device):
 
 def run_fingerprint(method, args, n_train):
     """The settings a run's checkpoint must share with the command that resumes it."""
-    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
 
 
@@ -2157,7 +2177,8 @@ def restore_checkpoint(state, run, optimizer, method, order):
 def mark_diverged(path, run, fingerprint):
     """Record the divergence in the checkpoint and keep its last good weights."""
     state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
-    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged", diverged_at=run["diverged_at"],
+    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged",
+                 diverged_at=run["diverged_at"],
                  history=run["history"], curve=run["curve"], train_seconds=run["train_seconds"])
     save_checkpoint(path, state)
 
@@ -2298,9 +2319,9 @@ def run_benchmark(args, splits):
     rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m, "vs_notebook": ref / m,
                    "vs_ceiling": ceiling / m, "repeats_ms": [1000 * t for t in timings[name]]}
             for name, m in medians.items()}
-    print(f"{'path':<28} {'ms/step':>9} {'images/s':>9} {'vs notebook':>8} {'vs ceiling':>11}")
+    print(f"{'path':<28} {'ms/step':>9} {'images/s':>9} {'vs notebook':>11} {'vs ceiling':>11}")
     for name, r in rows.items():
-        print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_notebook']:>7.2f}x "
+        print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_notebook']:>10.2f}x "
               f"{r['vs_ceiling']:>10.0%}")
     steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
     methods = [make_method(spec, args).name for spec in args.method_specs]

@@ -122,10 +122,11 @@ SHARED = ["--methods", "beta:0.0001,bom", "--epochs", "1", "--latent-dim", "16",
 @pytest.fixture(scope="module")
 def shared_out(data_dir, tmp_path_factory):
     """One tiny real run with figures through the command line (`python bom_vs_beta.py ...`, its output kept in
-    cli.txt beside it), shared read-only; tests that change it work on a copy."""
+    cli.json beside it), shared read-only; tests that change it work on a copy."""
     out = tmp_path_factory.mktemp("shared") / "out"
     proc = subprocess.run(script(*run_args(data_dir, out, *SHARED)), capture_output=True, text=True, timeout=300)
-    (out.parent / "cli.txt").write_text(f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    (out.parent / "cli.json").write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
+                                                     "stderr": proc.stderr}))
     return out
 
 
@@ -369,9 +370,14 @@ def test_calibration_takes_max_mse_min_kl_and_max_kl_over_all_batches_read():
     # a 4th batch (KL 50 and 0, MSE 0.405) must not be read with calib_batches=3
     model = StripeModel(*[(contrasts, torch.tensor(mus).view(-1, 1)) for contrasts, mus in [
         ([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]), ([0.9, 0.9], [10.0, 0.0])]])
-    c = bvb.calibrate(model, iter([torch.zeros(2, 1, 8, 8)] * 4), calib_batches=3, mse_floor_mult=3.0,
-                      kl_low_mult=0.2, kl_high_mult=10.0)
-    assert model.calls == 3
+    drawn = []
+
+    def stream():                               # the training batches: far more than calibration may read
+        for i in range(10):
+            drawn.append(i)
+            yield torch.zeros(2, 1, 8, 8)
+    c = bvb.calibrate(model, stream(), calib_batches=3, mse_floor_mult=3.0, kl_low_mult=0.2, kl_high_mult=10.0)
+    assert model.calls == 3 and len(drawn) == 4     # the 4th is drawn, found past the limit, and not used
     assert c["mse_floor"] == pytest.approx(3.0 * 0.18)
     assert c["kl_floor_low"] == pytest.approx(0.2 * 0.5)
     assert c["kl_optimum"] == pytest.approx(37.5 / 6)
@@ -1441,8 +1447,8 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
 
 def test_cli_end_to_end_writes_every_output(shared_out, data_dir):
     out = shared_out
-    returncode, stdout = (out.parent / "cli.txt").read_text().split("\n", 1)
-    assert returncode == "0", stdout
+    cli = json.loads((out.parent / "cli.json").read_text())
+    assert cli["returncode"] == 0 and cli["stderr"] == "", cli["stderr"]        # a fresh interpreter prints no noise
     for name in FIGURES:
         assert_drawn(out / name)
     summary = json.loads((out / "summary.json").read_text())
@@ -1463,7 +1469,7 @@ def test_cli_end_to_end_writes_every_output(shared_out, data_dir):
     assert "Best β-VAE by validation MSE" in md and md.index("## Verdict") < md.index("## Test metrics")
     assert summary["front"]["bom"]["position"] in ("undetermined", "outside")   # one seed: no interval
     assert len((out / "summary.csv").read_text().strip().splitlines()) == 4
-    assert "## Verdict" in stdout
+    assert "## Verdict" in cli["stdout"]
     for row in summary["runs"][:-1]:
         assert all(math.isfinite(row[f"test_{k}"]) for k in bvb.METRICS), row["method"]
         assert math.isfinite(row["val_neg_elbo"])
@@ -1482,6 +1488,21 @@ def test_default_out_is_named_from_the_settings_that_change_results():
     assert (quick.epochs, quick.train_subset, quick.val_size, quick.test_subset, quick.iw_samples) == (3, 512, 256, 256, 8)
     assert quick.out == os.path.join("results", "quick") and bvb.parse_args(["--quick", "--epochs", "1"]).epochs == 1
     assert name("--quick", "--epochs", "1") == os.path.join("results", "quick_e1")
+    # knobs of several methods: the order of the flags' first release, whatever the registry's order
+    assert name("--bom-kl-scale", "2", "--geco-tolerance", "0.02") == os.path.join(
+        "results", "geco-tolerance-0.02_bom-kl-scale-2")
+    assert name("--bom-squeeze-start", "2", "--freebits-lambda", "0.5", "--controlvae-kl", "40") == os.path.join(
+        "results", "controlvae-kl-40_freebits-lambda-0.5_bom-squeeze-start-2")
+
+
+def test_method_knobs_default_to_their_papers_and_the_notebook():
+    args = bvb.parse_args(["--device", "cpu"])
+    assert {f"{cls.kind}_{knob}": getattr(args, f"{cls.kind}_{knob}") for _, cls, knob, _, _ in bvb.knob_flags()} == {
+        "geco_tolerance": 0.01, "geco_rate": 1e-5, "geco_speedup": 10.0,
+        "controlvae_kl": None, "controlvae_kp": 0.01, "controlvae_ki": 0.0001, "freebits_lambda": 0.25,
+        "bom_kl_scale": 1.0, "bom_squeeze_k": 0.5, "bom_squeeze_start": 3, "bom_calib_batches": 50,
+        "bom_mse_floor_mult": 2.0, "bom_kl_low_mult": 0.1, "bom_kl_high_mult": 50.0}
+    assert bvb.make_method(("controlvae", None), args).kl_target == 0.625 * 128      # BOM's KL optimum target
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1758,6 +1779,8 @@ def test_resume_skips_finished_runs_and_reproduces_the_summary(small_out, data_d
     again = bvb.main(run_args(data_dir, copy_of(small_out, tmp_path), *SMALL, "--resume"))
     assert capsys.readouterr().out.count("finished earlier") == 2
     assert [r["seed"] for r in again["runs"]] == [r["seed"] for r in first["runs"]]
+    history = json.loads((small_out / "runs" / "bom_seed0.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
 def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out, data_dir, tmp_path, capsys):
