@@ -2319,9 +2319,9 @@ def run_benchmark(args, splits):
     rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m, "vs_notebook": ref / m,
                    "vs_ceiling": ceiling / m, "repeats_ms": [1000 * t for t in timings[name]]}
             for name, m in medians.items()}
-    print(f"{'path':<28} {'ms/step':>9} {'images/s':>9} {'vs notebook':>11} {'vs ceiling':>11}")
+    print(f"{'path':<30} {'ms/step':>9} {'images/s':>9} {'vs notebook':>11} {'vs ceiling':>11}")
     for name, r in rows.items():
-        print(f"{name:<28} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_notebook']:>10.2f}x "
+        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_notebook']:>10.2f}x "
               f"{r['vs_ceiling']:>10.0%}")
     steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
     methods = [make_method(spec, args).name for spec in args.method_specs]
