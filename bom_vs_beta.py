@@ -1524,100 +1524,121 @@ def criterion_label(choice):
 
 
 def summary_markdown(summary, methods, config):
+    """summary.md: a header, then one section per (title, lines) whose lines are not empty."""
     seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    ref, front, choices = summary["reference"], summary["front"], summary["criteria"]
+    ref, choices = summary["reference"], summary["criteria"]
     md = ["# BOM-VAE vs β-VAE", "",
           f"{config['epochs']} epochs, seeds {' '.join(map(str, seeds))}, {config['train_images']} training / "
           f"{config['val_images']} validation / {config['test_images']} test images, "
           f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}. How each "
-          f"number is computed: README, \"How the verdict is computed\".", "",
-          "## Verdict: each method against the β-VAE rate–distortion front", ""]
-    if front:
-        for position, words in (("above", "Above the front (more MSE than β-VAE at the same rate)"),
-                                ("on", "On the front (not distinguishable from β-VAE at the same rate)"),
-                                ("below", "Below the front (less MSE than β-VAE at the same rate)"),
-                                ("outside", "Outside the β runs' rates (not extrapolated)"),
-                                ("undetermined", "Undetermined (one seed: no interval)"),
-                                ("diverged", "No verdict (every run diverged)")):
-            names = [name for name, row in front.items() if row["position"] == position]
-            if names:
-                md.append(f"- {words}: " + ", ".join(
-                    f"{name} {fmt_cell(front[name]['mse'], True, 2)}"
-                    + (" (off it only by the interpolation)" if front[name]["interpolation_only"] else "")
-                    + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
-                       if front[name]["seeds_outside"] else "")
-                    for name in names) + ".")
-        md += ["", "![rate–distortion plane](rate_distortion.png)", "",
-               "![matched-rate ratios](matched_rate.png)", ""]
-        md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
-                        "seeds inside", "position"],
-                       [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
-                         fmt_cell(row["fd_prior"], True, 2), fmt_cell(row["iwae_nll"], False, 1),
-                         f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
-                                                 if row["seeds_outside"] else ""),
-                         row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
-                        for name, row in front.items()])
-        md += ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: Holm-adjusted "
-               "p < 0.05 over the row's three metrics. The front, the pairing by seed and the position: README, "
-               "\"How the verdict is computed\"."]
-    else:
-        md += ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
-    md += ["", "## Where each method lands without tuning", ""]
+          f"number is computed: README, \"How the verdict is computed\"."]
+    sections = [
+        ("Verdict: each method against the β-VAE rate–distortion front", front_lines(summary["front"], methods)),
+        ("Where each method lands without tuning", landing_lines(choices, methods, config["latent_dim"])),
+        ("Against one β-VAE per criterion (secondary)", against_lines(summary["against_beta"], choices)),
+        ("Test metrics (mean ± 95% CI over seeds)", test_table_lines(methods, ref)),
+        (f"Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})",
+         sharpness_lines(summary["sharpness_against_data"])),
+        (f"Did each constrained method reach its own target? (last training epoch, ±{TARGET_TOLERANCE:.0%})",
+         target_lines(methods)),
+        ("The notebook's analysis (β chosen on validation)", summary["analysis"] and analysis_lines(summary["analysis"])),
+        ("Why BOM ends where it does (seed means)",
+         summary["bom_diagnosis"] and diagnosis_lines(summary["bom_diagnosis"])),
+        ("BOM's sensitivity to its own knobs (test, seed means)",
+         summary["sensitivity"] and sensitivity_lines(summary["sensitivity"]))]
+    for title, lines in sections:
+        if lines:
+            md += ["", f"## {title}", ""] + lines
+    return "\n".join(md) + "\n"
+
+
+def front_lines(front, methods):
+    """The verdict: a line per position, the two figures, one table."""
+    if not front:
+        return ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
+    md = []
+    for position, words in (("above", "Above the front (more MSE than β-VAE at the same rate)"),
+                            ("on", "On the front (not distinguishable from β-VAE at the same rate)"),
+                            ("below", "Below the front (less MSE than β-VAE at the same rate)"),
+                            ("outside", "Outside the β runs' rates (not extrapolated)"),
+                            ("undetermined", "Undetermined (one seed: no interval)"),
+                            ("diverged", "No verdict (every run diverged)")):
+        names = [name for name, row in front.items() if row["position"] == position]
+        if names:
+            md.append(f"- {words}: " + ", ".join(
+                f"{name} {fmt_cell(front[name]['mse'], True, 2)}"
+                + (" (off it only by the interpolation)" if front[name]["interpolation_only"] else "")
+                + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
+                   if front[name]["seeds_outside"] else "")
+                for name in names) + ".")
+    md += ["", "![rate–distortion plane](rate_distortion.png)", "", "![matched-rate ratios](matched_rate.png)", ""]
+    md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
+                    "seeds inside", "position"],
+                   [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
+                     fmt_cell(row["fd_prior"], True, 2), fmt_cell(row["iwae_nll"], False, 1),
+                     f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
+                                             if row["seeds_outside"] else ""),
+                     row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
+                    for name, row in front.items()])
+    return md + ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: "
+                 "Holm-adjusted p < 0.05 over the row's three metrics. The front, the pairing by seed and the "
+                 "position: README, \"How the verdict is computed\"."]
+
+
+def landing_lines(choices, methods, latent_dim):
+    """Each criterion's β and each method's test KL, with what places the rate; notes on sweep edges."""
     rows = [[f"β-VAE chosen by {criterion_label(c)}", fmt_ci(*c["kl"], 1),
              f"{c['beta']} (each seed alone: {', '.join(c['per_seed'].values())})"
              + (f"; the {c['edge']} β swept" if c["edge"] else "")] for c in choices.values()]
     for m in judged(methods):
-        setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], config["latent_dim"])
+        setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], latent_dim)
         if m["idle"]:
             setting += (f"; its own mechanism acted in epoch 1 only (seeds {', '.join(map(str, m['idle']))}): "
                         f"trained as {METHOD_CLASSES[m['kind']].twin}")
         if m["missed_target"]:
             setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
         rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
-    md += md_table(["", "test KL (rate)", "what places the rate"], rows)
-    md += [""] + [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
-                  f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it." for c in choices.values()
-                  if c["edge"]]
-    md += [f"- By {criterion_label(c)} in each seed alone, the β of seed(s) {', '.join(map(str, c['seeds_at_edge']))} "
-           f"is an end of the sweep." for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
-    md += ["", "## Against one β-VAE per criterion (secondary)", "",
-           "Paired test differences, method − the chosen β-VAE, mean [95% interval]; `→ better/worse` only for a robust "
-           "finding (README, \"How the verdict is computed\"), otherwise `n.d.`.", ""]
-    for label, rows in summary["against_beta"].items():
+    md = md_table(["", "test KL (rate)", "what places the rate"], rows) + [""]
+    md += [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
+           f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it."
+           for c in choices.values() if c["edge"]]
+    return md + [f"- By {criterion_label(c)} in each seed alone, the β of seed(s) "
+                 f"{', '.join(map(str, c['seeds_at_edge']))} is an end of the sweep."
+                 for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
+
+
+def against_lines(against, choices):
+    """Per criterion, each method's paired differences to the chosen β-VAE with its robust finding."""
+    md = ["Paired test differences, method − the chosen β-VAE, mean [95% interval]; `→ better/worse` only for a "
+          "robust finding (README, \"How the verdict is computed\"), otherwise `n.d.`.", ""]
+    for label, rows in against.items():
         c = choices[label]
         md += [f"### β-VAE chosen by {criterion_label(c)}: {c['beta']}", ""]
         md += md_table(["method"] + [f"{family}: {METRICS[key][0]}" for family, key in FAMILIES.items()],
-                       [[name] + [fmt_cell(cell, False, METRICS[key][1], star=False) + " → " + {
-                           "better": "better", "worse": "worse"}.get(cell["finding"], "n.d.")
-                                  for cell, key in ((row[f], k) for f, k in FAMILIES.items())]
+                       [[name] + [fmt_cell(row[family], False, METRICS[key][1], star=False) + " → " + {
+                           "better": "better", "worse": "worse"}.get(row[family]["finding"], "n.d.")
+                                  for family, key in FAMILIES.items()]
                         for name, row in rows.items()]) + [""]
-    md += ["## Test metrics (mean ± 95% CI over seeds)", ""]
-    md += md_table(["method", "seeds", "runs to choose its setting", *(METRICS[k][0] for k in METRICS), "train s",
-                    "status"],
-                   [[m["name"], len(m["seeds"]), m["runs_to_choose"], *(fmt_metric(k, *m["test"][k]) for k in METRICS),
-                     fmt_ci(*m["train_seconds"], 1), ", ".join(m["statuses"]) + (
-                         f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
-                         if m["missed_target"] else "")] for m in methods.values()])
-    md += ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature classifier "
-           f"behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test accuracy."]
-    md += ["", f"## Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})", ""]
-    md += sharpness_lines(summary["sharpness_against_data"])
+    return md[:-1]
+
+
+def test_table_lines(methods, ref):
+    md = md_table(["method", "seeds", "runs to choose its setting", *(METRICS[k][0] for k in METRICS), "train s",
+                   "status"],
+                  [[m["name"], len(m["seeds"]), m["runs_to_choose"], *(fmt_metric(k, *m["test"][k]) for k in METRICS),
+                    fmt_ci(*m["train_seconds"], 1), ", ".join(m["statuses"]) + (
+                        f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
+                        if m["missed_target"] else "")] for m in methods.values()])
+    return md + ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature "
+                 f"classifier behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test accuracy."]
+
+
+def target_lines(methods):
     checks = [(name, seed, c) for name, m in methods.items() for seed, cs in m["targets"].items() for c in cs]
-    if checks:
-        md += ["", f"## Did each constrained method reach its own target? (last training epoch, "
-               f"±{TARGET_TOLERANCE:.0%})", ""]
-        md += md_table(["method", "seed", "what", "reached", "target", ""],
-                       [[name, seed, what, f"{value:.4g}", "—" if target is None else f"{target:.4g}",
-                         "" if target is None else "MISSED" if missed((what, value, target)) else "ok"]
-                        for name, seed, (what, value, target) in checks])
-    if summary["analysis"]:
-        md += ["", "## The notebook's analysis (β chosen on validation)", ""] + analysis_lines(summary["analysis"])
-    if summary["bom_diagnosis"]:
-        md += ["", "## Why BOM ends where it does (seed means)", ""] + diagnosis_lines(summary["bom_diagnosis"])
-    if summary["sensitivity"]:
-        md += ["", "## BOM's sensitivity to its own knobs (test, seed means)", ""]
-        md += sensitivity_lines(summary["sensitivity"])
-    return "\n".join(md) + "\n"
+    return checks and md_table(["method", "seed", "what", "reached", "target", ""],
+                               [[name, seed, what, f"{value:.4g}", "—" if target is None else f"{target:.4g}",
+                                 "" if target is None else "MISSED" if missed((what, value, target)) else "ok"]
+                                for name, seed, (what, value, target) in checks])
 
 
 def analysis_lines(a):
