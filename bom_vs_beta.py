@@ -1965,9 +1965,11 @@ def build_parser():
 
 def knob_flags():
     """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares.
-    The default --out name lists changed flags in this order, so it stays that of the flags' first release."""
+    The default --out name lists changed flags in this order: the flags' first order, then any method added since."""
+    first = [GECO, ControlVAE, FreeBits, BOMVAE]
     return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
-            for cls in (GECO, ControlVAE, FreeBits, BOMVAE) for knob, (default, text) in cls.KNOBS.items()]
+            for cls in first + [c for c in METHOD_CLASSES.values() if c not in first]
+            for knob, (default, text) in cls.KNOBS.items()]
 
 
 def parse_methods(text):

@@ -1495,6 +1495,24 @@ def test_default_out_is_named_from_the_settings_that_change_results():
         "results", "controlvae-kl-40_freebits-lambda-0.5_bom-squeeze-start-2")
 
 
+def test_a_method_added_to_the_registry_gets_its_knob_flags_checked_and_passed_to_it(monkeypatch, capsys):
+    class Toy(bvb.Method):
+        kind, label, KNOBS = "toy", "toy", {"gain": (2.0, "multiplies β"), "warmup": (3, "epochs before it acts")}
+
+        def __init__(self, gain, warmup):
+            self.beta = gain * warmup
+
+    monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
+    args = bvb.parse_args(["--device", "cpu", "--toy-gain", "0.5"])
+    assert (args.toy_gain, args.toy_warmup) == (0.5, 3)
+    assert Toy.from_args(args, None).beta == 1.5 and "toy_gain" not in bvb.run_config(args, {
+        split: (torch.zeros(1),) for split in ("train", "val", "test")})
+    for flags, message in ((["--toy-gain", "0"], "--toy-gain must be a finite number > 0"),
+                           (["--toy-warmup", "0"], "--toy-warmup must be >= 1")):
+        with pytest.raises(bvb.UsageError, match=message):
+            bvb.parse_args(["--device", "cpu", *flags])
+
+
 def test_method_knobs_default_to_their_papers_and_the_notebook():
     args = bvb.parse_args(["--device", "cpu"])
     assert {f"{cls.kind}_{knob}": getattr(args, f"{cls.kind}_{knob}") for _, cls, knob, _, _ in bvb.knob_flags()} == {
