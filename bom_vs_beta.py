@@ -10,7 +10,8 @@ intervals, β chosen on validation, figures and a computed verdict land in --out
 Evidence (results/README.md; the reference budget: 20 epochs on 6,400 training images, 4 seeds, a 2-core
 CPU): at its own rate the notebook's BOM has 6.90x [5.31–8.96] the test MSE of the β-VAE front; with its
 sharpness ceiling set to the data's sharpness it lies on or just above the front (1.08x [1.01–1.15]), where
-GECO (1.02x) and ControlVAE (0.98x) lie: BOM comes close to β-VAE only once that ceiling is fixed, never beats it.
+GECO (1.02x) and ControlVAE (0.98x) lie: BOM comes close to β-VAE only once that ceiling is fixed, and never
+beats it on MSE or likelihood.
 
     python bom_vs_beta.py --epochs 20 --device cuda                    # the notebook's comparison
     python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, a verdict with CIs
@@ -1922,9 +1923,8 @@ def build_parser():
     p.add_argument("--train-subset", type=int, default=0,
                    help="train on the first N training images (0 = all left after --val-size)")
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
-    for flag, cls, knob, default, text in knob_flags():
-        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default,
-                       help=f"{cls.label}: {text}")
+    for flag, _, default, text in knob_flags():
+        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default, help=text)
     p.add_argument("--bom-sensitivity", action="store_true",
                    help="also run BOM with " + ", ".join(f"--bom-{k.replace('_', '-')} {'/'.join(f'{v:g}' for v in vs)}"
                                                          for k, vs in BOMVAE.SENSITIVITY.items())
@@ -1964,10 +1964,11 @@ def build_parser():
 
 
 def knob_flags():
-    """(flag, class, knob, default, help) of every method knob: --<kind>-<knob>, as each Method's KNOBS declares.
-    The default --out name lists changed flags in this order: the flags' first order, then any method added since."""
+    """(flag, dest, default, help) of every method knob, as each Method's KNOBS declares: --<kind>-<knob>, read as
+    args.<kind>_<knob>. The default --out name lists changed flags in this order: the flags' first order, then any
+    method added since."""
     first = [GECO, ControlVAE, FreeBits, BOMVAE]
-    return [(f"--{cls.kind}-{knob.replace('_', '-')}", cls, knob, default, text)
+    return [(f"--{cls.kind}-{knob.replace('_', '-')}", f"{cls.kind}_{knob}", default, f"{cls.label}: {text}")
             for cls in first + [c for c in METHOD_CLASSES.values() if c not in first]
             for knob, (default, text) in cls.KNOBS.items()]
 
@@ -2047,18 +2048,18 @@ def parse_args(argv=None):
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.argv = list(argv)
-    knobs = [(flag, f"{cls.kind}_{knob}", default) for flag, cls, knob, default, _ in knob_flags()]
+    knobs = knob_flags()
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
                              ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
                              ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
                              ("--iw-samples", args.iw_samples, 1),
-                             *((flag, getattr(args, dest), 1) for flag, dest, default in knobs
+                             *((flag, getattr(args, dest), 1) for flag, dest, default, _ in knobs
                                if isinstance(default, int))):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--lr", args.lr),
-                        *((flag, getattr(args, dest)) for flag, dest, default in knobs
+                        *((flag, getattr(args, dest)) for flag, dest, default, _ in knobs
                           if not isinstance(default, int))):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
@@ -2469,7 +2470,7 @@ def resume_command(args):
 
 def run_config(args, splits):
     """The flags of a run file's config: every flag but the methods' knobs (the run's own are its settings)."""
-    knobs = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in knob_flags()}
+    knobs = {dest for _, dest, _, _ in knob_flags()}
     config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv", *knobs)}
     config.update(device=str(args.torch_device), machine=machine_name(args.torch_device), torch=torch.__version__,
                   train_images=splits["train"][0].shape[0],

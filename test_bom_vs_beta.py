@@ -101,7 +101,7 @@ def copy_of(shared_out, tmp_path):
 
 def tiny_args(**kw):
     base = dict(seed=0, latent_dim=16, lr=1e-3, batch_size=32, epochs=1, no_progress=True, amp=False, compile=False,
-                val_size=0, **{f"{cls.kind}_{knob}": default for _, cls, knob, default, _ in bvb.knob_flags()})
+                val_size=0, **{dest: default for _, dest, default, _ in bvb.knob_flags()})
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -568,7 +568,7 @@ def test_non_default_bom_flags_are_recorded_in_the_run_file_and_used_by_calibrat
              "kl_low_mult": 0.2, "kl_high_mult": 10.0}
     assert {k: run["settings"][k] for k in knobs} == knobs
     assert run["settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
-    flags = {f"{cls.kind}_{knob}" for _, cls, knob, _, _ in bvb.knob_flags()}
+    flags = {dest for _, dest, _, _ in bvb.knob_flags()}
     assert "bom_kl_scale" in flags and not (flags | set(knobs)) & set(run["config"])     # stored once: in settings
     assert run["fingerprint"]["method_settings"]["kl_targets"] == pytest.approx([12.5, 20.0, 37.5])
     assert len(run["history"]) == 1 and run["history"][0]["squeeze_factor"] == 1.0    # epoch 1 < squeeze start 2
@@ -1515,7 +1515,7 @@ def test_a_method_added_to_the_registry_gets_its_knob_flags_checked_and_passed_t
 
 def test_method_knobs_default_to_their_papers_and_the_notebook():
     args = bvb.parse_args(["--device", "cpu"])
-    assert {f"{cls.kind}_{knob}": getattr(args, f"{cls.kind}_{knob}") for _, cls, knob, _, _ in bvb.knob_flags()} == {
+    assert {dest: getattr(args, dest) for _, dest, _, _ in bvb.knob_flags()} == {
         "geco_tolerance": 0.01, "geco_rate": 1e-5, "geco_speedup": 10.0,
         "controlvae_kl": None, "controlvae_kp": 0.01, "controlvae_ki": 0.0001, "freebits_lambda": 0.25,
         "bom_kl_scale": 1.0, "bom_squeeze_k": 0.5, "bom_squeeze_start": 3, "bom_calib_batches": 50,
