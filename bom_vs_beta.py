@@ -25,6 +25,7 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
 import linecache
 import math
@@ -706,10 +707,6 @@ def optimizer_step(optimizer, model, loss, skip):
     return torch.ones((), dtype=torch.bool, device=loss.device) if skip is None else ~skip
 
 
-def weights_finite(model):
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
 def train_run(method, images, args, checkpoint=None, resume_from=None):
     """Train one VAE with `method`; returns its model, per-epoch history, training curve, train seconds and
     status: ok | stalled (an epoch skipped every batch) | diverged (a non-finite loss or weight, caught
@@ -754,7 +751,8 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
                 bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{batch_means[0].item():.4f}",
                                 kl=f"{batch_means[1].item():.1f}",
                                 **({"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}))
-                if first_bad_step.item() or not weights_finite(model):
+                finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+                if first_bad_step.item() or not finite:
                     run["diverged_at"] = {"epoch": epoch, "step": first_bad_step.item() or i + 1}
                     break
             bar.update(1)
@@ -1069,7 +1067,7 @@ def bits_per_dim(nats):
 
 
 def t_mass(t, dof, n=2000):
-    """∫₀ᵗ of the Student-t density, by Simpson's rule in θ = arctan x (a bounded integrand, so any t is exact enough)."""
+    """∫₀ᵗ of the Student-t density, by Simpson's rule in θ = arctan x (a bounded integrand: exact enough for any t)."""
     c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
     f = lambda th: c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
     h = math.atan(t) / n
@@ -1157,12 +1155,6 @@ def fmt_metric(key, mean, half):
     return text
 
 
-def method_order(record):
-    if record["kind"] == "beta":
-        return (0, record["settings"]["beta"], "")
-    return (1 + bool(record["variant"]), TUNING_FREE.index(record["kind"]), record["name"])
-
-
 def load_runs(out):
     """Every run file in --out/runs, ordered by method (β ascending, then the tuning-free methods) and seed;
     UsageError when they were evaluated with different feature classifiers (their FDs would not compare)."""
@@ -1182,7 +1174,9 @@ def load_runs(out):
     if len(hashes) > 1:
         raise UsageError(f"the run files in {folder} were evaluated with {len(hashes)} different feature classifiers "
                          f"({', '.join(h[:12] for h in hashes)}): their FDs are not comparable; rerun them with one")
-    return sorted(records, key=lambda r: (method_order(r), r["seed"]))
+    order = lambda r: ((0, r["settings"]["beta"], "") if r["kind"] == "beta" else
+                       (1 + bool(r["variant"]), TUNING_FREE.index(r["kind"]), r["name"]))
+    return sorted(records, key=lambda r: (order(r), r["seed"]))
 
 
 def metric(record, split, key):
@@ -1542,7 +1536,8 @@ def summary_markdown(summary, methods, config):
          sharpness_lines(summary["sharpness_against_data"])),
         (f"Did each constrained method reach its own target? (last training epoch, ±{TARGET_TOLERANCE:.0%})",
          target_lines(methods)),
-        ("The notebook's analysis (β chosen on validation)", summary["analysis"] and analysis_lines(summary["analysis"])),
+        ("The notebook's analysis (β chosen on validation)",
+         summary["analysis"] and analysis_lines(summary["analysis"])),
         ("Why BOM ends where it does (seed means)",
          summary["bom_diagnosis"] and diagnosis_lines(summary["bom_diagnosis"])),
         ("BOM's sensitivity to its own knobs (test, seed means)",
@@ -1631,7 +1626,8 @@ def test_table_lines(methods, ref):
                         f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
                         if m["missed_target"] else "")] for m in methods.values()])
     return md + ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature "
-                 f"classifier behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test accuracy."]
+                 f"classifier behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test "
+                 f"accuracy."]
 
 
 def target_lines(methods):
@@ -1648,9 +1644,9 @@ def analysis_lines(a):
              f"Best β-VAE by the notebook's balanced score on validation: {a['best_by_balanced']} "
              f"(test score {a['best_balanced_test']:.4f})."]
     if "bom_test_mse" in a:
-        higher = a["bom_balanced_test"] > a["best_balanced_test"]
-        lines.append(f"BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({100 * (a['bom_test_mse'] / a['best_test_mse'] - 1):+.1f}% "
-                     f"vs {a['best_by_mse']}), balanced score {a['bom_balanced_test']:.4f} vs {a['best_balanced_test']:.4f} "
+        higher, change = a["bom_balanced_test"] > a["best_balanced_test"], a["bom_test_mse"] / a["best_test_mse"] - 1
+        lines.append(f"BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({100 * change:+.1f}% vs {a['best_by_mse']}), "
+                     f"balanced score {a['bom_balanced_test']:.4f} vs {a['best_balanced_test']:.4f} "
                      f"({'higher' if higher else 'not higher'}).")
     return [f"- {line}" for line in lines]
 
@@ -1666,12 +1662,13 @@ def sharpness_lines(rows):
 def diagnosis_lines(d):
     rows, baseline = d["methods"], d["baseline"]
     shares = lambda s: " · ".join(f"{s[k]:.0%}" for k in BOTTLENECKS)
+    ceiling = lambda r: "none" if not math.isfinite(r) else f"{r:.2f}x"
     md = md_table(["method", "what it changes", "squeezes trained with", "MSE floor / training MSE",
                    "KL box optimum (target)", "sharpness ceiling / data's", "test sharpness / data's",
                    "worst score, last epoch (MSE · KL · sharpness)"],
                   [[name, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"), f"{r['squeezes']:.0f}",
                     f"{r['mse_floor_over_mse']:.1f}x", f"{r['kl_optimum']:.1f} ({r['kl_target']:g})",
-                    "none" if not math.isfinite(r["sharp_ceiling_over_data"]) else f"{r['sharp_ceiling_over_data']:.2f}x",
+                    ceiling(r["sharp_ceiling_over_data"]),
                     f"{r['test_sharp_over_data']:.2f}x", shares(r["worst_share"])] for name, r in rows.items()])
     md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", ""]
     epochs = len(rows["bom"]["worst_share_per_epoch"])
@@ -1694,10 +1691,11 @@ def diagnosis_lines(d):
                 text += (f", {mv['gap_closed']:.0%} of BOM's gap to {baseline} closed" if mv["gap_closed"] >= 0 else
                          f", BOM's gap to {baseline} widened by {-mv['gap_closed']:.0%}")
             moves.append(text)
+        worst, bom_worst = r["worst_share"], bom["worst_share"]
         md.append(f"- {name} ({BOMVAE.ABLATIONS[r['ablation']]}): test sharpness {bom['test_sharp_over_data']:.2f}x → "
-                  f"{r['test_sharp_over_data']:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was the worst score "
-                  f"for {r['worst_share']['sharp']:.0%} of the last epoch's images (BOM: {bom['worst_share']['sharp']:.0%}), "
-                  f"MSE for {r['worst_share']['mse']:.0%} (BOM: {bom['worst_share']['mse']:.0%})."
+                  f"{r['test_sharp_over_data']:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was the worst "
+                  f"score for {worst['sharp']:.0%} of the last epoch's images (BOM: {bom_worst['sharp']:.0%}), "
+                  f"MSE for {worst['mse']:.0%} (BOM: {bom_worst['mse']:.0%})."
                   + (f" Identical to {', '.join(r['identical_to'])} in every seed on every test metric."
                      if r["identical_to"] else ""))
     return md
@@ -1785,8 +1783,7 @@ def plot_rate_distortion(methods, path):
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
         ax.errorbar(x, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker, ms=9,
-                    mfc=color,
-                    mec="black", ecolor=color, capsize=3, label=name)
+                    mfc=color, mec="black", ecolor=color, capsize=3, label=name)
         drawn[name] = (color, marker)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -1810,12 +1807,11 @@ def plot_matched_rate(front, methods, path):
         for y, name in enumerate(names):
             cell, (color, marker) = front[name][key], styles[name]
             if cell["n"] == 0 or not math.isfinite(cell["mean"]):
-                ax.text(1.0, y, {"diverged": "every run diverged"}.get(front[name]["position"], "outside the β runs' rates"),
-                        va="center", ha="center", fontsize=8)
+                note = "every run diverged" if front[name]["position"] == "diverged" else "outside the β runs' rates"
+                ax.text(1.0, y, note, va="center", ha="center", fontsize=8)
                 continue
             ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8,
-                        mfc=color, mec="black", ecolor=color,
-                        capsize=3, ls="none")
+                        mfc=color, mec="black", ecolor=color, capsize=3, ls="none")
             drawn[name] = (color, marker)
         ax.axvline(1.0, color="black", lw=1, ls="--")
         ax.set_xscale("log")
@@ -2008,16 +2004,12 @@ def parse_methods(text):
 
 
 def resolve_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available to this torch")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available on this machine")
+        name = next(device for device, ok in available.items() if ok)
+    if not available[name]:
+        raise UsageError(f"--device {name}: " + ("no CUDA GPU is available to this torch" if name == "cuda" else
+                                                 "MPS is not available on this machine"))
     return torch.device(name)
 
 
@@ -2252,12 +2244,7 @@ def time_notebook_pipeline(args, device):
     seed_everything(args.seed)
     model = VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history = []
-
-    def endless():
-        while True:
-            yield from loader
-    loader_batches = endless()
+    history, loader_batches = [], itertools.chain.from_iterable(itertools.repeat(loader))
 
     def step():
         x = next(loader_batches)[0].to(device)
