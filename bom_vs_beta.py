@@ -73,7 +73,7 @@ IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
 QUICK_CLASSIFIER_IMAGES = 4096
 # half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
-ALL_BETAS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1)
+ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -394,7 +394,8 @@ class BetaVAE(Method):
 class BOMVAE(Method):
     """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any score ≤ 0 is
     skipped; from epoch squeeze_start the constraints are squeezed (squeeze_factor) once per epoch. An ablation (a key
-    of ABLATIONS, `bom:<ablation>`) changes one of these components; a sensitivity run one knob (SENSITIVITY)."""
+    of ABLATIONS, `bom:<ablation>`) changes one of these components; a knob setting (`bom:<ablation>+<knob>=<value>`,
+    or `bom:<knob>=<value>`) changes knobs of the notebook's BOM or of an ablation; SENSITIVITY is its grid."""
 
     kind, label = "bom", "BOM"
     KNOBS = {
@@ -406,7 +407,7 @@ class BOMVAE(Method):
         "kl_low_mult": (0.1, "kl_floor_low = mult · min KL of the untrained model"),
         "kl_high_mult": (50.0, "kl_floor_high = mult · max KL of the untrained model"),
     }
-    SENSITIVITY = {"kl_scale": (0.5, 2.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
+    SENSITIVITY = {"kl_scale": (0.25, 0.5, 2.0, 4.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
     ABLATIONS = {
         "sharp=data": "sharpness ceiling = the training images' own mean sharpness, not the untrained decoder's",
         "sharp=off": "no sharpness score: the MSE score and the KL box only",
@@ -414,25 +415,52 @@ class BOMVAE(Method):
     }
 
     def __init__(self, latent_dim, variant=(), ablation=None, **knobs):
-        """knobs: KNOBS' keys; `variant` names the knobs a sensitivity run changed (its name says them)."""
+        """knobs: KNOBS' keys; `variant` names the knobs a knob setting changed (its name says them)."""
         if ablation == "squeeze=1":
             knobs["squeeze_start"] = 1
         self.knobs = dict(self.defaults(), **knobs)
         self.variant, self.ablation = tuple(variant), ablation
-        self.name = ("bom" + "".join(f"_{k}{self.knobs[k]:g}" for k in self.variant)
-                     + (f"_{ablation}" if ablation else ""))
+        self.name = "_".join(["bom"] + ([ablation] if ablation else []) + [f"{k}={self.knobs[k]:g}" for k in variant])
         self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
         self.constraints = None
         self.calibration = None
 
+    @staticmethod
+    def parse(text):
+        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): at most one ablation, then knobs (a float
+        finite > 0, an int >= 1); UsageError on anything else."""
+        ablation, knobs = None, {}
+        for part in text.split("+"):
+            knob, _, value = part.partition("=")
+            if part in BOMVAE.ABLATIONS and ablation is None:
+                ablation = part
+                continue
+            if knob not in BOMVAE.KNOBS or knob in knobs:
+                raise UsageError(f"--methods: '{part}' in 'bom:{text}' is not a BOM ablation ("
+                                 f"{', '.join(BOMVAE.ABLATIONS)}, one at most) nor a knob ({', '.join(BOMVAE.KNOBS)}, "
+                                 f"once each) given as <knob>=<value>")
+            kind = type(BOMVAE.KNOBS[knob][0])
+            try:
+                knobs[knob] = kind(value)
+            except ValueError:
+                raise UsageError(f"--methods: BOM's {knob} needs a{'n integer' if kind is int else ' number'}, "
+                                 f"got '{value}' in 'bom:{text}'") from None
+            if not (knobs[knob] >= 1 if kind is int else math.isfinite(knobs[knob]) and knobs[knob] > 0):
+                raise UsageError(f"--methods: BOM's {knob} must be {'>= 1' if kind is int else 'a finite number > 0'}"
+                                 f", got '{value}' in 'bom:{text}'")
+        return ablation, knobs
+
+    @staticmethod
+    def spec(ablation, knobs):
+        """The canonical text of a BOM item (what parse reads): the ablation, then the knobs in KNOBS' order."""
+        return "+".join(([ablation] if ablation else []) + [f"{k}={knobs[k]:g}" for k in BOMVAE.KNOBS if k in knobs])
+
     @classmethod
     def from_args(cls, args, value):
-        """value: None (the notebook's BOM), an ablation's name, or a sensitivity run's ((knob, value),)."""
+        """value: None (the notebook's BOM) or a canonical item text (an ablation, knob settings, or both)."""
         knobs = {knob: getattr(args, f"bom_{knob}") for knob in cls.KNOBS}
-        if isinstance(value, str):
-            return cls(args.latent_dim, ablation=value, **knobs)
-        variant = dict(value or ())
-        return cls(args.latent_dim, variant=variant, **dict(knobs, **variant))
+        ablation, variant = cls.parse(value) if value else (None, {})
+        return cls(args.latent_dim, variant=variant, ablation=ablation, **dict(knobs, **variant))
 
     def settings(self):
         return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
@@ -1050,11 +1078,11 @@ METRICS = {
     "active_units": ("active units", 1, 0),
     "fd_recon": ("FD recon", 2, -1), "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1),
 }
-# One declared metric per family; −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE
-# twice.
-FAMILIES = {"likelihood": "iwae_nll", "samples": "fd_prior", "reconstructions": "mse"}
 # The front verdict: at a method's own rate, its MSE and FD prior as ratios to the β front's, IWAE NLL as a difference.
 FRONT_METRICS = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
+# What tuning chooses by on validation and reports on test: one metric per family (likelihood, samples,
+# reconstructions); −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE twice.
+TUNING_CRITERIA = ("iwae_nll", "fd_prior", "mse")
 SELECTABLE = tuple(key for key, (_, _, direction) in METRICS.items() if direction)
 NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
 TARGET_TOLERANCE = 0.3          # a constrained run reached its target when within ±30% of it
@@ -1117,8 +1145,8 @@ def interval(values, ratio=False):
 
 
 def with_holm(cells):
-    """The cells of one table row with their Holm-adjusted p-values."""
-    for cell, p in zip(cells.values(), holm([c["p"] for c in cells.values()])):
+    """Each cell (a list of one table's cells: its family) gets its Holm-adjusted p-value."""
+    for cell, p in zip(cells, holm([c["p"] for c in cells])):
         cell["p_holm"] = p
     return cells
 
@@ -1273,21 +1301,22 @@ def front_at(betas, kl, key):
     return (1 - w) * y0 + w * y1, (y0, y1)
 
 
-def matched_rate(methods):
-    """Every judged method against the β-VAE front at its own test KL, paired by seed (each seed's run against the front
-    through that seed's β runs): per FRONT_METRICS key the ratio or difference with its interval over the seeds whose
-    rate lies inside the front, Holm-adjusted over the row; `position` (on, above, below the front, or outside) from
-    the MSE ratio, and above or below only when every seed's MSE is also past both β runs it lies between (so no
-    other monotone front through the β runs would say otherwise; else `interpolation_only`)."""
+def matched_rate(methods, names=None):
+    """The methods `names` (default: the judged ones) against the β-VAE front at their own test KL, paired by seed (each seed's run against the
+    front through that seed's β runs): per FRONT_METRICS key the ratio or difference with its interval over the seeds
+    whose rate lies inside the front, Holm-adjusted over every cell of the table (one family); `position` (on, above,
+    below the front, or outside) from the MSE ratio, and above or below only when every seed's MSE is also past both
+    β runs it lies between (so no other monotone front through the β runs would say otherwise; else
+    `interpolation_only`)."""
     fronts = {}
     for m in methods.values():
         if m["kind"] == "beta":
             for r in ok_runs(m):
                 fronts.setdefault(r["seed"], []).append(r)
     rows = {}
-    for m in judged(methods):
+    for name in names or [m["name"] for m in judged(methods)]:
         per_seed, outside, past = {}, [], {"above": True, "below": True}
-        for r in ok_runs(m):
+        for r in ok_runs(methods[name]):
             kl = metric(r, "test", "kl")
             at = {key: front_at(fronts.get(r["seed"], []), kl, key) for key in FRONT_METRICS}
             if at["mse"] is None:
@@ -1298,15 +1327,18 @@ def matched_rate(methods):
                                    for key, kind in FRONT_METRICS.items()}
             past["above"] &= metric(r, "test", "mse") > max(at["mse"][1])
             past["below"] &= metric(r, "test", "mse") < min(at["mse"][1])
-        cells = with_holm({key: interval([v[key] for v in per_seed.values()], kind == "ratio")
-                           for key, kind in FRONT_METRICS.items()})
-        word = finding(cells["mse"], -1, 1.0)
-        position = ("diverged" if not ok_runs(m) else "outside" if word == "undetermined" and outside else
-                    {"better": "below", "worse": "above", "not distinguishable": "on"}.get(word, word))
-        interpolation_only = position in past and not past[position]
-        rows[m["name"]] = {"position": "on" if interpolation_only else position,
-                           "interpolation_only": interpolation_only,
-                           "seeds_outside": outside, "per_seed": per_seed, **cells}
+        rows[name] = {"seeds_outside": outside, "per_seed": per_seed, "past": past,
+                      **{key: interval([v[key] for v in per_seed.values()], kind == "ratio")
+                         for key, kind in FRONT_METRICS.items()}}
+    with_holm([row[key] for row in rows.values() for key in FRONT_METRICS])
+    for name, row in rows.items():
+        word = finding(row["mse"], -1, 1.0)
+        position = ("diverged" if not ok_runs(methods[name]) else "outside" if word == "undetermined" and
+                    row["seeds_outside"] else {"better": "below", "worse": "above", "not distinguishable": "on"}.get(
+                        word, word))
+        past = row.pop("past")
+        row["interpolation_only"] = position in past and not past[position]
+        row["position"] = "on" if row["interpolation_only"] else position
     return rows
 
 
@@ -1325,26 +1357,94 @@ def criteria(methods, select_by):
     return out
 
 
-def against_beta(methods, choice):
-    """Each judged method against the β-VAE of one criterion on each family's metric: paired test differences with
-    the β chosen by the mean over seeds, and again with each seed's own choice; each Holm-adjusted over the families.
-    `finding` is the word both choices give, else 'not distinguishable' (a finding that is not robust)."""
+def best_of_k(pool):
+    """Expected test value of the validation-best of k runs drawn at random without replacement from `pool`, a list
+    of (validation score, higher better; test value), for k = 1..n, exactly (Dodge et al. 2019, "Show your work"):
+    with the runs ranked by validation, best first, E_k = Σ_i test_i · C(n−1−i, k−1) / C(n, k)."""
+    ranked = [test for _, test in sorted(pool, key=lambda p: -p[0])]
+    n = len(ranked)
+    return [sum(t * math.comb(n - 1 - i, k - 1) for i, t in enumerate(ranked)) / math.comb(n, k)
+            for k in range(1, n + 1)]
+
+
+def grid_curves(group, key):
+    """{seed: best_of_k over the settings of `group` (methods that all finished) chosen by validation `key`}, over
+    the seeds every setting ran."""
+    group = [m for m in group if m["statuses"] == ["ok"]]
+    if not group:
+        return {}
+    run = {(m["name"], r["seed"]): r for m in group for r in m["runs"]}
+    curves = {}
+    for seed in sorted(set.intersection(*(set(m["seeds"]) for m in group))):
+        pool = [(METRICS[key][2] * metric(run[m["name"], seed], "val", key), metric(run[m["name"], seed], "test", key))
+                for m in group]
+        curves[seed] = best_of_k([p for p in pool if math.isfinite(p[0]) and math.isfinite(p[1])])
+    return curves
+
+
+def tuning_grids(methods):
+    """The grids a tuner draws from: β-VAE's whole sweep, the notebook's β grid, and each BOM (the notebook's or an
+    ablation) with its knob settings; {label: [method names]}, grids of at least two settings."""
+    betas = [m["name"] for m in methods.values() if m["kind"] == "beta"]
+    grids = {"β-VAE": betas,
+             "β-VAE, notebook grid": [n for n in betas if methods[n]["settings"]["beta"] in NOTEBOOK_BETAS]}
+    for base in (m for m in judged(methods) if m["kind"] == "bom"):
+        grids[f"{base['name']}, tuned"] = [base["name"]] + [
+            m["name"] for m in methods.values() if m["kind"] == "bom" and m["variant"]
+            and m["settings"].get("ablation") == base["settings"].get("ablation")]
+    return {label: names for label, names in grids.items() if len(names) > 1 and
+            not (label == "β-VAE, notebook grid" and names == betas)}
+
+
+def tuning_cost(methods):
+    """What tuning buys, per criterion of TUNING_CRITERIA (chosen on validation, reported on test): each grid's
+    expected best-of-k curve (per seed, then mean and 95% interval over seeds); per method (one run per seed; a BOM
+    grid's row is its tuned best of all its settings) k*, the smallest k at which the β-VAE grid's expected
+    best-of-k is better on the mean over seeds, paired by seed, with that comparison's interval (k* None: not within
+    the grid); and at k = n against the β-VAE chosen by each seed's validation and by the mean over seeds, each
+    family (one per choice) Holm-adjusted over the table, with the robust `finding` (both choices agree)."""
+    grids = tuning_grids(methods)
+    curves = {label: {key: grid_curves([methods[n] for n in names], key) for key in TUNING_CRITERIA}
+              for label, names in grids.items()}
+    own = {m["name"]: {key: {r["seed"]: metric(r, "test", key) for r in ok_runs(m)} for key in TUNING_CRITERIA}
+           for m in judged(methods)}
+    own.update({label: {key: {seed: c[-1] for seed, c in curves[label][key].items() if c} for key in TUNING_CRITERIA}
+                for label in grids if label.startswith("bom")})
     run_of = {(r["name"], r["seed"]): r for m in methods.values() for r in ok_runs(m)}
-    rows = {}
-    for m in judged(methods):
-        by_choice = {}
-        for how, beta_of in (("mean", lambda seed: choice["beta"]), ("per_seed", choice["per_seed"].get)):
-            pairs = [(r, run_of.get((beta_of(r["seed"]), r["seed"]))) for r in ok_runs(m)]
-            by_choice[how] = with_holm({family: interval([metric(r, "test", key) - metric(b, "test", key)
-                                                          for r, b in pairs if b is not None])
-                                        for family, key in FAMILIES.items()})
-        for family, key in FAMILIES.items():
-            words = {how: finding(cells[family], METRICS[key][2]) for how, cells in by_choice.items()}
-            by_choice["mean"][family].update(per_seed_choice=by_choice["per_seed"][family], **{
-                f"finding_{how}": word for how, word in words.items()},
-                finding=words["mean"] if len(set(words.values())) == 1 else "not distinguishable")
-        rows[m["name"]] = by_choice["mean"]
-    return rows
+    rows, families = {}, {"mean": [], "per_seed": []}
+    for name, values in own.items():
+        rows[name] = {}
+        for key in TUNING_CRITERIA:
+            ratio, direction = FRONT_METRICS[key] == "ratio", METRICS[key][2]
+            null = 1.0 if ratio else 0.0
+            compare = lambda b, seeds: interval([values[key][s] / b[s] if ratio else values[key][s] - b[s]
+                                                 for s in seeds], ratio)
+            cell = {"test": mean_ci(list(values[key].values())), "k_star": {}}
+            for label in (g for g in grids if g.startswith("β")):
+                per_seed = curves[label][key]
+                seeds = [s for s in values[key] if s in per_seed]
+                n = min((len(per_seed[s]) for s in seeds), default=0)
+                at = [compare({s: per_seed[s][k] for s in seeds}, seeds) for k in range(n)]
+                k = next((k for k in range(n) if direction * (at[k]["mean"] - null) < 0), None)
+                cell["k_star"][label] = {"k": None if k is None else k + 1, "n": n, "at": at[k] if k is not None
+                                         else at[-1] if at else None}
+            chosen = choose_beta(methods, key)
+            best = {s: c[-1] for s, c in curves.get("β-VAE", {}).get(key, {}).items() if c}
+            mean_choice = {s: metric(run_of[chosen, s], "test", key) for s in values[key] if (chosen, s) in run_of}
+            cell["at_n"] = {"mean": compare(mean_choice, [s for s in values[key] if s in mean_choice]),
+                            "per_seed": compare(best, [s for s in values[key] if s in best]), "beta": chosen}
+            families["mean"].append(cell["at_n"]["mean"]), families["per_seed"].append(cell["at_n"]["per_seed"])
+            rows[name][key] = cell
+    for family in families.values():
+        with_holm(family)
+    for row in rows.values():
+        for key, cell in row.items():
+            null = 1.0 if FRONT_METRICS[key] == "ratio" else 0.0
+            words = {finding(cell["at_n"][how], METRICS[key][2], null) for how in families}
+            cell["at_n"]["finding"] = words.pop() if len(words) == 1 else "not distinguishable"
+    return {"grids": grids, "curves": {label: {key: {"per_seed": c, "k": [
+        interval([v[k] for v in c.values()]) for k in range(min(map(len, c.values()), default=0))]}
+        for key, c in per_key.items()} for label, per_key in curves.items()}, "methods": rows}
 
 
 def paired_difference(a, b, key):
@@ -1364,17 +1464,30 @@ def judge(mean, half, direction):
     return "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
 
 
-def sensitivity(methods):
-    """How far BOM's test metrics move across its knob settings, next to β-VAE's across its β grid: per metric the
-    (min, max) of the seed means of each (None without a finite one); {} with fewer than two BOM settings."""
-    boms = [m for m in methods.values() if m["kind"] == "bom" and "ablation" not in m["settings"]]
-    betas = [m for m in methods.values() if m["kind"] == "beta"]
-    if len(boms) < 2:
-        return {}
-    span = lambda group, key: (lambda v: [min(v), max(v)] if v else None)(
-        [m["test"][key][0] for m in group if math.isfinite(m["test"][key][0])])
-    return {"bom_settings": len(boms), "betas": len(betas),
-            "range": {key: {"bom": span(boms, key), "beta": span(betas, key)} for key in SELECTABLE + ("kl",)}}
+def knob_grids(methods, grids):
+    """Each BOM grid's settings on the β front (matched_rate; the grid's table is its own Holm family), with what each
+    changes and the KL optimum target it sets; and `kl_slope`, d log(test KL) / d log(kl_scale) over the settings
+    that change kl_scale alone, per seed by least squares, then mean and interval over seeds: 1 when the rate follows
+    the KL targets as β-VAE's follows β."""
+    out = {}
+    for label, names in grids.items():
+        if label.startswith("β"):
+            continue
+        base = next(methods[n] for n in names if not methods[n]["variant"])
+        changes = {n: {k: methods[n]["settings"][k] for k in BOMVAE.KNOBS
+                       if methods[n]["settings"][k] != base["settings"][k]} for n in names}
+        front = matched_rate(methods, names)
+        rows = {n: dict(front[n], changes=changes[n], kl=methods[n]["test"]["kl"],
+                        kl_target=methods[n]["settings"]["kl_targets"][1]) for n in names}
+        points = {}
+        for n in names:
+            if set(changes[n]) <= {"kl_scale"}:
+                for r in ok_runs(methods[n]):
+                    points.setdefault(r["seed"], []).append((math.log(methods[n]["settings"]["kl_scale"]),
+                                                             math.log(max(metric(r, "test", "kl"), 1e-12))))
+        slopes = [statistics.linear_regression(*zip(*p))[0] for p in points.values() if len({x for x, _ in p}) > 1]
+        out[label] = {"base": base["name"], "settings": rows, "kl_slope": interval(slopes)}
+    return out
 
 
 def balanced_score(mse, kl, sharp):
@@ -1461,7 +1574,7 @@ SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for
 def write_report(out, records, reference, config, select_by):
     """summary.json/.csv/.md from the run records; returns the summary dict and the per-method aggregates."""
     methods = aggregate(records)
-    choices = criteria(methods, select_by)
+    choices, tuning = criteria(methods, select_by), tuning_cost(methods)
     per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
                  **{f"test_{k}": metric(r, "test", k) for k in METRICS},
                  **{f"val_{k}": metric(r, "val", k) for k in METRICS}} for r in records]
@@ -1474,11 +1587,11 @@ def write_report(out, records, reference, config, select_by):
                                                     "idle")}
                            for name, m in methods.items()},
                "script_versions": dict(collections.Counter(r.get("script_sha256") for r in records)),
-               "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
-               "against_beta": {label: against_beta(methods, choice) for label, choice in choices.items()},
+               "select_by": select_by, "front": matched_rate(methods),
+               "criteria": choices, "tuning_cost": tuning,
+               "knob_grids": knob_grids(methods, tuning["grids"]),
                "analysis": notebook_analysis(methods),
                "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
-               "sensitivity": sensitivity(methods),
                "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"],
                                               choices.get(select_by, {}).get("beta"))}
     write_json(os.path.join(out, "summary.json"), summary)
@@ -1527,10 +1640,13 @@ def summary_markdown(summary, methods, config):
           f"{config['val_images']} validation / {config['test_images']} test images, "
           f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}. How each "
           f"number is computed: README, \"How the verdict is computed\"."]
+    md += ([""] + ["![what tuning buys](tuning_cost.png)"] * bool(summary["tuning_cost"]["grids"])
+           + ["![rate–distortion plane](rate_distortion.png)"])
     sections = [
         ("Verdict: each method against the β-VAE rate–distortion front", front_lines(summary["front"], methods)),
+        ("What tuning buys: β-VAE's expected best of k random β runs", tuning_lines(summary["tuning_cost"])),
+        ("BOM's knob grid on the front", knob_lines(summary["knob_grids"])),
         ("Where each method lands without tuning", landing_lines(choices, methods, config["latent_dim"])),
-        ("Against one β-VAE per criterion (secondary)", against_lines(summary["against_beta"], choices)),
         ("Test metrics (mean ± 95% CI over seeds)", test_table_lines(methods, ref)),
         (f"Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})",
          sharpness_lines(summary["sharpness_against_data"])),
@@ -1539,9 +1655,7 @@ def summary_markdown(summary, methods, config):
         ("The notebook's analysis (β chosen on validation)",
          summary["analysis"] and analysis_lines(summary["analysis"])),
         ("Why BOM ends where it does (seed means)",
-         summary["bom_diagnosis"] and diagnosis_lines(summary["bom_diagnosis"])),
-        ("BOM's sensitivity to its own knobs (test, seed means)",
-         summary["sensitivity"] and sensitivity_lines(summary["sensitivity"]))]
+         summary["bom_diagnosis"] and diagnosis_lines(summary["bom_diagnosis"]))]
     for title, lines in sections:
         if lines:
             md += ["", f"## {title}", ""] + lines
@@ -1549,7 +1663,7 @@ def summary_markdown(summary, methods, config):
 
 
 def front_lines(front, methods):
-    """The verdict: a line per position, the two figures, one table."""
+    """The verdict: a line per position, the matched-rate figure, one table."""
     if not front:
         return ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
     md = []
@@ -1567,7 +1681,9 @@ def front_lines(front, methods):
                 + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
                    if front[name]["seeds_outside"] else "")
                 for name in names) + ".")
-    md += ["", "![rate–distortion plane](rate_distortion.png)", "", "![matched-rate ratios](matched_rate.png)", ""]
+    if any(row["mse"]["n"] for row in front.values()):
+        md += ["", "![matched-rate ratios](matched_rate.png)"]
+    md.append("")
     md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
                     "seeds inside", "position"],
                    [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
@@ -1577,7 +1693,7 @@ def front_lines(front, methods):
                      row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
                     for name, row in front.items()])
     return md + ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: "
-                 "Holm-adjusted p < 0.05 over the row's three metrics. The front, the pairing by seed and the "
+                 "Holm-adjusted p < 0.05 over every cell of this table (one family). The front, the pairing by seed and the "
                  "position: README, \"How the verdict is computed\"."]
 
 
@@ -1603,19 +1719,62 @@ def landing_lines(choices, methods, latent_dim):
                  for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
 
 
-def against_lines(against, choices):
-    """Per criterion, each method's paired differences to the chosen β-VAE with its robust finding."""
-    md = ["Paired test differences, method − the chosen β-VAE, mean [95% interval]; `→ better/worse` only for a "
-          "robust finding (README, \"How the verdict is computed\"), otherwise `n.d.`.", ""]
-    for label, rows in against.items():
-        c = choices[label]
-        md += [f"### β-VAE chosen by {criterion_label(c)}: {c['beta']}", ""]
-        md += md_table(["method"] + [f"{family}: {METRICS[key][0]}" for family, key in FAMILIES.items()],
-                       [[name] + [fmt_cell(row[family], False, METRICS[key][1], star=False) + " → " + {
-                           "better": "better", "worse": "worse"}.get(row[family]["finding"], "n.d.")
-                                  for family, key in FAMILIES.items()]
-                        for name, row in rows.items()]) + [""]
-    return md[:-1]
+def fmt_interval(cell, digits):
+    """'12.3 [10.1, 14.5]': a mean and its 95% interval (the mean alone from one seed)."""
+    return fmt(cell["mean"], digits) + (f" [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
+                                        if math.isfinite(cell["low"]) else "")
+
+
+def tuning_lines(t):
+    """The grids' best-of-k curves, then per method and criterion k* and the comparison at k = n."""
+    if not t["grids"]:
+        return []
+    digits = {key: METRICS[key][1] for key in TUNING_CRITERIA}
+    md = ["Each grid is read as random search over its range: k runs drawn without replacement, the one best on "
+          "validation kept, its expected test value computed exactly over all draws, per seed; then mean [95% "
+          "interval] over seeds. k* is the smallest k at which β-VAE's expected best of k beats the method (mean "
+          "over seeds, paired by seed); it moves when the grid's range does.", ""]
+    md += md_table(["grid", "k"] + [f"by {METRICS[key][0]}" for key in TUNING_CRITERIA],
+                   [[label, k + 1] + [fmt_interval(t["curves"][label][key]["k"][k], digits[key])
+                                      if k < len(t["curves"][label][key]["k"]) else "" for key in TUNING_CRITERIA]
+                    for label, names in t["grids"].items() for k in range(len(names))])
+    against = lambda key, cell, star=False: fmt_cell(cell, FRONT_METRICS[key] == "ratio",
+                                                     2 if FRONT_METRICS[key] == "ratio" else digits[key], star)
+    k_star = lambda key, c: "n/a" if c["at"] is None else (
+        f"not within its {c['n']}" if c["k"] is None else f"{c['k']} of {c['n']}") + f": {against(key, c['at'])}"
+    labels = [label for label in t["grids"] if label.startswith("β")]
+    md += ["", "Per method: its test value (a BOM grid's row: its tuned best of all its settings), k* of each β "
+           "grid with the method against that best of k* (ratio or difference, method / − β-VAE), and against the "
+           "β-VAE each seed's validation chooses from the whole sweep (k = n); `→ better/worse` only when the β "
+           "chosen by the mean over seeds gives the same word, each choice Holm-adjusted over this table.", ""]
+    md += md_table(["method", "chosen and reported by", "its test value", *(f"k* of {label}" for label in labels),
+                    "at k = n"],
+                   [[name, METRICS[key][0], fmt_ci(*cell["test"], digits[key]),
+                     *(k_star(key, cell["k_star"][label]) for label in labels),
+                     against(key, cell["at_n"]["per_seed"], True) + " → " + {
+                         "better": "better", "worse": "worse"}.get(cell["at_n"]["finding"], "n.d.")]
+                    for name, row in t["methods"].items() for key, cell in row.items()])
+    return md
+
+
+def knob_lines(grids):
+    """Per BOM grid: each setting's rate and position on the β front, and how its rate follows its KL targets."""
+    md = []
+    for label, g in grids.items():
+        md += [f"### {g['base']} and its knob settings", ""]
+        md += md_table(["setting", "changes", "KL optimum target", "test KL", "MSE / front", "FD prior / front",
+                        "IWAE NLL − front", "position"],
+                       [[name, ", ".join(f"{k} {v:g}" for k, v in r["changes"].items()) or "—",
+                         f"{r['kl_target']:g}", fmt_ci(*r["kl"], 1), fmt_cell(r["mse"], True, 2),
+                         fmt_cell(r["fd_prior"], True, 2), fmt_cell(r["iwae_nll"], False, 1),
+                         r["position"] + (" (off it only by the interpolation)" if r["interpolation_only"] else "")]
+                        for name, r in g["settings"].items()])
+        slope = g["kl_slope"]
+        if slope["n"]:
+            md += ["", f"- Test KL grows as kl_scale^s with s = {fmt_interval(slope, 2)} over {slope['n']} seed(s) "
+                   f"(s = 1: its KL targets set its rate the way β sets β-VAE's; s = 0: they do not move it)."]
+        md.append("")
+    return md[:-1] + (["", "`*`: Holm-adjusted p < 0.05 over each grid's table."] if md else [])
 
 
 def test_table_lines(methods, ref):
@@ -1701,17 +1860,8 @@ def diagnosis_lines(d):
     return md
 
 
-def sensitivity_lines(s):
-    span = lambda r, digits: ("n/a … n/a (spread n/a)" if r is None else
-                              f"{fmt(r[0], digits)} … {fmt(r[1], digits)} (spread {fmt(r[1] - r[0], digits)})")
-    return md_table(["metric", f"BOM: range over its {s['bom_settings']} settings",
-                     f"β-VAE: range over its {s['betas']} βs"],
-                    [[METRICS[key][0], span(r["bom"], METRICS[key][1]), span(r["beta"], METRICS[key][1])]
-                     for key, r in s["range"].items()])
-
-
-def finish_figure(fig, path, top=1.0):
-    fig.tight_layout(rect=(0, 0, 1, top))
+def finish_figure(fig, path, top=1.0, bottom=0.0):
+    fig.tight_layout(rect=(0, bottom, 1, top))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
     if "ipykernel" in sys.modules:
         plt.show()
@@ -1826,6 +1976,37 @@ def plot_matched_rate(front, methods, path):
     return drawn
 
 
+def plot_tuning_cost(t, methods, path):
+    """A panel per criterion: each grid's expected test value of the validation-best of k runs against k (mean over
+    seeds, band: 95% interval), every other method at k = 1 (one run, no tuning) with its interval."""
+    fig, axes = plt.subplots(1, len(TUNING_CRITERIA), figsize=(15, 4.8))
+    styles = method_styles(methods)
+    for ax, key in zip(axes, TUNING_CRITERIA):
+        for i, label in enumerate(t["grids"]):
+            cells = t["curves"][label][key]["k"]
+            k = np.arange(1, len(cells) + 1)
+            mean, low, high = (np.array([c[f] for c in cells], dtype=float) for f in ("mean", "low", "high"))
+            color = ("black", "grey")[i] if i < 2 else styles.get(label.split(",")[0], ("C0",))[0]
+            ax.plot(k, mean, marker="o", ms=3, color=color, ls="-" if i != 1 else "--", label=label)
+            ax.fill_between(k, low, high, color=color, alpha=0.15, lw=0)
+        single = [n for n in t["methods"] if n in styles]
+        for j, name in enumerate(single):
+            (y, half), (color, marker) = t["methods"][name][key]["test"], styles[name]
+            x = 1 + 0.06 * (j - (len(single) - 1) / 2)          # side by side where they coincide
+            ax.errorbar(x, y, yerr=half if math.isfinite(half) else None, marker=marker, ms=7, mfc=color, mec="black",
+                        ecolor=color, capsize=2, ls="none", label=name)
+        if key != "iwae_nll":
+            ax.set_yscale("log")
+        ax.set_xlabel("k: β (or knob) settings tried, the best on validation kept")
+        ax.set_title(f"test {METRICS[key][0]} (↓ better), chosen by validation {METRICS[key][0]}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% interval over seeds); "
+                 "one run of each other method at k = 1")
+    finish_figure(fig, path, top=0.94, bottom=0.06 * math.ceil(len(labels) / 6))
+
+
 def image_grid(rows_of_images, labels, title, path):
     """Rows of 8 uint8 grayscale images on one fixed [0, 255] scale, so no row is contrast-stretched."""
     n = len(rows_of_images)
@@ -1870,6 +2051,8 @@ def build_report(args, splits):
     if not args.no_plots:
         plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
         plot_rate_distortion(methods, os.path.join(args.out, "rate_distortion.png"))
+        if summary["tuning_cost"]["grids"]:
+            plot_tuning_cost(summary["tuning_cost"], methods, os.path.join(args.out, "tuning_cost.png"))
         if any(row["mse"]["n"] for row in summary["front"].values()):
             plot_matched_rate(summary["front"], methods, os.path.join(args.out, "matched_rate.png"))
         plot_images(records, splits["test"][0], args.out)
@@ -1900,9 +2083,10 @@ def build_parser():
                    help="where to train; auto picks cuda, then mps, then cpu")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
-                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "); 'ablations' = every "
-                        "bom:<ablation>; 'all' = β in half decades 1e-6..1e-3 and 1e-2, 0.1, every tuning-free "
-                        "method and every ablation")
+                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), BOM with knobs "
+                        "bom:[<ablation>+]<knob>=<value>[+...] (e.g. bom:sharp=off+kl_scale=2); 'ablations' = "
+                        "every bom:<ablation>; 'all' = β in half decades 1e-7..3e-3 and 1e-2, 0.1, every "
+                        "tuning-free method and every ablation")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds weights, batch order and sampling; every method gets the same start")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (notebook: 64)")
@@ -1921,10 +2105,10 @@ def build_parser():
     p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
     for flag, _, default, text in knob_flags():
         p.add_argument(flag, type=int if isinstance(default, int) else float, default=default, help=text)
-    p.add_argument("--bom-sensitivity", action="store_true",
-                   help="also run BOM with " + ", ".join(f"--bom-{k.replace('_', '-')} {'/'.join(f'{v:g}' for v in vs)}"
-                                                         for k, vs in BOMVAE.SENSITIVITY.items())
-                        + " (one knob at a time), to compare its spread with β-VAE's across β")
+    p.add_argument("--bom-sensitivity", nargs="?", const="bom", default=None, metavar="ITEM",
+                   help="also run the BOM item ITEM (default: bom; e.g. bom:sharp=off) with " + ", ".join(
+                       f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items())
+                   + " (one knob at a time): its knob grid, judged like β-VAE's β grid")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every method once per seed (default: --seed alone)")
     p.add_argument("--val-size", type=int, default=5000,
@@ -1984,8 +2168,8 @@ def parse_methods(text):
     for item in items:
         if item in TUNING_FREE:
             spec = (item, None)
-        elif item in ablations:
-            spec = ("bom", item[4:])
+        elif item.startswith("bom:"):
+            spec = ("bom", BOMVAE.spec(*BOMVAE.parse(item[4:])))
         elif item.startswith("beta:"):
             try:
                 beta = float(item[5:])
@@ -1996,7 +2180,7 @@ def parse_methods(text):
             spec = ("beta", beta)
         else:
             raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)}, "
-                             f"{', '.join(ablations)}, ablations or all)")
+                             f"{', '.join(ablations)}, bom:[<ablation>+]<knob>=<value>, ablations or all)")
         if spec in specs:
             raise UsageError(f"--methods: '{item}' is listed twice")
         specs.append(spec)
@@ -2061,8 +2245,14 @@ def parse_args(argv=None):
         raise UsageError("--any-version applies to --resume only")
     args.method_specs = parse_methods(args.methods)
     if args.bom_sensitivity:
-        args.method_specs += [("bom", ((knob, value),)) for knob, values in BOMVAE.SENSITIVITY.items()
-                              for value in values]
+        base = parse_methods(args.bom_sensitivity)
+        if len(base) != 1 or base[0][0] != "bom":
+            raise UsageError(f"--bom-sensitivity takes one BOM item (bom, bom:sharp=off, ...), got "
+                             f"'{args.bom_sensitivity}'")
+        ablation, knobs = BOMVAE.parse(base[0][1]) if base[0][1] else (None, {})
+        grid = [("bom", BOMVAE.spec(ablation, dict(knobs, **{knob: value})))
+                for knob, values in BOMVAE.SENSITIVITY.items() for value in values]
+        args.method_specs += [spec for spec in grid if spec not in args.method_specs]
     args.seeds = args.seeds if args.seeds is not None else [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds: a seed is listed twice ({' '.join(map(str, args.seeds))})")
@@ -2354,7 +2544,7 @@ def run_benchmark(args, splits):
 
 
 REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "rate_distortion.png",
-                "matched_rate.png", "reconstructions_comparison.png", "samples_comparison.png")
+                "tuning_cost.png", "matched_rate.png", "reconstructions_comparison.png", "samples_comparison.png")
 
 
 def run_grid(args):

@@ -7,6 +7,7 @@ import json
 import linecache
 import math
 import os
+import re
 import runpy
 import shlex
 import shutil
@@ -686,15 +687,44 @@ def test_free_bits_gives_no_kl_gradient_to_dimensions_below_lambda():
 
 def test_methods_all_is_every_beta_every_tuning_free_method_and_every_ablation():
     specs = bvb.parse_methods("all")
-    assert [b for kind, b in specs if kind == "beta"] == [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1]
+    assert [b for kind, b in specs if kind == "beta"] == [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3,
+                                                          1e-2, 0.1]
     assert [spec for spec in specs if spec[0] != "beta"] == [(k, None) for k in bvb.TUNING_FREE] + [
         ("bom", "sharp=data"), ("bom", "sharp=off"), ("bom", "squeeze=1")]
     assert bvb.parse_methods("bom,ablations") == [("bom", None), ("bom", "sharp=data"), ("bom", "sharp=off"),
                                                   ("bom", "squeeze=1")]
-    with pytest.raises(bvb.UsageError, match="unknown method 'bom:sharp=blur'.*bom:sharp=off"):
+    with pytest.raises(bvb.UsageError, match="'sharp=blur' in 'bom:sharp=blur' is not a BOM ablation .*sharp=off"):
         bvb.parse_methods("bom:sharp=blur")
     with pytest.raises(bvb.UsageError, match="listed twice"):
         bvb.parse_methods("ablations,bom:sharp=off")
+
+
+def test_a_bom_item_combines_an_ablation_with_knob_values_in_one_name():
+    # knobs after '+', in any order: one canonical item, so the same setting cannot be listed twice
+    assert bvb.parse_methods("bom:kl_scale=2+sharp=off,bom:squeeze_start=2") == [
+        ("bom", "sharp=off+kl_scale=2"), ("bom", "squeeze_start=2")]
+    with pytest.raises(bvb.UsageError, match="listed twice"):
+        bvb.parse_methods("bom:sharp=off+kl_scale=2,bom:kl_scale=2.0+sharp=off")
+    args = tiny_args(bom_kl_scale=3.0, bom_squeeze_k=0.25, latent_dim=16)
+    method = bvb.make_method(("bom", "sharp=off+kl_scale=2"), args)
+    assert method.name == "bom_sharp=off_kl_scale=2" and method.ablation == "sharp=off" and method.variant == (
+        "kl_scale",)
+    assert method.knobs["kl_scale"] == 2.0 and method.knobs["squeeze_k"] == 0.25      # the item wins, flags fill in
+    assert method.kl_targets == pytest.approx(tuple(t * 16 * 2 for t in bvb.KL_TARGETS_PER_DIM))
+    assert bvb.make_method(("bom", "squeeze_start=2"), args).knobs["squeeze_start"] == 2
+    for item, message in (("bom:sharp=off+kl_scal=2", "'kl_scal=2' in 'bom:sharp=off+kl_scal=2' is not a BOM"),
+                          ("bom:sharp=off+sharp=data", "one at most"), ("bom:kl_scale=2+kl_scale=3", "once each"),
+                          ("bom:kl_scale=0", "BOM's kl_scale must be a finite number > 0"),
+                          ("bom:squeeze_start=1.5", "BOM's squeeze_start needs an integer"),
+                          ("bom:calib_batches=0", "BOM's calib_batches must be >= 1")):
+        with pytest.raises(bvb.UsageError, match=re.escape(message)):
+            bvb.parse_methods(item)
+    args = bvb.parse_args(["--methods", "bom:sharp=off", "--bom-sensitivity", "bom:sharp=off", "--device", "cpu"])
+    assert args.method_specs[0] == ("bom", "sharp=off") and ("bom", "sharp=off+mse_floor_mult=4") in args.method_specs
+    assert len(args.method_specs) == 1 + sum(map(len, bvb.BOMVAE.SENSITIVITY.values()))
+    assert bvb.parse_args(["--bom-sensitivity", "--device", "cpu"]).method_specs[-1] == ("bom", "mse_floor_mult=4")
+    with pytest.raises(bvb.UsageError, match="--bom-sensitivity takes one BOM item"):
+        bvb.parse_args(["--bom-sensitivity", "beta:0.1", "--device", "cpu"])
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -1142,39 +1172,73 @@ def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 6
             "val": {k: val.get(k, 1.0) for k in bvb.METRICS}, "test": {k: test.get(k, 1.0) for k in bvb.METRICS}}
 
 
-def robust_and_fragile():
+def test_best_of_k_is_the_mean_over_every_draw_of_the_validation_best_run():
+    # three runs ranked by validation b, a, c (score: higher better); test values 5, 2, 9
+    pool = [(1.0, 2.0), (3.0, 5.0), (0.5, 9.0)]
+    curve = bvb.best_of_k(pool)
+    assert curve[0] == pytest.approx((2 + 5 + 9) / 3)                       # k = 1: a random run
+    assert curve[1] == pytest.approx((5 + 5 + 2) / 3)                       # pairs {a,b}→5, {b,c}→5, {a,c}→2
+    assert curve[2] == 5.0                                                  # k = n: the validation-best run
+
+
+def tuning_records():
+    """Per seed three β runs (one of the notebook's grid: no second grid): validation IWAE NLL ranks β 1e-5 best, then
+    3e-4, then 0.1; their test IWAE NLL is
+    −100, −60, −20 (plus the seed's offset). β-VAE's best of k: k=1 −60, k=2 (−100·2 − 60)/3 = −86.67, k=3 −100.
+    A method at −70 is beaten from k = 2 on; one at −95 from k = 3; one at −120 never (not within the grid)."""
+    records = []
+    for seed, offset in ((0, 0.0), (1, 1.0), (2, -1.0)):
+        for name, val, test in (("beta_1e-05", -1.0, -100.0), ("beta_0.0003", -2.0, -60.0), ("beta_0.1", -3.0, -20.0)):
+            records.append(fake_run(name, "beta", seed, {"iwae_nll": -val}, {"iwae_nll": test + offset}))
+        for name, kind, test in (("geco", "geco", -70.0), ("controlvae", "controlvae", -95.0),
+                                 ("sigma_vae", "sigma_vae", -120.0)):
+            records.append(fake_run(name, kind, seed, {}, {"iwae_nll": test + offset + 0.1 * seed}))
+    return records
+
+
+def test_k_star_is_the_first_k_at_which_tuned_beta_vae_beats_the_method_paired_by_seed():
+    methods = bvb.aggregate(tuning_records())
+    t = bvb.tuning_cost(methods)
+    assert list(t["grids"]) == ["β-VAE"] and t["grids"]["β-VAE"] == ["beta_1e-05", "beta_0.0003", "beta_0.1"]
+    curve = t["curves"]["β-VAE"]["iwae_nll"]
+    assert [c["mean"] for c in curve["k"]] == pytest.approx([-60.0, -260.0 / 3, -100.0])
+    assert curve["per_seed"][1] == pytest.approx([-59.0, -260.0 / 3 + 1, -99.0])
+    rows = {name: t["methods"][name]["iwae_nll"] for name in ("geco", "controlvae", "sigma_vae")}
+    assert [rows[n]["k_star"]["β-VAE"]["k"] for n in rows] == [2, 3, None]
+    geco = rows["geco"]["k_star"]["β-VAE"]
+    assert geco["n"] == 3 and geco["at"]["mean"] == pytest.approx(-70.0 + 0.1 - (-260.0 / 3))
+    # not within the grid: the comparison shown is at k = n, where the method is still better
+    assert rows["sigma_vae"]["k_star"]["β-VAE"]["at"]["mean"] == pytest.approx(-20.0 + 0.1)
+    # at k = n against the validation-chosen β (here the same by the mean and in each seed): robust findings
+    assert rows["geco"]["at_n"]["finding"] == "worse" and rows["sigma_vae"]["at_n"]["finding"] == "better"
+    assert rows["geco"]["at_n"]["beta"] == "beta_1e-05"
+
+
+def test_the_finding_at_k_n_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
     """beta_0.001 wins validation IWAE NLL on the mean over seeds (10 vs 10.33), but seed 0 alone prefers beta_0.1.
-    sigma_vae beats beta_0.001 on test IWAE NLL in every seed, yet is 15 nats worse than beta_0.1 in seed 0; it beats
-    both on FD prior by 10 in every seed; MSE is equal everywhere. Validation FD prior prefers beta_0.1 in every seed."""
+    sigma_vae beats beta_0.001 on test IWAE NLL in every seed, yet is 15 nats worse than beta_0.1 in seed 0."""
     records = []
     for seed, noise in ((0, 0.0), (1, 0.5), (2, -0.5)):
-        records.append(fake_run("beta_0.001", "beta", seed, {"iwae_nll": 10.0, "fd_prior": 50.0},
-                                {"iwae_nll": 100.0 + noise, "fd_prior": 10.0}))
-        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 9.0 if seed == 0 else 11.0, "fd_prior": 30.0},
-                                {"iwae_nll": 80.0, "fd_prior": 10.0}))
-        records.append(fake_run("sigma_vae", "sigma_vae", seed, {}, {"iwae_nll": 95.0 + (0.0, 0.2, -0.4)[seed],
-                                                                     "fd_prior": 0.0 + noise}))
-    return bvb.aggregate(records)
+        records.append(fake_run("beta_0.001", "beta", seed, {"iwae_nll": 10.0}, {"iwae_nll": 100.0 + noise}))
+        records.append(fake_run("beta_0.1", "beta", seed, {"iwae_nll": 9.0 if seed == 0 else 11.0}, {"iwae_nll": 80.0}))
+        records.append(fake_run("sigma_vae", "sigma_vae", seed, {}, {"iwae_nll": 95.0 + (0.0, 0.2, -0.4)[seed]}))
+    t = bvb.tuning_cost(bvb.aggregate(records))
+    cell = t["methods"]["sigma_vae"]["iwae_nll"]["at_n"]
+    assert cell["beta"] == "beta_0.001" and cell["mean"]["mean"] == pytest.approx((-5.0 - 5.3 - 4.9) / 3)
+    assert cell["per_seed"]["mean"] == pytest.approx((15.0 - 5.3 - 4.9) / 3)
+    assert bvb.finding(cell["mean"], -1) == "better" and bvb.finding(cell["per_seed"], -1) == "not distinguishable"
+    assert cell["finding"] == "not distinguishable"
+    # Holm over the table, one family per choice: every method x criterion in it (here 1 method x 3 criteria)
+    at_n = [t["methods"]["sigma_vae"][key]["at_n"]["mean"] for key in bvb.TUNING_CRITERIA]
+    assert [c["p_holm"] for c in at_n] == pytest.approx(bvb.holm([c["p"] for c in at_n]), nan_ok=True)
 
 
-def test_a_finding_against_one_beta_vae_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
-    methods = robust_and_fragile()
-    choices = bvb.criteria(methods, "iwae_nll")
-    assert choices["fd_prior"]["beta"] == "beta_0.1" and set(choices["fd_prior"]["per_seed"].values()) == {"beta_0.1"}
-    choice = choices["iwae_nll"]
-    assert choice["beta"] == "beta_0.001" and choice["per_seed"] == {0: "beta_0.1", 1: "beta_0.001", 2: "beta_0.001"}
-    row = bvb.against_beta(methods, choice)["sigma_vae"]
-    likelihood, samples, recon = (row[f] for f in ("likelihood", "samples", "reconstructions"))
-    assert likelihood["mean"] == pytest.approx((-5.0 - 5.3 - 4.9) / 3) and likelihood["per_seed_choice"]["mean"] == \
-        pytest.approx((15.0 - 5.3 - 4.9) / 3)
-    # on the mean choice IWAE is better after Holm; with seed 0's own choice it is not: not a robust finding
-    assert likelihood["finding_mean"] == "better" and likelihood["finding_per_seed"] == "not distinguishable"
-    assert likelihood["finding"] == "not distinguishable"
-    assert samples["mean"] == pytest.approx(-10.0) and samples["finding"] == "better"      # robust: both agree
-    assert recon["mean"] == 0.0 and recon["p"] == 1.0 and recon["finding"] == "not distinguishable"
-    # Holm over the three families: the smallest p is tripled, the next doubled, the largest kept
-    ps = [row[f]["p"] for f in bvb.FAMILIES]
-    assert [row[f]["p_holm"] for f in bvb.FAMILIES] == pytest.approx(bvb.holm(ps))
+def test_the_tuning_cost_figure_has_its_size_and_is_not_blank(tmp_path):
+    methods = bvb.aggregate(tuning_records())
+    bvb.plot_tuning_cost(bvb.tuning_cost(methods), methods, str(tmp_path / "tuning_cost.png"))
+    image = mpimg.imread(tmp_path / "tuning_cost.png")[..., :3]
+    assert image.shape[:2] == (int(4.8 * 150), 15 * 150)
+    assert image.std() > 0.05 and ((image.max(-1) - image.min(-1)) > 0.3).mean() > 0.0005
 
 
 SEED_SCALE = {0: 1.0, 1: 1.5, 2: 0.7}     # every run of a seed is that much worse: only a paired comparison cancels it
@@ -1231,6 +1295,10 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     assert bom["iwae_nll"]["mean"] == pytest.approx(10.0) and bom["fd_prior"]["mean"] == pytest.approx(0.5)
     assert freebits["position"] == "outside" and freebits["seeds_outside"] == [1, 2] and freebits["mse"]["n"] == 1
     assert front["bom_gone"]["position"] == "diverged" and front["bom_gone"]["mse"]["n"] == 0
+    # one Holm family: every cell of the table, not each row's three
+    cells = [row[key] for row in front.values() for key in bvb.FRONT_METRICS]
+    assert [c["p_holm"] for c in cells] == pytest.approx(bvb.holm([c["p"] for c in cells]), nan_ok=True)
+    assert control["mse"]["p_holm"] > bvb.holm([control[key]["p"] for key in bvb.FRONT_METRICS])[0]
     config = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1, "device": "cpu",
               "torch": "x", "latent_dim": 128}
     summary, _ = bvb.write_report(str(tmp_path), records, {"test_data_sharpness": 0.03,
@@ -1384,19 +1452,33 @@ def test_the_report_counts_the_script_versions_of_its_run_files(shared_out, data
             in capsys.readouterr().out)
 
 
-def test_bom_sensitivity_runs_its_knob_grid_and_reports_the_spread(data_dir, tmp_path):
+def test_bom_sensitivity_runs_a_variant_s_knob_grid_judged_like_beta_s(data_dir, tmp_path):
     summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16", "--no-plots",
-                                "--methods", "beta:0.001,beta:0.1,bom", "--bom-sensitivity"))
-    names = set(summary["methods"])
-    assert {"bom_kl_scale0.5", "bom_kl_scale2", "bom_squeeze_k0.25", "bom_squeeze_k1", "bom_mse_floor_mult1.5",
-            "bom_mse_floor_mult4"} <= names
-    run = json.loads((tmp_path / "runs" / "bom_kl_scale2_seed0.json").read_text())
-    assert run["variant"] and run["settings"]["kl_targets"] == pytest.approx([1.171875 * 16 * 2 / 3 * 1, 20.0, 37.5])
-    assert summary["sensitivity"]["bom_settings"] == 7 and summary["sensitivity"]["betas"] == 2
-    mse = [m["test"]["mse"][0] for name, m in summary["methods"].items() if name.startswith("bom")]
-    assert summary["sensitivity"]["range"]["mse"]["bom"] == [min(mse), max(mse)]
-    assert "| metric | BOM: range over its 7 settings | β-VAE: range over its 2 βs |" in (tmp_path / "summary.md").read_text()
-    assert list(summary["front"]) == ["bom"]                                 # variants are not in the verdict
+                                "--methods", "beta:0.001,beta:0.1,bom:sharp=off", "--bom-sensitivity", "bom:sharp=off"))
+    settings = ["bom_sharp=off"] + [f"bom_sharp=off_{k}={v:g}" for k, vs in bvb.BOMVAE.SENSITIVITY.items() for v in vs]
+    assert "bom_sharp=off_kl_scale=2" in settings and set(settings) <= set(summary["methods"])
+    run = json.loads((tmp_path / "runs" / "bom_sharp=off_kl_scale=2_seed0.json").read_text())
+    assert run["variant"] and run["settings"]["ablation"] == "sharp=off" and run["settings"]["kl_scale"] == 2.0
+    assert run["settings"]["kl_targets"] == pytest.approx([t * 16 * 2 for t in bvb.KL_TARGETS_PER_DIM])
+    assert run["config"]["calibration"]["sharp_ceiling"] is None                   # the ablation holds
+    assert list(summary["front"]) == ["bom_sharp=off"]                             # variants are not in the verdict
+    grid = summary["knob_grids"]["bom_sharp=off, tuned"]
+    assert sorted(grid["settings"]) == sorted(settings) and grid["settings"]["bom_sharp=off_squeeze_k=1"]["changes"] == {
+        "squeeze_k": 1.0} and grid["settings"]["bom_sharp=off"]["changes"] == {}
+    # the slope of log test KL on log kl_scale, from the run files of the kl_scale settings alone
+    runs = {n: json.loads((tmp_path / "runs" / f"{n}_seed0.json").read_text()) for n in settings}
+    points = [(math.log(r["settings"]["kl_scale"]), math.log(r["test"]["kl"])) for n, r in runs.items()
+              if "squeeze" not in n and "mse_floor" not in n]
+    assert len(points) == 5 and grid["kl_slope"]["mean"] == pytest.approx(statistics.linear_regression(*zip(*points))[0])
+    assert math.isnan(grid["kl_slope"]["low"])                                     # one seed: no interval
+    # the grid is tuned like β: its best of k over its 9 settings, on validation
+    assert sorted(summary["tuning_cost"]["grids"]["bom_sharp=off, tuned"]) == sorted(settings)
+    tuned = summary["tuning_cost"]["curves"]["bom_sharp=off, tuned"]["mse"]["per_seed"][0]
+    best = min(runs.values(), key=lambda r: r["val"]["mse"])
+    assert len(tuned) == 9 and tuned[-1] == best["test"]["mse"]
+    assert tuned[0] == pytest.approx(statistics.fmean(r["test"]["mse"] for r in runs.values()))
+    md = (tmp_path / "summary.md").read_text()
+    assert "### bom_sharp=off and its knob settings" in md and "| bom_sharp=off_kl_scale=2 | kl_scale 2 | 20 | " in md
 
 
 def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_dir, tmp_path):
@@ -1414,7 +1496,7 @@ def test_ablations_train_in_the_loop_enter_the_verdict_and_the_why_section(data_
     assert first["squeeze_factor"] == pytest.approx(bvb.squeeze_factor(first["s_min"], k=0.5))
     # every ablation is judged against the β front and the β-VAE like every method
     assert list(summary["front"]) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
-    assert all(list(rows) == list(summary["front"]) for rows in summary["against_beta"].values())
+    assert list(summary["tuning_cost"]["methods"]) == list(summary["front"])
     # the why section: one row per BOM, counts recomputed from the run files, one sentence per ablation
     diagnosis = summary["bom_diagnosis"]["methods"]
     assert list(diagnosis) == ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
@@ -1962,7 +2044,7 @@ def comparable(summary):
     strip = lambda row: {k: v for k, v in row.items() if k != "train_seconds"}
     methods = {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in summary["methods"].items()}
     return json.dumps(bvb.json_safe([[strip(r) for r in summary["runs"]], methods, summary["front"],
-                                     summary["criteria"], summary["against_beta"], summary["analysis"]]))   # nan: null
+                                     summary["criteria"], summary["tuning_cost"], summary["analysis"]]))   # nan: null
 
 
 def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
@@ -1978,7 +2060,7 @@ def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
         assert_drawn(sharded / name)
     md = (tmp_path / "whole" / "summary.md").read_text()
     assert md.index("## Verdict: each method against the β-VAE rate–distortion front") < md.index(
-        "## Where each method lands") < md.index("## Against one β-VAE per criterion") < md.index("## Test metrics")
+        "## What tuning buys") < md.index("## Where each method lands") < md.index("## Test metrics")
     assert "| bom | " in md.split("## Where each method lands")[0] and " ± " in md
 
 
