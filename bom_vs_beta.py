@@ -1303,11 +1303,11 @@ def front_at(betas, kl, key):
 
 def matched_rate(methods, names=None):
     """The methods `names` (default: the judged ones) against the β-VAE front at their own test KL, paired by seed
-    (each seed's run against the front through that seed's β runs): per FRONT_METRICS key the ratio or difference with its interval over the seeds
-    whose rate lies inside the front, Holm-adjusted over every cell of the table (one family); `position` (on, above,
-    below the front, or outside) from the MSE ratio, and above or below only when every seed's MSE is also past both
-    β runs it lies between (so no other monotone front through the β runs would say otherwise; else
-    `interpolation_only`)."""
+    (each seed's run against the front through that seed's β runs): per FRONT_METRICS key the ratio or difference
+    with its interval over the seeds whose rate lies inside the front, Holm-adjusted over every cell of the table
+    (one family); `position` (on, above, below the front, or outside) from the MSE ratio, and above or below only
+    when every seed's MSE is also past both β runs it lies between (so no other monotone front through the β runs
+    would say otherwise; else `interpolation_only`)."""
     fronts = {}
     for m in methods.values():
         if m["kind"] == "beta":
@@ -1384,7 +1384,8 @@ def grid_curves(group, key):
 
 def tuning_grids(methods):
     """The grids a tuner draws from: β-VAE's whole sweep, the notebook's β grid, and each BOM (the notebook's or an
-    ablation) with its knob settings; {label: [method names]}, grids of at least two settings."""
+    ablation) with its knob settings; {label: [method names]}, grids of at least two settings that finished in every
+    seed any of them ran."""
     betas = [m["name"] for m in methods.values() if m["kind"] == "beta"]
     grids = {"β-VAE": betas,
              "β-VAE, notebook grid": [n for n in betas if methods[n]["settings"]["beta"] in NOTEBOOK_BETAS]}
@@ -1392,8 +1393,12 @@ def tuning_grids(methods):
         grids[f"{base['name']}, tuned"] = [base["name"]] + [
             m["name"] for m in methods.values() if m["kind"] == "bom" and m["variant"]
             and m["settings"].get("ablation") == base["settings"].get("ablation")]
-    return {label: names for label, names in grids.items() if len(names) > 1 and
-            not (label == "β-VAE, notebook grid" and names == betas)}
+    seeds = lambda names: set().union(*(methods[n]["seeds"] for n in names))
+    # a setting still missing seeds waits, so that no seed is dropped
+    complete = {label: [n for n in names if methods[n]["statuses"] == ["ok"]
+                        and set(methods[n]["seeds"]) >= seeds(names)] for label, names in grids.items()}
+    return {label: names for label, names in complete.items() if len(names) > 1 and
+            not (label == "β-VAE, notebook grid" and names == complete["β-VAE"])}
 
 
 def tuning_cost(methods):

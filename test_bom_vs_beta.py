@@ -1203,6 +1203,9 @@ def test_k_star_is_the_first_k_at_which_tuned_beta_vae_beats_the_method_paired_b
     curve = t["curves"]["β-VAE"]["iwae_nll"]
     assert [c["mean"] for c in curve["k"]] == pytest.approx([-60.0, -260.0 / 3, -100.0])
     assert curve["per_seed"][1] == pytest.approx([-59.0, -260.0 / 3 + 1, -99.0])
+    # a β run in one seed only (one more still training) waits: it neither joins the grid nor drops seeds 1 and 2
+    late = bvb.tuning_cost(bvb.aggregate(tuning_records() + [fake_run("beta_1e-07", "beta", 0, {"iwae_nll": 0.0}, {})]))
+    assert late["grids"] == t["grids"] and late["curves"]["β-VAE"]["iwae_nll"]["per_seed"] == curve["per_seed"]
     rows = {name: t["methods"][name]["iwae_nll"] for name in ("geco", "controlvae", "sigma_vae")}
     assert [rows[n]["k_star"]["β-VAE"]["k"] for n in rows] == [2, 3, None]
     geco = rows["geco"]["k_star"]["β-VAE"]
