@@ -1748,6 +1748,7 @@ def tuning_lines(t):
     k_star = lambda key, c: "n/a" if c["at"] is None else (
         f"not within its {c['n']}" if c["k"] is None else f"{c['k']} of {c['n']}") + f": {against(key, c['at'])}"
     labels = [label for label in t["grids"] if label.startswith("β")]
+    words = {"better": "better", "worse": "worse", "undetermined": "one seed"}
     md += ["", "Per method: its test value (a BOM grid's row: its tuned best of all its settings), k* of each β "
            "grid with the method against that best of k* (ratio or difference, method / − β-VAE), and against the "
            "β-VAE each seed's validation chooses from the whole sweep (k = n); `→ better/worse` only when the β "
@@ -1756,8 +1757,7 @@ def tuning_lines(t):
                     "at k = n"],
                    [[name, METRICS[key][0], fmt_ci(*cell["test"], digits[key]),
                      *(k_star(key, cell["k_star"][label]) for label in labels),
-                     against(key, cell["at_n"]["per_seed"], True) + " → " + {
-                         "better": "better", "worse": "worse"}.get(cell["at_n"]["finding"], "n.d.")]
+                     against(key, cell["at_n"]["per_seed"], True) + " → " + words.get(cell["at_n"]["finding"], "n.d.")]
                     for name, row in t["methods"].items() for key, cell in row.items()])
     return md
 
