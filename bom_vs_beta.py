@@ -1368,9 +1368,8 @@ def best_of_k(pool):
 
 
 def grid_curves(group, key):
-    """{seed: best_of_k over the settings of `group` (methods that all finished) chosen by validation `key`}, over
-    the seeds every setting ran."""
-    group = [m for m in group if m["statuses"] == ["ok"]]
+    """{seed: best_of_k over the settings of `group` (methods that all finished: tuning_grids) chosen by validation
+    `key`}, over the seeds every setting ran."""
     if not group:
         return {}
     run = {(m["name"], r["seed"]): r for m in group for r in m["runs"]}
