@@ -1383,8 +1383,8 @@ def grid_curves(group, key):
 
 def tuning_grids(methods):
     """The grids a tuner draws from: β-VAE's whole sweep, the notebook's β grid, and each BOM (the notebook's or an
-    ablation) with its knob settings; {label: [method names]}, grids of at least two settings that finished in every
-    seed any of them ran."""
+    ablation) with its knob settings; {label: [method names]}, grids of at least two settings that finished (ok or
+    stalled) in every seed any of them ran."""
     betas = [m["name"] for m in methods.values() if m["kind"] == "beta"]
     grids = {"β-VAE": betas,
              "β-VAE, notebook grid": [n for n in betas if methods[n]["settings"]["beta"] in NOTEBOOK_BETAS]}
@@ -1393,8 +1393,9 @@ def tuning_grids(methods):
             m["name"] for m in methods.values() if m["kind"] == "bom" and m["variant"]
             and m["settings"].get("ablation") == base["settings"].get("ablation")]
     seeds = lambda names: set().union(*(methods[n]["seeds"] for n in names))
-    # a setting still missing seeds waits, so that no seed is dropped
-    complete = {label: [n for n in names if methods[n]["statuses"] == ["ok"]
+    # a setting still missing seeds waits, so that no seed is dropped; a stalled one stays (a tuner who draws it
+    # gets that run), a diverged one has no metrics to draw
+    complete = {label: [n for n in names if "diverged" not in methods[n]["statuses"]
                         and set(methods[n]["seeds"]) >= seeds(names)] for label, names in grids.items()}
     return {label: names for label, names in complete.items() if len(names) > 1 and
             not (label == "β-VAE, notebook grid" and names == complete["β-VAE"])}
@@ -1471,8 +1472,8 @@ def judge(mean, half, direction):
 def knob_grids(methods, grids):
     """Each BOM grid's settings on the β front (matched_rate; the grid's table is its own Holm family), with what each
     changes and the KL optimum target it sets; and `kl_slope`, d log(test KL) / d log(kl_scale) over the settings
-    that change kl_scale alone, per seed by least squares, then mean and interval over seeds: 1 when the rate follows
-    the KL targets as β-VAE's follows β."""
+    that change kl_scale alone and trained every epoch (a stalled run stopped short of its targets), per seed by
+    least squares, then mean and interval over seeds: 1 when the rate follows the KL targets as β-VAE's follows β."""
     out = {}
     for label, names in grids.items():
         if label.startswith("β"):
@@ -1481,11 +1482,11 @@ def knob_grids(methods, grids):
         changes = {n: {k: methods[n]["settings"][k] for k in BOMVAE.KNOBS
                        if methods[n]["settings"][k] != base["settings"][k]} for n in names}
         front = matched_rate(methods, names)
-        rows = {n: dict(front[n], changes=changes[n], kl=methods[n]["test"]["kl"],
+        rows = {n: dict(front[n], changes=changes[n], kl=methods[n]["test"]["kl"], statuses=methods[n]["statuses"],
                         kl_target=methods[n]["settings"]["kl_targets"][1]) for n in names}
         points = {}
         for n in names:
-            if set(changes[n]) <= {"kl_scale"}:
+            if set(changes[n]) <= {"kl_scale"} and methods[n]["statuses"] == ["ok"]:
                 for r in ok_runs(methods[n]):
                     points.setdefault(r["seed"], []).append((math.log(methods[n]["settings"]["kl_scale"]),
                                                              math.log(max(metric(r, "test", "kl"), 1e-12))))
@@ -1771,12 +1772,15 @@ def knob_lines(grids):
                        [[name, ", ".join(f"{k} {v:g}" for k, v in r["changes"].items()) or "—",
                          f"{r['kl_target']:g}", fmt_ci(*r["kl"], 1), fmt_cell(r["mse"], True, 2),
                          fmt_cell(r["fd_prior"], True, 2), fmt_cell(r["iwae_nll"], False, 1),
-                         r["position"] + (" (off it only by the interpolation)" if r["interpolation_only"] else "")]
+                         r["position"] + (" (off it only by the interpolation)" if r["interpolation_only"] else "")
+                         + "".join(f"; {s}" for s in r["statuses"] if s != "ok")]
                         for name, r in g["settings"].items()])
         slope = g["kl_slope"]
+        stalled = [n for n, r in g["settings"].items() if r["statuses"] != ["ok"]]
         if slope["n"]:
             md += ["", f"- Test KL grows as kl_scale^s with s = {fmt_interval(slope, 2)} over {slope['n']} seed(s) "
-                   f"(s = 1: its KL targets set its rate the way β sets β-VAE's; s = 0: they do not move it)."]
+                   f"(s = 1: its KL targets set its rate the way β sets β-VAE's; s = 0: they do not move it)"
+                   + (f"; {', '.join(stalled)} left out: stalled" if stalled else "") + "."]
         md.append("")
     return md[:-1] + (["", "`*`: Holm-adjusted p < 0.05 over each grid's table."] if md else [])
 

@@ -1217,6 +1217,33 @@ def test_k_star_is_the_first_k_at_which_tuned_beta_vae_beats_the_method_paired_b
     assert rows["geco"]["at_n"]["beta"] == "beta_1e-05"
 
 
+def test_a_stalled_setting_stays_in_its_tuning_grid_and_out_of_the_kl_slope():
+    stalled = [dict(fake_run("beta_1e-07", "beta", seed, {"iwae_nll": 5.0}, {"iwae_nll": 0.0}), status="stalled")
+               for seed in (0, 1, 2)]
+    gone = [dict(fake_run("beta_1e-06", "beta", seed, {}, {}), status="diverged") for seed in (0, 1, 2)]
+    t = bvb.tuning_cost(bvb.aggregate(tuning_records() + stalled + gone))
+    # a tuner who draws the stalled β gets its run; the diverged one has no metrics to draw
+    assert t["grids"]["β-VAE"] == ["beta_1e-05", "beta_0.0003", "beta_0.1", "beta_1e-07"]
+    assert t["curves"]["β-VAE"]["iwae_nll"]["per_seed"][0][0] == pytest.approx((-100 - 60 - 20 + 0) / 4)
+    # BOM's kl_scale grid: the stalled kl_scale 4 is a row of its table but no point of the slope
+    knobs = {k: default for k, (default, _) in bvb.BOMVAE.KNOBS.items()}
+    records = [r for r in front_records() if r["kind"] == "beta"]
+    for seed in SEED_SCALE:
+        for scale, kl, status in ((1.0, 60.0, "ok"), (2.0, 120.0 * (1 + seed / 10), "ok"), (4.0, 30.0, "stalled")):
+            name = "bom" if scale == 1 else f"bom_kl_scale={scale:g}"
+            settings = dict(knobs, kl_scale=scale, kl_targets=[50.0 * scale, 80.0 * scale, 150.0 * scale])
+            records.append(dict(fake_run(name, "bom", seed, {}, {"kl": kl, "mse": 0.005}, settings), status=status,
+                                variant=scale != 1))
+    methods = bvb.aggregate(records)
+    grids = bvb.knob_grids(methods, bvb.tuning_grids(methods))
+    g = grids["bom, tuned"]
+    assert sorted(g["settings"]) == ["bom", "bom_kl_scale=2", "bom_kl_scale=4"]
+    slopes = [math.log(120.0 * (1 + seed / 10) / 60.0) / math.log(2) for seed in SEED_SCALE]
+    assert g["kl_slope"]["n"] == 3 and g["kl_slope"]["mean"] == pytest.approx(statistics.fmean(slopes))
+    md = "\n".join(bvb.knob_lines(grids))
+    assert "; stalled |" in md and "bom_kl_scale=4 left out: stalled" in md
+
+
 def test_the_finding_at_k_n_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
     """beta_0.001 wins validation IWAE NLL on the mean over seeds (10 vs 10.33), but seed 0 alone prefers beta_0.1.
     sigma_vae beats beta_0.001 on test IWAE NLL in every seed, yet is 15 nats worse than beta_0.1 in seed 0."""
