@@ -35,14 +35,21 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import time
+import threading
 import zlib
 from contextlib import redirect_stderr, redirect_stdout
 
+try:
+    import fcntl                # a lock per run; Windows has none, so there runs are not locked
+except ImportError:
+    fcntl = None
+
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -938,15 +945,21 @@ def cached_classifier(path, fingerprint, device):
         return None
 
 
+def classifier_cache(splits, args):
+    """Where the feature classifier for these training images is cached, and the fingerprint it must carry."""
+    train_x, train_y = splits["classifier"]
+    fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
+                   "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
+    return os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt"), fingerprint
+
+
 def get_classifier(splits, args):
     """The feature network behind the FDs: trained once (seeded) on the whole training split, whatever
     --train-subset the VAEs use, and cached in --cache-dir under a fingerprint of those images and its settings;
     a cache that does not load or does not match is retrained. Returns it, its test accuracy on this test split
     and the SHA-256 of its weights."""
     (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
-    fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
-                   "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
-    path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
+    path, fingerprint = classifier_cache(splits, args)
     classifier = cached_classifier(path, fingerprint, train_x.device)
     if classifier is not None:
         print(f"Feature classifier: loaded from {path}")
@@ -967,8 +980,9 @@ def get_classifier(splits, args):
             os.makedirs(args.cache_dir, exist_ok=True)
             save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict()})
             print(f"Feature classifier: trained on {train_x.shape[0]} images, cached in {path}")
-        except OSError as e:
-            print(f"Feature classifier: trained on {train_x.shape[0]} images; not cached ({path}: {e.strerror})")
+        except (OSError, RuntimeError) as e:          # torch.save reports an unwritable file as RuntimeError
+            why = getattr(e, "strerror", None) or "cannot write there"
+            print(f"Feature classifier: trained on {train_x.shape[0]} images; not cached ({path}: {why})")
     accuracy = float((classify(classifier, test_x)[1] == test_y).float().mean())
     return classifier, accuracy, tensor_sha256(*classifier.state_dict().values())
 
@@ -1183,28 +1197,56 @@ def fmt_metric(key, mean, half):
     return text
 
 
+# what makes two runs' numbers comparable: one folder holds one experiment (device and machine are not part of it)
+EXPERIMENT = ("epochs", "batch_size", "lr", "latent_dim", "amp", "iw_samples", "train_images", "val_images",
+              "test_images")
+
+
+def read_run(path):
+    """A run file's record; UsageError when it does not read as one."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and {"name", "reference"} <= record.keys()):
+        raise UsageError(f"run file {path} is unreadable: move it away to rerun that run, or use a fresh --out")
+    return record
+
+
+def folder_runs(out, skip=()):
+    """{path: record} of the run files in --out/runs, but those in `skip`."""
+    folder = os.path.join(out, "runs")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+    return {path: read_run(path) for path in (os.path.join(folder, f) for f in files) if path not in skip}
+
+
+def experiment_of(record):
+    """A run file's experiment: EXPERIMENT's settings it recorded, and its feature classifier."""
+    config, sha = record.get("config", {}), record["reference"].get("classifier_sha256")
+    return dict({k: config[k] for k in EXPERIMENT if k in config}, **({"classifier": sha[:12]} if sha else {}))
+
+
+def check_same(experiments):
+    """experiments: {source: settings}. UsageError naming the first two sources that differ in a setting (one that
+    a source lacks is not compared)."""
+    seen = {}
+    for source, settings in experiments.items():
+        for key, value in settings.items():
+            first, where = seen.setdefault(key, (value, source))
+            if value != first:
+                raise UsageError(f"{where} and {source} belong to different experiments ({key} {first!r} in the "
+                                 f"one, {value!r} in the other): one folder holds one experiment; use a fresh --out")
+
+
 def load_runs(out):
     """Every run file in --out/runs, ordered by method (β ascending, then the tuning-free methods) and seed;
-    UsageError when they were evaluated with different feature classifiers (their FDs would not compare)."""
-    folder = os.path.join(out, "runs")
-    records = []
-    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if file.endswith(".json"):
-            try:
-                with open(os.path.join(folder, file)) as f:
-                    record = json.load(f)
-            except (OSError, ValueError):
-                record = None
-            if not (isinstance(record, dict) and {"name", "reference"} <= record.keys()):
-                raise UsageError(f"run file {os.path.join(folder, file)} is unreadable")
-            records.append(record)
-    hashes = sorted({r["reference"].get("classifier_sha256") for r in records} - {None})
-    if len(hashes) > 1:
-        raise UsageError(f"the run files in {folder} were evaluated with {len(hashes)} different feature classifiers "
-                         f"({', '.join(h[:12] for h in hashes)}): their FDs are not comparable; rerun them with one")
+    UsageError when they belong to different experiments (check_same: settings, feature classifier)."""
+    runs = folder_runs(out)
+    check_same({path: experiment_of(r) for path, r in runs.items()})
     order = lambda r: ((0, r["settings"]["beta"], "") if r["kind"] == "beta" else
                        (1 + bool(r["variant"]), TUNING_FREE.index(r["kind"]), r["name"]))
-    return sorted(records, key=lambda r: (order(r), r["seed"]))
+    return sorted(runs.values(), key=lambda r: (order(r), r["seed"]))
 
 
 def metric(record, split, key):
@@ -1344,9 +1386,11 @@ def matched_rate(methods, names=None):
 
 def criteria(methods, select_by):
     """The declared ways to choose one β on validation: by `select_by`, by IWAE NLL and FD prior, and by `select_by`
-    within the notebook's grid; each with its choice by the mean over seeds and by each seed alone."""
+    within the notebook's grid (unless the sweep is that grid); each with its choice by the mean over seeds and by each
+    seed alone."""
     out = {}
-    for key, grid in ((select_by, None), ("iwae_nll", None), ("fd_prior", None), (select_by, NOTEBOOK_BETAS)):
+    ways = [(select_by, None), ("iwae_nll", None), ("fd_prior", None)]
+    for key, grid in ways + ([] if notebook_sweep(methods) else [(select_by, NOTEBOOK_BETAS)]):
         label = key + ("_notebook_grid" if grid else "")
         chosen = choose_beta(methods, key, grid)
         if chosen and label not in out:
@@ -1355,6 +1399,12 @@ def criteria(methods, select_by):
                           "edge": sweep_edge(methods, chosen, grid), "kl": methods[chosen]["test"]["kl"],
                           "seeds_at_edge": [seed for seed, name in per_seed.items() if sweep_edge(methods, name, grid)]}
     return out
+
+
+def notebook_sweep(methods):
+    """Whether every β swept is one of the notebook's (its grid then says nothing the whole sweep does not)."""
+    betas = [m["settings"]["beta"] for m in methods.values() if m["kind"] == "beta"]
+    return bool(betas) and set(betas) <= set(NOTEBOOK_BETAS)
 
 
 def best_of_k(pool):
@@ -1576,8 +1626,8 @@ SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for
                   *(f"val_{k}" for k in METRICS))
 
 
-def write_report(out, records, reference, config, select_by):
-    """summary.json/.csv/.md from the run records; returns the summary dict and the per-method aggregates."""
+def summarize(records, reference, config, select_by):
+    """The summary of the run records (numbers and labels only) and the per-method aggregates."""
     methods = aggregate(records)
     choices, tuning = criteria(methods, select_by), tuning_cost(methods)
     per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
@@ -1599,7 +1649,13 @@ def write_report(out, records, reference, config, select_by):
                "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
                "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"],
                                               choices.get(select_by, {}).get("beta"))}
+    return summary, methods
+
+
+def write_report(out, summary, methods):
+    """summary.json, .csv and .md (linking the figures that are in `out`)."""
     write_json(os.path.join(out, "summary.json"), summary)
+    per_seed = summary["runs"]
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
@@ -1607,10 +1663,9 @@ def write_report(out, records, reference, config, select_by):
         writer.writerow({k: ("" if r.get(k) is None or (isinstance(r[k], float) and not math.isfinite(r[k]))
                              else r[k]) for k in SUMMARY_FIELDS})
     write_text(os.path.join(out, "summary.csv"), table.getvalue())
-    markdown = summary_markdown(summary, methods, config)
+    markdown = summary_markdown(summary, methods, {f for f in REPORT_PATHS if os.path.isfile(os.path.join(out, f))})
     write_text(os.path.join(out, "summary.md"), markdown)
     print("\n" + markdown)
-    return summary, methods
 
 
 def md_table(header, rows):
@@ -1636,19 +1691,21 @@ def criterion_label(choice):
             + (" in the notebook's grid" if choice["grid"] else ""))
 
 
-def summary_markdown(summary, methods, config):
-    """summary.md: a header, then one section per (title, lines) whose lines are not empty."""
+def summary_markdown(summary, methods, figures):
+    """summary.md: a header, then one section per (title, lines) whose lines are not empty; it links the figures
+    named in `figures`."""
     seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    ref, choices = summary["reference"], summary["criteria"]
+    ref, choices, config = summary["reference"], summary["criteria"], summary["config"]
     md = ["# BOM-VAE vs β-VAE", "",
           f"{config['epochs']} epochs, seeds {' '.join(map(str, seeds))}, {config['train_images']} training / "
           f"{config['val_images']} validation / {config['test_images']} test images, "
           f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}. How each "
           f"number is computed: README, \"How the verdict is computed\"."]
-    md += ([""] + ["![what tuning buys](tuning_cost.png)"] * bool(summary["tuning_cost"]["grids"])
-           + ["![rate–distortion plane](rate_distortion.png)"])
+    md += [""] + [f"![{alt}]({f})" for f, alt in (("tuning_cost.png", "what tuning buys"),
+                                                 ("rate_distortion.png", "rate–distortion plane")) if f in figures]
     sections = [
-        ("Verdict: each method against the β-VAE rate–distortion front", front_lines(summary["front"], methods)),
+        ("Verdict: each method against the β-VAE rate–distortion front",
+         front_lines(summary["front"], methods, "matched_rate.png" in figures)),
         ("What tuning buys: β-VAE's expected best of k random β runs", tuning_lines(summary["tuning_cost"])),
         ("BOM's knob grid on the front", knob_lines(summary["knob_grids"])),
         ("Where each method lands without tuning", landing_lines(choices, methods, config["latent_dim"])),
@@ -1667,8 +1724,8 @@ def summary_markdown(summary, methods, config):
     return "\n".join(md) + "\n"
 
 
-def front_lines(front, methods):
-    """The verdict: a line per position, the matched-rate figure, one table."""
+def front_lines(front, methods, figure):
+    """The verdict: a line per position, the matched-rate figure (when drawn), one table."""
     if not front:
         return ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
     md = []
@@ -1686,7 +1743,7 @@ def front_lines(front, methods):
                 + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
                    if front[name]["seeds_outside"] else "")
                 for name in names) + ".")
-    if any(row["mse"]["n"] for row in front.values()):
+    if figure:
         md += ["", "![matched-rate ratios](matched_rate.png)"]
     md.append("")
     md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
@@ -1716,6 +1773,7 @@ def landing_lines(choices, methods, latent_dim):
             setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
         rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
     md = md_table(["", "test KL (rate)", "what places the rate"], rows) + [""]
+    md += ["- The β sweep is the notebook's grid: its choices are the rows above."] * notebook_sweep(methods)
     md += [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
            f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it."
            for c in choices.values() if c["edge"]]
@@ -1868,44 +1926,57 @@ def diagnosis_lines(d):
     return md
 
 
-def finish_figure(fig, path, top=1.0, bottom=0.0):
-    fig.tight_layout(rect=(0, bottom, 1, top))
+def finish_figure(fig, path, top=1.0, bottom=0.0, right=1.0):
+    fig.tight_layout(rect=(0, bottom, right, top))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
     if "ipykernel" in sys.modules:
         plt.show()
     plt.close(fig)
 
 
-def plot_training(records, data_sharp, path):
-    """Training MSE (log), KL and sharpness against epochs, mean over seeds per method (the shortest run's
-    length); the data's own sharpness as a dashed line. BOM's sensitivity runs are left out."""
+def plot_training(records, data_sharp, path, methods):
+    """Training MSE, KL (both log) and sharpness against epochs, mean over seeds per method (the shortest run's
+    length); the data's own sharpness as a dashed line; one legend for the three. BOM's knob settings are left out."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     curves = {}
     for r in records:
         if not r["variant"] and r["curve"]["values"]:
             curves.setdefault(r["name"], []).append(np.array(r["curve"]["values"], dtype=float))
-    for i, (name, group) in enumerate(curves.items()):
+    styles = figure_styles(methods)
+    for name, group in curves.items():
         length = min(len(c) for c in group)
         curve = np.mean([c[:length] for c in group], axis=0)
-        style = dict(color=f"C{i % 10}", ls="-" if i < 10 else "--", marker="o" if length < 30 else None, ms=3)
+        color, marker = styles[name]
+        beta = methods[name]["kind"] == "beta"
+        style = dict(color=color, ls="-" if beta else "--", lw=1 if beta else 1.5, marker=None if beta else marker,
+                     markevery=max(1, length // 6), ms=5, mec="black", mew=0.5)
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", alpha=0.8, **style)
-    axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data")
-    for ax, title in zip(axes, ("MSE (↓ better)", "KL divergence", "Sharpness (data = dashed)")):
+            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", **style)
+    axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data's sharpness")
+    for ax, title in zip(axes, ("MSE (↓ better, log)", "KL divergence (nats, log)", "Sharpness (data = dashed)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
-    finish_figure(fig, path)
+    axes[1].set_yscale("log")               # the low-rate curves stay visible beside a first-epoch spike
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
+    finish_figure(fig, path, right=0.86)
 
 
 MARKERS = "o^vDPX*<>hp"
+RATIO_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 7, 10, 20, 30, 50)
 
 
 def method_styles(methods):
     """A distinct (colour, marker) for every judged method, BOM's ablations included (the β front is black squares)."""
     colors = plt.cm.tab10.colors
     return {m["name"]: (colors[i % len(colors)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(judged(methods))}
+
+
+def figure_styles(methods):
+    """method_styles, and the β sweep in one ramp ordered by β (squares)."""
+    betas = sorted((m for m in methods.values() if m["kind"] == "beta"), key=lambda m: m["settings"]["beta"])
+    ramp = plt.cm.viridis(np.linspace(0, 0.85, len(betas)))
+    return {**{m["name"]: (tuple(c), "s") for m, c in zip(betas, ramp)}, **method_styles(methods)}
 
 
 def error_bar(mid, low, high):
@@ -1921,34 +1992,48 @@ def log_interval(m, key):
 
 def plot_rate_distortion(methods, path):
     """Test MSE against test KL on log axes: the β front (each seed's thin, the seed mean bold, each β labelled) and
-    every judged method at its geometric mean with its 2-D 95% interval. Returns {label: (colour, marker)} drawn."""
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    every judged method at its geometric mean with its 2-D 95% interval. The KL axis spans the rates where methods
+    and uncollapsed β land (collapsed β are named at its left edge); a marker within 10% of one drawn before is
+    nudged right by 6%. Returns {label: (colour, marker)} drawn."""
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     betas = sorted((m for m in methods.values() if m["kind"] == "beta"), key=lambda m: m["settings"]["beta"])
     for seed in sorted({r["seed"] for m in betas for r in ok_runs(m)}):
         points = sorted((metric(r, "test", "kl"), metric(r, "test", "mse")) for m in betas for r in ok_runs(m)
                         if r["seed"] == seed)
         ax.plot(*zip(*points), color="grey", lw=0.6, alpha=0.6)
-    drawn = {}
     means = [(log_interval(m, "kl")[0], log_interval(m, "mse")[0], m["name"]) for m in betas]
     means = [p for p in means if math.isfinite(p[0]) and math.isfinite(p[1])]
+    points = {name: (log_interval(methods[name], "kl"), log_interval(methods[name], "mse"), style)
+              for name, style in method_styles(methods).items()}
+    points = {name: p for name, p in points.items() if math.isfinite(p[0][0]) and math.isfinite(p[1][0])}
+    rates = [x for (x, _, _), _, _ in points.values()] + [kl for kl, _, _ in means if kl >= 1]
+    left = min(rates) / 2 if rates else None
+    if left:
+        ax.set_xlim(left, max(rates) * 1.6)
+    drawn = {}
     if means:
         ax.plot([p[0] for p in means], [p[1] for p in means], "k-s", ms=6, label="β-VAE front (seed mean)")
         drawn["β-VAE front (seed mean)"] = ("black", "s")
-        for kl, mse, name in means:
-            ax.annotate(f"β={name[5:]}", (kl, mse), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    for name, (color, marker) in method_styles(methods).items():
-        (x, x0, x1), (y, y0, y1) = log_interval(methods[name], "kl"), log_interval(methods[name], "mse")
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        ax.errorbar(x, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker, ms=9,
-                    mfc=color, mec="black", ecolor=color, capsize=3, label=name)
+    beyond = [(kl, mse, name) for kl, mse, name in means if left and kl < left]
+    if beyond:
+        ax.annotate("◂ " + ", ".join(f"β={name[5:]} (KL {kl:.2g})" for kl, _, name in beyond), (left, beyond[0][1]),
+                    xytext=(3, 6), textcoords="offset points", fontsize=8)
+    for kl, mse, name in (p for p in means if p not in beyond):
+        ax.annotate(f"β={name[5:]}", (kl, mse), xytext=(-4, -4), textcoords="offset points", ha="right", va="top",
+                    fontsize=8)
+    placed = []
+    for name, ((x, x0, x1), (y, y0, y1), (color, marker)) in points.items():
+        nudge = 1.06 ** sum(abs(math.log(x / px)) < 0.1 and abs(math.log(y / py)) < 0.1 for px, py in placed)
+        placed.append((x, y))
+        ax.errorbar(x * nudge, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker,
+                    ms=9, mfc=color, mec="black", ecolor=color, capsize=3, label=name + " (nudged)" * (nudge > 1))
         drawn[name] = (color, marker)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("rate: test KL (nats, log scale)")
     ax.set_ylabel("distortion: test MSE (log scale, ↓ better)")
     ax.set_title("Rate–distortion: geometric mean and 95% interval over seeds; thin lines: each seed's β front")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(True, which="both", alpha=0.3)
     finish_figure(fig, path)
     return drawn
@@ -1966,15 +2051,22 @@ def plot_matched_rate(front, methods, path):
             cell, (color, marker) = front[name][key], styles[name]
             if cell["n"] == 0 or not math.isfinite(cell["mean"]):
                 note = "every run diverged" if front[name]["position"] == "diverged" else "outside the β runs' rates"
-                ax.text(1.0, y, note, va="center", ha="center", fontsize=8)
+                ax.text(0.02, y, note, va="center", fontsize=8, color="dimgrey", transform=ax.get_yaxis_transform())
                 continue
             ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8,
                         mfc=color, mec="black", ecolor=color, capsize=3, ls="none")
             drawn[name] = (color, marker)
         ax.axvline(1.0, color="black", lw=1, ls="--")
         ax.set_xscale("log")
+        ends = [v for name in names for v in (front[name][key]["low"], front[name][key]["high"],
+                                              front[name][key]["mean"]) if math.isfinite(v)] + [1.0]
+        low, high, ticks = min(ends) / 1.1, max(ends) * 1.1, [1.0]
+        for t in sorted(RATIO_TICKS, key=lambda t: abs(math.log(t))):       # outward from 1, a ninth of the span apart
+            if low <= t <= high and all(abs(math.log(t / k)) >= math.log(high / low) / 9 for k in ticks):
+                ticks.append(t)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(names)), names)
@@ -2053,17 +2145,19 @@ def build_report(args, splits):
     records = load_runs(args.out)
     reference = records[0]["reference"]
     config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
-    summary, methods = write_report(args.out, records, reference, config, args.select_by)
-    print("Run files by script version (SHA-256): " + ", ".join(
-        f"{short_sha(sha)} ({n} of {len(records)} runs)" for sha, n in summary["script_versions"].items()))
+    summary, methods = summarize(records, reference, config, args.select_by)
     if not args.no_plots:
-        plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"))
+        plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"),
+                      methods)
         plot_rate_distortion(methods, os.path.join(args.out, "rate_distortion.png"))
         if summary["tuning_cost"]["grids"]:
             plot_tuning_cost(summary["tuning_cost"], methods, os.path.join(args.out, "tuning_cost.png"))
         if any(row["mse"]["n"] for row in summary["front"].values()):
             plot_matched_rate(summary["front"], methods, os.path.join(args.out, "matched_rate.png"))
         plot_images(records, splits["test"][0], args.out)
+    write_report(args.out, summary, methods)
+    print("Run files by script version (SHA-256): " + ", ".join(
+        f"{short_sha(sha)} ({n} of {len(records)} runs)" for sha, n in summary["script_versions"].items()))
     print(f"\nWrote {os.path.abspath(args.out)}")
     return summary
 
@@ -2501,13 +2595,28 @@ def time_evaluation(splits, args, n=500):
     return (time.perf_counter() - start) * total / timed
 
 
+def time_classifier(splits):
+    """Seconds to train the feature classifier, from 3 timed steps."""
+    x, y = (images[:CLASSIFIER_BATCH] for images in splits["classifier"])
+    classifier = DigitClassifier().to(x.device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_LR)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(classifier(as_float(x)), y).backward()
+        optimizer.step()
+    steps = CLASSIFIER_EPOCHS * math.ceil(splits["classifier"][0].shape[0] / CLASSIFIER_BATCH)
+    return time_steps(step, x.device, 3, 1)[0] * steps
+
+
 def estimate_wall_time(splits, args, runs):
     """Seconds to train and evaluate `runs` runs with these flags, from 3 timed steps of a β-VAE and an
-    evaluation of 32 images per split."""
+    evaluation of 32 images per split, and to train the feature classifier when the cache does not hold it."""
     quick = with_flags(args, benchmark_steps=3, benchmark_repeats=1)
     step = time_training(("beta", 1e-3), splits["train"][0], quick)[0]
     steps = args.epochs * math.ceil(splits["train"][0].shape[0] / args.batch_size)
-    return runs * (step * steps + time_evaluation(splits, args, 32))
+    cached = cached_classifier(*classifier_cache(splits, args), splits["classifier"][0].device) is not None
+    return runs * (step * steps + time_evaluation(splits, args, 32)) + (0 if cached else time_classifier(splits))
 
 
 def run_benchmark(args, splits):
@@ -2551,6 +2660,7 @@ def run_benchmark(args, splits):
 # ----------------------------------------------------------------------------- main
 
 
+EXPERIMENT_FILE = "experiment.json"
 REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "rate_distortion.png",
                 "tuning_cost.png", "matched_rate.png", "reconstructions_comparison.png", "samples_comparison.png")
 
@@ -2569,16 +2679,13 @@ def run_paths(args, method, seed):
     return os.path.join(args.out, "runs", f"{name}.json"), os.path.join(args.out, "checkpoints", f"{name}.pt")
 
 
-def check_inputs(args, n_train, grid):
-    """Checks that need the data or --out; returns the paths in --out that --overwrite replaces."""
-    if args.batch_size > n_train:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
+def check_out(args, grid):
+    """Checks of --out, before the data loads; returns the paths in --out that --overwrite replaces."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
     if args.report:
-        runs = os.path.join(args.out, "runs")
-        if not (os.path.isdir(runs) and any(f.endswith(".json") for f in os.listdir(runs))):
-            raise UsageError(f"--report: no run files in {runs}")
+        if not load_runs(args.out):
+            raise UsageError(f"--report: no run files in {os.path.join(args.out, 'runs')}")
         return []
     if args.prepare:
         return []
@@ -2587,7 +2694,7 @@ def check_inputs(args, n_train, grid):
     else:
         owned = [os.path.relpath(p, args.out) for method, seed in grid for p in run_paths(args, method, seed)]
         if not args.shard:
-            owned += ["runs", "checkpoints", *REPORT_PATHS]
+            owned += ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
     existing = [p for p in owned if os.path.isfile(os.path.join(args.out, p))
                 or os.path.isdir(os.path.join(args.out, p)) and os.listdir(os.path.join(args.out, p))]
     if existing and not (args.resume or args.overwrite):
@@ -2598,6 +2705,65 @@ def check_inputs(args, n_train, grid):
     return existing if args.overwrite else []
 
 
+def command_experiment(args, splits):
+    return {k: splits[k[:-7]][0].shape[0] if k.endswith("_images") else getattr(args, k) for k in EXPERIMENT}
+
+
+def folder_experiment(args, replaced):
+    """{source: experiment} of what --out keeps for this command (its experiment file, its run files): UsageError
+    when any of them, or this command, belongs to another experiment."""
+    path = os.path.join(args.out, EXPERIMENT_FILE)
+    kept = {} if EXPERIMENT_FILE in replaced or not os.path.isfile(path) else {path: read_experiment(path)}
+    runs = folder_runs(args.out, {os.path.join(args.out, p) for p in replaced})
+    kept.update({p: experiment_of(r) for p, r in ({} if "runs" in replaced else runs).items()})
+    return kept
+
+
+def read_experiment(path):
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        raise UsageError(f"{path} is unreadable: move it away, or use a fresh --out") from None
+
+
+def claim_out(args, grid, done, experiment):
+    """Write this command's experiment to --out's experiment file unless one is there (created whole in one step:
+    of two processes started together one writes it, the other compares), and lock every run this command trains
+    (a lock dies with its process). Returns the locks; UsageError when the folder holds another experiment or
+    another process trains one of these runs."""
+    path, tmp = os.path.join(args.out, EXPERIMENT_FILE), os.path.join(args.out, f".experiment-{os.getpid()}")
+    write_json(tmp, experiment)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        check_same({path: read_experiment(path), "this command": experiment})
+    finally:
+        os.remove(tmp)
+    locks = []
+    for method, seed in grid if fcntl else []:
+        run_file, checkpoint = run_paths(args, method, seed)
+        if run_file not in done:
+            lock = open(checkpoint[:-3] + ".lock", "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locks.append(lock)
+            except OSError:
+                lock.close()                      # the other process's lock file stays
+                release(locks)
+                raise UsageError(f"{method.name}, seed {seed} is being trained into {args.out} by another process: "
+                                 f"let it finish, or give this command another --out") from None
+    return locks
+
+
+def release(locks):
+    """Unlock and remove the lock files (what a killed process leaves locks nothing)."""
+    for lock in locks:
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
+
+
 def plan_resume(args, grid, n_train):
     """With --resume: the runs whose run file is complete (skipped) and the loaded checkpoints of the others."""
     done, states = set(), {}
@@ -2605,11 +2771,7 @@ def plan_resume(args, grid, n_train):
         run_file, checkpoint = run_paths(args, method, seed)
         fingerprint = run_fingerprint(method, with_flags(args, seed=seed), n_train)
         if args.resume and os.path.exists(run_file):
-            try:
-                with open(run_file) as f:
-                    saved = json.load(f)["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError):
-                saved = None
+            saved = read_run(run_file).get("fingerprint")
             if not isinstance(saved, dict):
                 raise UsageError(f"run file {run_file} is unreadable: move it away to rerun that run, or use a fresh "
                                  f"--out")
@@ -2626,20 +2788,25 @@ def plan_resume(args, grid, n_train):
 
 
 def prepare_out(args, replaced):
-    """Create --out (and runs/, checkpoints/) after removing what --overwrite replaces; UsageError if unwritable."""
+    """Create --out (and runs/, checkpoints/) after removing what --overwrite replaces; returns the folders it
+    created (innermost first); UsageError if unwritable."""
+    created = []
     try:
         for name in replaced:
             path = os.path.join(args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if args.prepare:
-            return
-        for sub in ([] if args.benchmark or args.report else ["runs", "checkpoints"]):
-            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-        os.makedirs(args.out, exist_ok=True)
+            return created
+        for path in [args.out] + [os.path.join(args.out, sub) for sub in ("runs", "checkpoints")
+                                  if not (args.benchmark or args.report)]:
+            if not os.path.isdir(path):
+                os.makedirs(path)
+                created.insert(0, path)
         atomic_write(os.path.join(args.out, ".write-test"), lambda tmp: open(tmp, "w").close())
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as e:
         raise UsageError(f"--out {args.out} is not writable ({e.strerror})") from None
+    return created
 
 
 def short_sha(sha):
@@ -2692,6 +2859,14 @@ def run_one(method, seed, splits, args, evaluation_tools, resume_from):
                           "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}, **images})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM sends before pre-empting a job, and kill's default), handled like Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def evaluation_tools(splits, args):
     """What every run's evaluation shares: the feature classifier, the features of the real validation
     and test images, and the reference values (data sharpness, classifier accuracy)."""
@@ -2706,17 +2881,42 @@ def main(argv=None):
     """Run the comparison (or one shard of it, or --report, or --benchmark); returns the summary (or the
     benchmark report). Bad input exits with status 2 before anything is written; Ctrl-C keeps every
     completed epoch."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    locks = []
     try:
         args = parse_args(argv)
-        splits = load_splits(args, args.torch_device)
         grid = run_grid(args)
+        replaced = check_out(args, grid)
+        splits = load_splits(args, args.torch_device)
         n_train = splits["train"][0].shape[0]
-        replaced = check_inputs(args, n_train, grid)
+        if args.batch_size > n_train:
+            raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
         done, resume_states = plan_resume(args, grid, n_train)
-        prepare_out(args, replaced)
+        running = not (args.report or args.prepare or args.benchmark)
+        kept = folder_experiment(args, replaced) if running else {}
+        experiment = command_experiment(args, splits)
+        check_same({**kept, "this command": experiment})
+        created = prepare_out(args, replaced)
+        try:
+            locks = claim_out(args, grid, done, experiment) if running else []
+        except UsageError:
+            for path in created:                  # a refused start leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
+        return run(args, splits, grid, done, resume_states, kept)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        release(locks)
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def run(args, splits, grid, done, resume_states, kept):
+    """What main does once every check has passed: a benchmark, the classifier, the runs, the report."""
     if args.torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
@@ -2727,34 +2927,34 @@ def main(argv=None):
         return None
     if not args.report:
         todo = sum(run_paths(args, method, seed)[0] not in done for method, seed in grid)
-        print(f"Device: {args.torch_device} | train {n_train}, validation {splits['val'][0].shape[0]}, "
-              f"test {splits['test'][0].shape[0]} images | {args.epochs} epochs | {len(grid)} runs"
+        n = {split: images.shape[0] for split, (images, _) in splits.items()}
+        print(f"Device: {args.torch_device} | train {n['train']}, validation {n['val']}, test {n['test']} images | "
+              f"{args.epochs} epochs | {len(grid)} runs"
               + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else "") + f" | writing to {args.out}")
         if todo:
             print(f"Estimated wall time of the {todo} run(s) to train: "
                   f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
         try:
             tools = evaluation_tools(splits, args)
+            classifier = {"classifier": tools[2]["classifier_sha256"][:12]}
+            check_same({**kept, "this command's feature classifier (pass --cache-dir the folder's one)": classifier})
             for method, seed in grid:
                 run_file, checkpoint = run_paths(args, method, seed)
                 if run_file in done:
                     print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
                     continue
                 run_one(method, seed, splits, args, tools, resume_states.get(checkpoint))
-        except KeyboardInterrupt:
-            print(f"\nInterrupted. Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; "
-                  f"resume with:\n  {resume_command(args)}", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            word = "Terminated" if isinstance(e, Terminated) else "Interrupted"
+            print(f"\n{word}. Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; resume "
+                  f"with:\n  {resume_command(args)}", file=sys.stderr)
+            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
         if args.shard:
             print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, rebuild the report with:\n"
                   f"  python bom_vs_beta.py --report --out {shlex.quote(args.out)} --data-dir "
                   f"{shlex.quote(args.data_dir)}")
             return None
-    try:
-        return build_report(args, splits)
-    except UsageError as e:
-        print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return build_report(args, splits)
 
 
 if __name__ == "__main__":

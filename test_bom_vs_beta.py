@@ -150,7 +150,7 @@ def summary_metrics(out):
 # file: (figsize in inches as the script sets it, least share of coloured pixels: curves, markers); the shared run's
 # 2 methods give 3 rows of reconstructions (originals + 2 models), 2 rows of samples; grids use the gray colormap
 FIGURES = {
-    "training_comparison.png": ((15, 4), 0.002), "rate_distortion.png": ((10, 6.5), 0.0003),
+    "training_comparison.png": ((15, 4), 0.002), "rate_distortion.png": ((12, 6.5), 0.0001),
     "reconstructions_comparison.png": ((16, 2 * 3), 0.0), "samples_comparison.png": ((16, 2 * 2), 0.0)}
 
 
@@ -1331,8 +1331,9 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     assert control["mse"]["p_holm"] > bvb.holm([control[key]["p"] for key in bvb.FRONT_METRICS])[0]
     config = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1, "device": "cpu",
               "torch": "x", "latent_dim": 128}
-    summary, _ = bvb.write_report(str(tmp_path), records, {"test_data_sharpness": 0.03,
-                                                            "classifier_test_accuracy": 0.9}, config, "iwae_nll")
+    summary, methods = bvb.summarize(records, {"test_data_sharpness": 0.03, "classifier_test_accuracy": 0.9}, config,
+                                     "iwae_nll")
+    bvb.write_report(str(tmp_path), summary, methods)
     md = (tmp_path / "summary.md").read_text()
     verdict = md.split("## Where each method lands")[0]
     assert "- Above the front (more MSE than β-VAE at the same rate): bom_like 2.00x [" in verdict
@@ -1400,7 +1401,8 @@ def test_report_refuses_runs_evaluated_with_different_classifiers(tmp_path, caps
     for seed, sha in ((0, "a" * 64), (1, "b" * 64)):
         (tmp_path / "runs" / f"beta_0.1_seed{seed}.json").write_text(json.dumps(fake_run("beta_0.1", "beta", seed, {}, {},
                                                                                           sha=sha)))
-    with pytest.raises(bvb.UsageError, match="2 different feature classifiers"):
+    with pytest.raises(bvb.UsageError, match=r"beta_0.1_seed0.json and .*beta_0.1_seed1.json belong to different "
+                                             r"experiments \(classifier 'aaaaaaaaaaaa' in the one, 'bbbbbbbbbbbb'"):
         bvb.load_runs(str(tmp_path))
     (tmp_path / "runs" / "beta_0.1_seed1.json").write_text(json.dumps(fake_run("beta_0.1", "beta", 1, {}, {})))
     assert [r["seed"] for r in bvb.load_runs(str(tmp_path))] == [0, 1]
@@ -1414,10 +1416,21 @@ def test_the_answer_figures_draw_one_distinct_marker_per_method_at_the_set_size(
     front = bvb.matched_rate(methods)
     forest = bvb.plot_matched_rate(front, methods, str(tmp_path / "forest.png"))
     assert set(forest) == set(names)            # freebits: inside in one seed only, a point without an interval
-    for path, size in ((tmp_path / "rd.png", (6.5, 10)), (tmp_path / "forest.png", (2 + 0.5 * len(names), 12))):
+    for path, size in ((tmp_path / "rd.png", (6.5, 12)), (tmp_path / "forest.png", (2 + 0.5 * len(names), 12))):
         image = mpimg.imread(path)[..., :3]
         assert image.shape[:2] == (size[0] * 150, size[1] * 150)
         assert image.std() > 0.05 and ((image.max(-1) - image.min(-1)) > 0.3).mean() > 0.0005
+
+
+def test_a_one_run_folder_draws_its_point_and_summary_md_links_only_figures_there(shared_out, small_out, tmp_path):
+    bom = [dict(r, seed=0) for r in front_records() if r["name"] == "bom_like"][:1]
+    bvb.plot_rate_distortion(bvb.aggregate(bom), str(tmp_path / "one.png"))
+    image = mpimg.imread(tmp_path / "one.png")[..., :3]
+    assert ((image.max(-1) - image.min(-1)) > 0.3).sum() > 50               # BOM's coloured marker
+    for out, expected in ((shared_out, {"rate_distortion.png"}),         # one β: no front, no grid
+                          (small_out, set())):                                # --no-plots: no figure, no link
+        links = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", (out / "summary.md").read_text()))
+        assert links >= expected and all((out / link).is_file() for link in links), links
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
@@ -1812,7 +1825,7 @@ def test_the_headline_command_starts_in_a_clone_beside_committed_results_and_a_r
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "give this run a fresh folder (--out results/default-2)" in err and "--resume" in err
     assert err.index("--out results/default-2") < err.index(
-        "--overwrite would delete checkpoints/beta_0.0001_seed0.pt, checkpoints in")
+        "--overwrite would delete checkpoints/beta_0.0001_seed0.pt, checkpoints, experiment.json in")
     assert tree(committed) == before
 
 
@@ -1889,6 +1902,7 @@ def test_stateful_runs_killed_mid_training_resume_to_the_same_metrics(data_dir, 
                 time.sleep(0.005)
             proc.send_signal(signal.SIGKILL)             # after epoch 1 of this run: inside epoch 2
             proc.wait()
+            assert (killed / "checkpoints" / "bom_seed0.lock").exists()     # left behind, locking nothing
         state = torch.load(checkpoint, weights_only=True)
         assert not state["finished"] and len(state["history"]) < 3, name
         moved = {"geco": float(state["method"].get("lambda", 1.0)) != 1.0,
@@ -1932,7 +1946,9 @@ def test_resume_reevaluates_a_finished_checkpoint_to_the_same_metrics(shared_out
     assert (out / "runs" / "bom_seed0.json").read_bytes() == bom_file
 
 
-def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+def test_ctrl_c_and_sigterm_keep_completed_epochs_and_print_the_resume_command(data_dir, tmp_path, sig, code, word):
+    """SIGTERM is what SLURM sends before pre-empting a job: it ends the run as Ctrl-C does."""
     out = tmp_path / "out"
     proc = subprocess.Popen(script(*run_args(data_dir, out, *SMALL)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -1941,12 +1957,89 @@ def test_ctrl_c_keeps_completed_epochs_and_prints_the_resume_command(data_dir, t
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "resume with:" in err and err.strip().endswith("--no-plots --resume")
+    assert proc.returncode == code, err
+    assert f"{word}. Every completed epoch" in err and err.strip().endswith("--no-plots --resume")
     assert "Traceback" not in err
     torch.load(first, weights_only=True)             # what was saved is intact
+    assert not list((out / "checkpoints").glob("*.lock"))                     # the locks went with the process
+    bvb.main(run_args(data_dir, out, *SMALL, "--resume"))
+    assert summary_metrics(out)
+
+
+def test_one_folder_is_one_experiment_resume_and_report_refuse_other_settings(small_out, data_dir, tmp_path, capsys):
+    out = copy_of(small_out, tmp_path)
+    for finished in (True, False):                        # every run finished; one still to train
+        if not finished:
+            (out / "runs" / "bom_seed0.json").unlink()
+        before = tree(out)
+        for flags, setting in ((["--iw-samples", "8"], "iw_samples 3 in the one, 8"),
+                               (["--test-subset", "20"], "test_images 40 in the one, 20"),
+                               (["--lr", "5e-4"], "(lr 0.001 there, 0.0005 now)")):  # a training flag: as before
+            with pytest.raises(SystemExit) as exit_info:
+                bvb.main(run_args(data_dir, out, *SMALL, *flags, "--resume"))
+            err = capsys.readouterr().err.strip()
+            assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and setting in err, err
+            assert tree(out) == before
+    # run files that disagree are refused by --report, never averaged
+    shutil.copy(small_out / "runs" / "bom_seed0.json", out / "runs")
+    path = out / "runs" / "beta_0.001_seed0.json"
+    record = json.loads(path.read_text())
+    record["config"]["iw_samples"] = 8
+    path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(run_args(data_dir, out, *SMALL, "--report"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "beta_0.001_seed0.json and " in err and "(iw_samples 8 in the one, 3" in err
+
+
+def test_a_second_process_on_a_folder_in_use_is_refused_at_its_start_but_a_shard_is_not(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    one = ["--epochs", "1", "--latent-dim", "8", "--methods", "beta:0.001,beta:0.1", "--no-plots"]
+    # the first process has claimed the folder and started its runs: no run file yet
+    first = bvb.parse_args(run_args(data_dir, out, *one))
+    splits = bvb.load_splits(first, first.torch_device)
+    bvb.prepare_out(first, [])
+    locks = bvb.claim_out(first, bvb.run_grid(first), set(), bvb.command_experiment(first, splits))
+    assert json.loads((out / "experiment.json").read_text())["lr"] == 1e-3
+    before = tree(out)
+    for flags, message in ((["--lr", "5e-4", "--shard", "2/2"], "(lr 0.001 in the one, 0.0005 in the other)"),
+                           (["--shard", "2/2"], "beta_0.1, seed 0 is being trained into")):
+        with pytest.raises(SystemExit) as exit_info:
+            bvb.main(run_args(data_dir, out, *one, *flags))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert tree(out) == before
+    bvb.release(locks[1:])                  # the first process goes on with beta_0.001 alone, as shard 1/2 would
+    bvb.main(run_args(data_dir, out, *one, "--shard", "2/2"))   # shard 2/2 of the same command trains beside it
+    assert sorted(os.listdir(out / "runs")) == ["beta_0.1_seed0.json"]
+    assert (out / "checkpoints" / "beta_0.001_seed0.lock").exists()                   # still the first's
+    bvb.release(locks[:1])
+
+
+def test_flags_are_checked_before_the_data_loads_and_the_estimate_counts_an_uncached_classifier(
+        data_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        bvb.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "file"), "--device", "cpu"])
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "no-data").exists()
+    args = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--epochs", "1", "--latent-dim", "8"))
+    splits = bvb.load_splits(args, args.torch_device)
+    bvb.get_classifier(splits, args)                       # now in the cache
+    monkeypatch.setattr(bvb, "time_classifier", lambda splits: 3600.0)
+    assert bvb.estimate_wall_time(splits, args, 1) < 3600
+    assert bvb.estimate_wall_time(splits, bvb.with_flags(args, cache_dir=str(tmp_path / "empty")), 1) > 3600
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a folder no one can write to: Linux's /proc/self")
+def test_an_unwritable_cache_dir_is_one_line_and_the_classifier_is_used_anyway(data_dir, tmp_path, capsys):
+    argv = run_args(data_dir, tmp_path / "out", "--prepare")
+    argv[argv.index(CACHE)] = "/proc/self"            # even root cannot create a file there
+    bvb.main(argv)
+    captured = capsys.readouterr()
+    assert "; not cached (/proc/self/classifier-" in captured.out and "Feature classifier ready" in captured.out
+    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
 
 
 def test_corrupt_checkpoint_is_named_in_a_one_line_error(small_out, data_dir, tmp_path, capsys):
