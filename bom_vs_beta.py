@@ -1327,20 +1327,20 @@ def sweep_edge(methods, name, betas=None):
 
 
 def front_at(betas, kl, key):
-    """One seed's β-VAE front at rate `kl`: (value, the two β runs' values it lies between), `key` piecewise linear
-    in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β runs' rates: the
-    front is never extrapolated."""
+    """One seed's β-VAE front at rate `kl`: (value, the values of the two β runs it lies between, their names), `key`
+    piecewise linear in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β
+    runs' rates: the front is never extrapolated."""
     ratio = FRONT_METRICS[key] == "ratio"
-    points = sorted((math.log(k), v) for k, v in ((metric(r, "test", "kl"), metric(r, "test", key)) for r in betas)
+    points = sorted((math.log(k), v, r["name"]) for k, v, r in ((metric(r, "test", "kl"), metric(r, "test", key), r)
+                                                                for r in betas)
                     if k > 0 and math.isfinite(v) and (v > 0 or not ratio))
     if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not points[0][0] <= math.log(kl) <= points[-1][0]:
         return None
     x = math.log(kl)
-    (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+    (x0, y0, n0), (x1, y1, n1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-    if ratio:
-        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1)
-    return (1 - w) * y0 + w * y1, (y0, y1)
+    value = math.exp((1 - w) * math.log(y0) + w * math.log(y1)) if ratio else (1 - w) * y0 + w * y1
+    return value, (y0, y1), (n0, n1)
 
 
 def matched_rate(methods, names=None):
@@ -1357,7 +1357,7 @@ def matched_rate(methods, names=None):
                 fronts.setdefault(r["seed"], []).append(r)
     rows = {}
     for name in names or [m["name"] for m in judged(methods)]:
-        per_seed, outside, past = {}, [], {"above": True, "below": True}
+        per_seed, outside, past, between = {}, [], {"above": True, "below": True}, set()
         for r in ok_runs(methods[name]):
             kl = metric(r, "test", "kl")
             at = {key: front_at(fronts.get(r["seed"], []), kl, key) for key in FRONT_METRICS}
@@ -1367,9 +1367,10 @@ def matched_rate(methods, names=None):
             per_seed[r["seed"]] = {key: (metric(r, "test", key) / at[key][0] if kind == "ratio" else
                                          metric(r, "test", key) - at[key][0]) if at[key] else float("nan")
                                    for key, kind in FRONT_METRICS.items()}
+            between.add(" – ".join(at["mse"][2]))
             past["above"] &= metric(r, "test", "mse") > max(at["mse"][1])
             past["below"] &= metric(r, "test", "mse") < min(at["mse"][1])
-        rows[name] = {"seeds_outside": outside, "per_seed": per_seed, "past": past,
+        rows[name] = {"seeds_outside": outside, "per_seed": per_seed, "past": past, "between": sorted(between),
                       **{key: interval([v[key] for v in per_seed.values()], kind == "ratio")
                          for key, kind in FRONT_METRICS.items()}}
     with_holm([row[key] for row in rows.values() for key in FRONT_METRICS])
@@ -1746,9 +1747,10 @@ def front_lines(front, methods, figure):
     if figure:
         md += ["", "![matched-rate ratios](matched_rate.png)"]
     md.append("")
-    md += md_table(["method", "test KL (rate)", "MSE / front", "FD prior / front", "IWAE NLL − front (nats)",
-                    "seeds inside", "position"],
-                   [[name, fmt_ci(*methods[name]["test"]["kl"], 1), fmt_cell(row["mse"], True, 2),
+    md += md_table(["method", "test KL (rate)", "between the β runs", "MSE / front", "FD prior / front",
+                    "IWAE NLL − front (nats)", "seeds inside", "position"],
+                   [[name, fmt_ci(*methods[name]["test"]["kl"], 1), "; ".join(row["between"]) or "—",
+                     fmt_cell(row["mse"], True, 2),
                      fmt_cell(row["fd_prior"], True, 2), fmt_cell(row["iwae_nll"], False, 1),
                      f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
                                              if row["seeds_outside"] else ""),

@@ -1300,8 +1300,9 @@ def front_records():
 
 def test_the_front_is_interpolated_in_log_kl_and_never_extrapolated():
     betas = [r for r in front_records() if r["kind"] == "beta" and r["seed"] == 0]
-    value, bracket = bvb.front_at(betas, 100.0, "mse")                 # halfway between KL 50 and 200 in log KL
+    value, bracket, names = bvb.front_at(betas, 100.0, "mse")          # halfway between KL 50 and 200 in log KL
     assert value == pytest.approx(math.sqrt(0.008 * 0.004)) and bracket == (0.008, 0.004)
+    assert names == ("beta_0.0001", "beta_1e-05")
     assert bvb.front_at(betas, 100.0, "iwae_nll")[0] == pytest.approx(-80.0)     # linear in the value itself
     assert bvb.front_at(betas, 10.0, "fd_prior")[0] == pytest.approx(400.0)      # an end point is inside
     assert bvb.front_at(betas, 9.9, "mse") is None and bvb.front_at(betas, 201.0, "mse") is None
@@ -1317,6 +1318,7 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
                                                               "freebits"))
     # the seed scales (1, 1.5, 0.7) cancel in the pairs: the ratios are exactly those put in
     assert bom["mse"]["mean"] == pytest.approx((1.9 * 2.1 * 2.0) ** (1 / 3)) and bom["position"] == "above"
+    assert bom["between"] == ["beta_0.0001 – beta_1e-05"] and front["freebits"]["between"] == ["beta_0.0001 – beta_1e-05"]
     assert [bom["per_seed"][s]["mse"] for s in SEED_SCALE] == pytest.approx([1.9, 2.1, 2.0])
     assert geco["position"] == "on" and geco["mse"]["low"] < 1 < geco["mse"]["high"]
     assert sigma["position"] == "below" and sigma["mse"]["mean"] == pytest.approx((0.45 * 0.55 * 0.5) ** (1 / 3))
