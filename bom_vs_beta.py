@@ -38,8 +38,9 @@ import shutil
 import signal
 import statistics
 import sys
-import time
+import tempfile
 import threading
+import time
 import zlib
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -1299,9 +1300,9 @@ def judged(methods):
 
 
 def choose_beta(methods, key, betas=None):
-    """The β-VAE whose mean validation `key` is best, among β runs that all finished (and whose β is in
+    """The β-VAE whose mean validation `key` is best, among β runs none of which diverged (and whose β is in
     `betas`, when given); None when there is none."""
-    pool = [m for m in methods.values() if m["kind"] == "beta" and m["statuses"] == ["ok"]
+    pool = [m for m in methods.values() if m["kind"] == "beta" and "diverged" not in m["statuses"]
             and math.isfinite(m["val"][key][0]) and (betas is None or m["settings"]["beta"] in betas)]
     return max(pool, key=lambda m: METRICS[key][2] * m["val"][key][0])["name"] if pool else None
 
@@ -1653,8 +1654,8 @@ def summarize(records, reference, config, select_by):
     return summary, methods
 
 
-def write_report(out, summary, methods):
-    """summary.json, .csv and .md (linking the figures that are in `out`)."""
+def write_report(out, summary, methods, figures=None):
+    """summary.json, .csv and .md (linking `figures`; by default those in `out`)."""
     write_json(os.path.join(out, "summary.json"), summary)
     per_seed = summary["runs"]
     table = io.StringIO()
@@ -1664,9 +1665,8 @@ def write_report(out, summary, methods):
         writer.writerow({k: ("" if r.get(k) is None or (isinstance(r[k], float) and not math.isfinite(r[k]))
                              else r[k]) for k in SUMMARY_FIELDS})
     write_text(os.path.join(out, "summary.csv"), table.getvalue())
-    markdown = summary_markdown(summary, methods, {f for f in REPORT_PATHS if os.path.isfile(os.path.join(out, f))})
-    write_text(os.path.join(out, "summary.md"), markdown)
-    print("\n" + markdown)
+    figures = {f for f in REPORT_PATHS if os.path.isfile(os.path.join(out, f))} if figures is None else figures
+    write_text(os.path.join(out, "summary.md"), summary_markdown(summary, methods, figures))
 
 
 def md_table(header, rows):
@@ -1995,8 +1995,8 @@ def log_interval(m, key):
 def plot_rate_distortion(methods, path):
     """Test MSE against test KL on log axes: the β front (each seed's thin, the seed mean bold, each β labelled) and
     every judged method at its geometric mean with its 2-D 95% interval. The KL axis spans the rates where methods
-    and uncollapsed β land (collapsed β are named at its left edge); a marker within 10% of one drawn before is
-    nudged right by 6%. Returns {label: (colour, marker)} drawn."""
+    and uncollapsed β land (collapsed β are named at its left edge); a marker within 10% of n drawn before it is
+    nudged right, with its interval, by a factor 1.06^n and labelled so. Returns {label: (colour, marker)} drawn."""
     fig, ax = plt.subplots(figsize=(12, 6.5))
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -2010,7 +2010,8 @@ def plot_rate_distortion(methods, path):
     points = {name: (log_interval(methods[name], "kl"), log_interval(methods[name], "mse"), style)
               for name, style in method_styles(methods).items()}
     points = {name: p for name, p in points.items() if math.isfinite(p[0][0]) and math.isfinite(p[1][0])}
-    rates = [x for (x, _, _), _, _ in points.values()] + [kl for kl, _, _ in means if kl >= 1]
+    rates = [v for (x, x0, x1), _, _ in points.values() for v in (x, x0, x1) if math.isfinite(v)]
+    rates += [kl for kl, _, _ in means if kl >= 1]
     left = min(rates) / 2 if rates else None
     if left:
         ax.set_xlim(left, max(rates) * 1.6)
@@ -2029,9 +2030,10 @@ def plot_rate_distortion(methods, path):
     for name, ((x, x0, x1), (y, y0, y1), (color, marker)) in points.items():
         nudge = 1.06 ** sum(abs(math.log(x / px)) < 0.1 and abs(math.log(y / py)) < 0.1 for px, py in placed)
         placed.append((x, y))
-        ax.errorbar(x * nudge, y, xerr=error_bar(x, x0, x1), yerr=error_bar(y, y0, y1), ls="none", marker=marker,
-                    ms=9, mfc=color, mec="black", ecolor=color, capsize=3, label=name + " (nudged)" * (nudge > 1))
-        drawn[name] = (color, marker)
+        label = name + " (nudged)" * (nudge > 1)
+        ax.errorbar(x * nudge, y, xerr=error_bar(x * nudge, x0 * nudge, x1 * nudge), yerr=error_bar(y, y0, y1),
+                    ls="none", marker=marker, ms=9, mfc=color, mec="black", ecolor=color, capsize=3, label=label)
+        drawn[label] = (color, marker)
     ax.set_xlabel("rate: test KL (nats, log scale)")
     ax.set_ylabel("distortion: test MSE (log scale, ↓ better)")
     ax.set_title("Rate–distortion: geometric mean and 95% interval over seeds; thin lines: each seed's β front")
@@ -2126,20 +2128,22 @@ def image_grid(rows_of_images, labels, title, path):
 
 def plot_images(records, test_images, out):
     """Reconstructions of the first 8 test images and decodings of 8 shared prior samples, per method (its first
-    seed), from the arrays in the run files."""
+    seed), from the arrays in the run files; returns the files drawn."""
     first_seed = min(r["seed"] for r in records)
     wanted = [r for r in records if r["seed"] == first_seed and not r["variant"] and r["status"] != "diverged"]
     shown = {r["name"]: r["images"] for r in wanted if "images" in r}
     if len(shown) < len(wanted):
         print(f"Image figures: {len(wanted) - len(shown)} run file(s) carry no image arrays (written before run files "
               f"did): " + ("the figures leave them out" if shown else "the figures in --out are not redrawn"))
-    if shown:
-        names = list(shown)
-        image_grid([test_images[:8].cpu().numpy()] + [unpack_images(shown[n]["reconstructions"]) for n in names],
-                   ["original"] + names, "Reconstructions of the first 8 test images",
-                   os.path.join(out, "reconstructions_comparison.png"))
-        image_grid([unpack_images(shown[n]["samples"]) for n in names], names,
-                   "Samples from the prior (same z for all models)", os.path.join(out, "samples_comparison.png"))
+    if not shown:
+        return set()
+    names = list(shown)
+    image_grid([test_images[:8].cpu().numpy()] + [unpack_images(shown[n]["reconstructions"]) for n in names],
+               ["original"] + names, "Reconstructions of the first 8 test images",
+               os.path.join(out, "reconstructions_comparison.png"))
+    image_grid([unpack_images(shown[n]["samples"]) for n in names], names,
+               "Samples from the prior (same z for all models)", os.path.join(out, "samples_comparison.png"))
+    return {"reconstructions_comparison.png", "samples_comparison.png"}
 
 
 def build_report(args, splits):
@@ -2148,16 +2152,21 @@ def build_report(args, splits):
     reference = records[0]["reference"]
     config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
     summary, methods = summarize(records, reference, config, args.select_by)
+    write_report(args.out, summary, methods, None if args.no_plots else set())    # the numbers first
     if not args.no_plots:
-        plot_training(records, reference["test_data_sharpness"], os.path.join(args.out, "training_comparison.png"),
-                      methods)
-        plot_rate_distortion(methods, os.path.join(args.out, "rate_distortion.png"))
+        path = lambda name: os.path.join(args.out, name)
+        plot_training(records, reference["test_data_sharpness"], path("training_comparison.png"), methods)
+        plot_rate_distortion(methods, path("rate_distortion.png"))
+        drawn = {"training_comparison.png", "rate_distortion.png"} | plot_images(records, splits["test"][0], args.out)
         if summary["tuning_cost"]["grids"]:
-            plot_tuning_cost(summary["tuning_cost"], methods, os.path.join(args.out, "tuning_cost.png"))
+            plot_tuning_cost(summary["tuning_cost"], methods, path("tuning_cost.png"))
+            drawn.add("tuning_cost.png")
         if any(row["mse"]["n"] for row in summary["front"].values()):
-            plot_matched_rate(summary["front"], methods, os.path.join(args.out, "matched_rate.png"))
-        plot_images(records, splits["test"][0], args.out)
-    write_report(args.out, summary, methods)
+            plot_matched_rate(summary["front"], methods, path("matched_rate.png"))
+            drawn.add("matched_rate.png")
+        write_text(path("summary.md"), summary_markdown(summary, methods, drawn))
+    with open(os.path.join(args.out, "summary.md")) as f:
+        print("\n" + f.read())
     print("Run files by script version (SHA-256): " + ", ".join(
         f"{short_sha(sha)} ({n} of {len(records)} runs)" for sha, n in summary["script_versions"].items()))
     print(f"\nWrote {os.path.abspath(args.out)}")
@@ -2697,14 +2706,28 @@ def check_out(args, grid):
         owned = [os.path.relpath(p, args.out) for method, seed in grid for p in run_paths(args, method, seed)]
         if not args.shard:
             owned += ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
-    existing = [p for p in owned if os.path.isfile(os.path.join(args.out, p))
-                or os.path.isdir(os.path.join(args.out, p)) and os.listdir(os.path.join(args.out, p))]
+    existing = [p for p in owned if os.path.isfile(os.path.join(args.out, p)) or os.path.isdir(os.path.join(
+        args.out, p)) and any(not f.endswith(".lock") for f in os.listdir(os.path.join(args.out, p)))]
     if existing and not (args.resume or args.overwrite):
         fresh = next(f"{args.out}-{i}" for i in range(2, 1000) if not os.path.exists(f"{args.out}-{i}"))
         raise UsageError(f"--out {args.out} already holds results: give this run a fresh folder (--out {fresh}), or "
                          f"add --resume to continue them; --overwrite would delete {', '.join(existing[:6])}"
                          f"{f' and {len(existing) - 6} more' if len(existing) > 6 else ''} in {args.out}")
-    return existing if args.overwrite else []
+    if not args.overwrite:
+        return []
+    folder = os.path.join(args.out, "checkpoints")
+    if args.shard:                                            # it replaces this shard's runs only
+        paths = [run_paths(args, method, seed)[1][:-3] + ".lock" for method, seed in grid]
+    else:
+        paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".lock")] \
+            if os.path.isdir(folder) else []
+    for path in filter(os.path.exists, paths):                # nothing is deleted under another process
+        handle = lock(path)
+        if handle is None:
+            raise UsageError(f"--overwrite: {os.path.basename(path)[:-5]} is being trained into {args.out} by "
+                             f"another process: let it finish first")
+        handle.close()
+    return existing
 
 
 def command_experiment(args, splits):
@@ -2716,8 +2739,8 @@ def folder_experiment(args, replaced):
     when any of them, or this command, belongs to another experiment."""
     path = os.path.join(args.out, EXPERIMENT_FILE)
     kept = {} if EXPERIMENT_FILE in replaced or not os.path.isfile(path) else {path: read_experiment(path)}
-    runs = folder_runs(args.out, {os.path.join(args.out, p) for p in replaced})
-    kept.update({p: experiment_of(r) for p, r in ({} if "runs" in replaced else runs).items()})
+    runs = {} if "runs" in replaced else folder_runs(args.out, {os.path.join(args.out, p) for p in replaced})
+    kept.update({p: experiment_of(r) for p, r in runs.items()})
     return kept
 
 
@@ -2729,41 +2752,62 @@ def read_experiment(path):
         raise UsageError(f"{path} is unreadable: move it away, or use a fresh --out") from None
 
 
-def claim_out(args, grid, done, experiment):
-    """Write this command's experiment to --out's experiment file unless one is there (created whole in one step:
-    of two processes started together one writes it, the other compares), and lock every run this command trains
-    (a lock dies with its process). Returns the locks; UsageError when the folder holds another experiment or
-    another process trains one of these runs."""
-    path, tmp = os.path.join(args.out, EXPERIMENT_FILE), os.path.join(args.out, f".experiment-{os.getpid()}")
-    write_json(tmp, experiment)
+def lock(path):
+    """An exclusive lock on the file `path` (created if absent and never removed, so that every process locks the
+    same file), held until released or the process ends; None while another process holds it. Where there are no
+    locks (Windows, a file system without flock) every lock is granted."""
+    handle = open(path, "a")
     try:
-        os.link(tmp, path)
+        if fcntl:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError:
+        pass
+    return handle
+
+
+def release(locks):
+    for handle in locks:
+        handle.close()
+
+
+def lock_runs(args, grid, done):
+    """Lock every run of `grid` this command trains; a run another process has finished since joins `done` (with
+    --resume). Returns the locks; UsageError when another process trains one of them."""
+    locks = []
+    for method, seed in grid:
+        run_file, checkpoint = run_paths(args, method, seed)
+        if run_file not in done:
+            locks.append(lock(checkpoint[:-3] + ".lock"))
+            if locks[-1] is None:
+                release(locks[:-1])
+                raise UsageError(f"{method.name}, seed {seed} is being trained into {args.out} by another process: "
+                                 f"let it finish, or give this command another --out")
+            if args.resume and os.path.exists(run_file):
+                done.add(run_file)
+    return locks
+
+
+def claim(path, experiment):
+    """Write `experiment` to `path` unless a file is there, created whole in one step (of two processes started
+    together one writes it, the other compares); UsageError when the file there holds another experiment."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(experiment, f)
+    try:
+        try:
+            os.link(tmp, path)
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            with open(path, "x") as f:                # a file system without hard links
+                json.dump(experiment, f)
     except FileExistsError:
         check_same({path: read_experiment(path), "this command": experiment})
     finally:
         os.remove(tmp)
-    locks = []
-    for method, seed in grid if fcntl else []:
-        run_file, checkpoint = run_paths(args, method, seed)
-        if run_file not in done:
-            lock = open(checkpoint[:-3] + ".lock", "w")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locks.append(lock)
-            except OSError:
-                lock.close()                      # the other process's lock file stays
-                release(locks)
-                raise UsageError(f"{method.name}, seed {seed} is being trained into {args.out} by another process: "
-                                 f"let it finish, or give this command another --out") from None
-    return locks
-
-
-def release(locks):
-    """Unlock and remove the lock files (what a killed process leaves locks nothing)."""
-    for lock in locks:
-        with contextlib.suppress(OSError):
-            os.remove(lock.name)
-        lock.close()
 
 
 def plan_resume(args, grid, n_train):
@@ -2790,25 +2834,19 @@ def plan_resume(args, grid, n_train):
 
 
 def prepare_out(args, replaced):
-    """Create --out (and runs/, checkpoints/) after removing what --overwrite replaces; returns the folders it
-    created (innermost first); UsageError if unwritable."""
-    created = []
+    """Create --out (and runs/, checkpoints/) after removing what --overwrite replaces; UsageError if unwritable."""
     try:
         for name in replaced:
             path = os.path.join(args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if args.prepare:
-            return created
-        for path in [args.out] + [os.path.join(args.out, sub) for sub in ("runs", "checkpoints")
-                                  if not (args.benchmark or args.report)]:
-            if not os.path.isdir(path):
-                os.makedirs(path)
-                created.insert(0, path)
-        atomic_write(os.path.join(args.out, ".write-test"), lambda tmp: open(tmp, "w").close())
-        os.remove(os.path.join(args.out, ".write-test"))
+            return
+        for sub in ([] if args.benchmark or args.report else ["runs", "checkpoints"]):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
+        os.remove(tempfile.mkstemp(dir=args.out)[1])          # a write test
     except OSError as e:
         raise UsageError(f"--out {args.out} is not writable ({e.strerror})") from None
-    return created
 
 
 def short_sha(sha):
@@ -2881,11 +2919,11 @@ def evaluation_tools(splits, args):
 
 def main(argv=None):
     """Run the comparison (or one shard of it, or --report, or --benchmark); returns the summary (or the
-    benchmark report). Bad input exits with status 2 before anything is written; Ctrl-C keeps every
-    completed epoch."""
+    benchmark report). Bad input exits with status 2 before anything is written; Ctrl-C (status 130) and SIGTERM
+    (143) keep every completed epoch."""
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    locks = []
+    args, locks = None, []
     try:
         args = parse_args(argv)
         grid = run_grid(args)
@@ -2899,25 +2937,25 @@ def main(argv=None):
         kept = folder_experiment(args, replaced) if running else {}
         experiment = command_experiment(args, splits)
         check_same({**kept, "this command": experiment})
-        created = prepare_out(args, replaced)
-        try:
-            locks = claim_out(args, grid, done, experiment) if running else []
-        except UsageError:
-            for path in created:                  # a refused start leaves no empty folder behind
-                with contextlib.suppress(OSError):
-                    os.rmdir(path)
-            raise
-        return run(args, splits, grid, done, resume_states, kept)
+        prepare_out(args, replaced)
+        locks = lock_runs(args, grid, done) if running else []
+        return run(args, splits, grid, done, resume_states, kept, experiment)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        training = args is not None and not (args.report or args.prepare or args.benchmark)
+        print(f"\n{'Terminated' if isinstance(e, Terminated) else 'Interrupted'}." + (
+            f" Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; resume with:\n  "
+            f"{resume_command(args)}" if training else ""), file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         release(locks)
         if main_thread:
-            signal.signal(signal.SIGTERM, on_sigterm)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_sigterm is None else on_sigterm)
 
 
-def run(args, splits, grid, done, resume_states, kept):
+def run(args, splits, grid, done, resume_states, kept, experiment):
     """What main does once every check has passed: a benchmark, the classifier, the runs, the report."""
     if args.torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -2936,21 +2974,17 @@ def run(args, splits, grid, done, resume_states, kept):
         if todo:
             print(f"Estimated wall time of the {todo} run(s) to train: "
                   f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
-        try:
-            tools = evaluation_tools(splits, args)
-            classifier = {"classifier": tools[2]["classifier_sha256"][:12]}
-            check_same({**kept, "this command's feature classifier (pass --cache-dir the folder's one)": classifier})
-            for method, seed in grid:
-                run_file, checkpoint = run_paths(args, method, seed)
-                if run_file in done:
-                    print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
-                    continue
-                run_one(method, seed, splits, args, tools, resume_states.get(checkpoint))
-        except KeyboardInterrupt as e:
-            word = "Terminated" if isinstance(e, Terminated) else "Interrupted"
-            print(f"\n{word}. Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; resume "
-                  f"with:\n  {resume_command(args)}", file=sys.stderr)
-            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        tools = evaluation_tools(splits, args)
+        # the feature classifier is part of the experiment (FDs compare under one only): the folder's, or a new one
+        experiment = dict(experiment, classifier=tools[2]["classifier_sha256"][:12])
+        check_same({**kept, "this command (pass --cache-dir the folder's feature classifier)": experiment})
+        claim(os.path.join(args.out, EXPERIMENT_FILE), experiment)
+        for method, seed in grid:
+            run_file, checkpoint = run_paths(args, method, seed)
+            if run_file in done:
+                print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
+                continue
+            run_one(method, seed, splits, args, tools, resume_states.get(checkpoint))
         if args.shard:
             print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, rebuild the report with:\n"
                   f"  python bom_vs_beta.py --report --out {shlex.quote(args.out)} --data-dir "
