@@ -1750,8 +1750,8 @@ def front_lines(front, methods, figure):
     md += md_table(["method", "test KL (rate)", "between the β runs", "MSE / front", "FD prior / front",
                     "IWAE NLL − front (nats)", "seeds inside", "position"],
                    [[name, fmt_ci(*methods[name]["test"]["kl"], 1), "; ".join(row["between"]) or "—",
-                     fmt_cell(row["mse"], True, 2),
-                     fmt_cell(row["fd_prior"], True, 2), fmt_cell(row["iwae_nll"], False, 1),
+                     *(fmt_cell(row[key], ratio, digits) + two_seeds(row, key, ratio, digits)
+                       for key, ratio, digits in (("mse", True, 2), ("fd_prior", True, 2), ("iwae_nll", False, 1))),
                      f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
                                              if row["seeds_outside"] else ""),
                      row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
@@ -1759,6 +1759,13 @@ def front_lines(front, methods, figure):
     return md + ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: "
                  "Holm-adjusted p < 0.05 over every cell of this table (one family). The front, the pairing by seed "
                  "and the position: README, \"How the verdict is computed\"."]
+
+
+def two_seeds(row, key, ratio, digits):
+    """With two seeds, their own values after the interval (one degree of freedom says little)."""
+    values = [v[key] for v in row["per_seed"].values()]
+    return "" if len(values) != 2 else " (seeds: " + ", ".join(
+        f"{v:.{digits}f}x" if ratio else f"{v:+.{digits}f}" for v in values) + ")"
 
 
 def landing_lines(choices, methods, latent_dim):

@@ -1343,6 +1343,10 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed(tmp_p
     assert "controlvae 0.80x [" in verdict and "(off it only by the interpolation)" in verdict
     assert "freebits 1.00x (1 of 3 seeds inside)." in verdict
     assert "- No verdict (every run diverged): bom_gone n/a." in verdict
+    two = [r for r in records if r["seed"] != 2]                      # two seeds: their values beside the interval
+    bvb.write_report(str(tmp_path), *bvb.summarize(two, {"test_data_sharpness": 0.03, "classifier_test_accuracy": 0.9},
+                                                   config, "iwae_nll"))
+    assert "2.00x [" in (md := (tmp_path / "summary.md").read_text()) and "] (seeds: 1.90x, 2.10x) |" in md
     assert summary["front"]["sigma_vae"]["position"] == "below"
 
 
