@@ -1203,15 +1203,16 @@ EXPERIMENT = ("epochs", "batch_size", "lr", "latent_dim", "amp", "iw_samples", "
               "test_images")
 
 
-def read_run(path):
-    """A run file's record; UsageError when it does not read as one."""
+def read_json(path, needed=()):
+    """The JSON object in the file `path`, holding the keys `needed`; UsageError when it does not read as one."""
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError):
         record = None
-    if not (isinstance(record, dict) and {"name", "reference"} <= record.keys()):
-        raise UsageError(f"run file {path} is unreadable: move it away to rerun that run, or use a fresh --out")
+    if not (isinstance(record, dict) and set(needed) <= record.keys()):
+        raise UsageError(f"{path} is unreadable: move it away (a run file's run is then trained again), or use a "
+                         f"fresh --out")
     return record
 
 
@@ -1219,7 +1220,8 @@ def folder_runs(out, skip=()):
     """{path: record} of the run files in --out/runs, but those in `skip`."""
     folder = os.path.join(out, "runs")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
-    return {path: read_run(path) for path in (os.path.join(folder, f) for f in files) if path not in skip}
+    return {path: read_json(path, ("name", "reference")) for path in (os.path.join(folder, f) for f in files)
+            if path not in skip}
 
 
 def experiment_of(record):
@@ -2742,21 +2744,12 @@ def command_experiment(args, splits):
 
 
 def folder_experiment(args, replaced):
-    """{source: experiment} of what --out keeps for this command (its experiment file, its run files): UsageError
-    when any of them, or this command, belongs to another experiment."""
+    """{source: experiment} of what --out keeps for this command: its experiment file and its run files."""
     path = os.path.join(args.out, EXPERIMENT_FILE)
-    kept = {} if EXPERIMENT_FILE in replaced or not os.path.isfile(path) else {path: read_experiment(path)}
+    kept = {} if EXPERIMENT_FILE in replaced or not os.path.isfile(path) else {path: read_json(path)}
     runs = {} if "runs" in replaced else folder_runs(args.out, {os.path.join(args.out, p) for p in replaced})
     kept.update({p: experiment_of(r) for p, r in runs.items()})
     return kept
-
-
-def read_experiment(path):
-    try:
-        with open(path) as f:
-            return dict(json.load(f))
-    except (OSError, ValueError, TypeError):
-        raise UsageError(f"{path} is unreadable: move it away, or use a fresh --out") from None
 
 
 def lock(path):
@@ -2812,7 +2805,7 @@ def claim(path, experiment):
             with open(path, "x") as f:                # a file system without hard links
                 json.dump(experiment, f)
     except FileExistsError:
-        check_same({path: read_experiment(path), "this command": experiment})
+        check_same({path: read_json(path), "this command": experiment})
     finally:
         os.remove(tmp)
 
@@ -2824,11 +2817,8 @@ def plan_resume(args, grid, n_train):
         run_file, checkpoint = run_paths(args, method, seed)
         fingerprint = run_fingerprint(method, with_flags(args, seed=seed), n_train)
         if args.resume and os.path.exists(run_file):
-            saved = read_run(run_file).get("fingerprint")
-            if not isinstance(saved, dict):
-                raise UsageError(f"run file {run_file} is unreadable: move it away to rerun that run, or use a fresh "
-                                 f"--out")
-            check_fingerprint(run_file, saved, fingerprint)
+            saved = read_json(run_file, ("name", "reference", "fingerprint"))["fingerprint"]
+            check_fingerprint(run_file, saved if isinstance(saved, dict) else {}, fingerprint)
             done.add(run_file)
         elif args.resume and os.path.exists(checkpoint):
             states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
