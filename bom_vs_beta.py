@@ -1,20 +1,18 @@
 """BOM-VAE vs β-VAE on MNIST (64x64): does BOM match or beat β-VAE without tuning β?
 
-BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint
-scores (MSE, KL box, sharpness) and tightens the constraints with an adaptive squeeze.
-β-VAE minimizes mean MSE + β·mean KL for a grid of β; GECO, ControlVAE, σ-VAE and free
-bits are the other methods that claim to need no tuning. All train the same conv VAE in
-one shared loop, per seed from the same weights; held-out metrics with confidence
-intervals, β chosen on validation, figures and a computed verdict land in --out.
+BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint scores (MSE, KL box,
+sharpness) and tightens the constraints with an adaptive squeeze. β-VAE minimizes mean MSE + β·mean KL for
+a grid of β; GECO, ControlVAE, σ-VAE and free bits are the other methods that claim to need no tuning. All
+train the same conv VAE in one loop, per seed from the same weights; held-out metrics with intervals over
+seeds, β chosen on validation, figures and a computed verdict land in --out.
 
-Evidence (results/README.md; the reference budget: 20 epochs on 6,400 training images, 4 seeds, a 2-core
-CPU): the notebook's BOM loses to 1 or 2 random β-VAE runs on every criterion (IWAE NLL, FD prior, MSE), and
-at its own rate has 6.90x [5.31–8.96] the test MSE of the β-VAE front. With its sharpness ceiling set to the
-data's it lies on the front (1.08x [1.01–1.15], as GECO's 1.02x and ControlVAE's 0.98x) and 2 to 3 random β
-runs beat it. Its KL targets are a rate knob as β is (test KL ∝ kl_scale^0.84 [0.83, 0.85]).
+Evidence (results/README.md; 20 epochs on 6,400 training images, 4 seeds): the notebook's BOM loses to 1 or 2
+random β-VAE runs on every criterion (IWAE NLL, FD prior, MSE), and at its own rate has 6.90x [5.31–8.96] the
+test MSE of the β-VAE front. With its sharpness ceiling set to the data's it lies on the front (1.08x
+[1.01–1.15]) and 2 to 3 random β runs beat it: its KL targets set its rate as β does (KL ∝ kl_scale^0.84).
 
     python bom_vs_beta.py --epochs 20 --device cuda                    # the notebook's comparison
-    python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, a verdict with CIs
+    python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, with intervals
     main(["--epochs", "2"])                                            # from a notebook cell
 """
 import argparse
@@ -23,6 +21,7 @@ import collections
 import contextlib
 import csv
 import functools
+import glob
 import hashlib
 import io
 import itertools
@@ -50,7 +49,7 @@ except ImportError:
     fcntl = None
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, NullLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -60,34 +59,33 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-# ----------------------------------------------------------------------------- config
-
+# ---------------------------------------- config
 
 DEFAULT_METHODS = "beta:0.0001,beta:0.001,beta:0.01,beta:0.1,bom"
 IMAGE_SIZE = 64                 # MNIST's 28x28 digits are resized to 64x64 (bilinear)
+IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 GRAD_CLIP = 1.0                 # max global grad norm, as in the notebook
-EVAL_BATCH = 256                # evaluation batch (metrics are per image, so any size gives the same means)
-CURVE_BLOCK = 10                # training curves store means of 10 steps (fewer in epochs under 100 steps)
-LOG_EVERY = 20                  # live progress-bar values are read every 20 steps
+EVAL_BATCH = 256                # metrics are per image: any evaluation batch gives the same means
+CURVE_BLOCK = 10                # training curves store means of 10 steps
+LOG_EVERY = 20                  # progress-bar values (a host sync) every 20 steps
 # BOM's fixed constants, from the notebook (its knobs are in BOMVAE.KNOBS)
 KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
-CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances: epochs, batch, Adam lr
+CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 1e-3
 SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from below
-IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
 QUICK_CLASSIFIER_IMAGES = 4096
-# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 1.5-2e-6), then the notebook's
+NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
+# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 2e-6), then the notebook's
 ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-
 def script_sha256():
-    """SHA-256 of this script's bytes (of the notebook cell's text when it was pasted into one; None if neither)."""
+    """SHA-256 of this script (of the notebook cell's text when pasted into one)."""
     path = script_sha256.__code__.co_filename
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -95,127 +93,107 @@ def script_sha256():
     text = "".join(linecache.getlines(path))
     return hashlib.sha256(text.encode()).hexdigest() if text else None
 
-
-SCRIPT_SHA256 = script_sha256()   # read at start: the code that runs, even if the file is edited during a run
-
+SCRIPT_SHA256 = script_sha256()   # the code that runs, even if the file is edited meanwhile
 
 class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2, nothing written."""
+    """Bad input: one line on stderr, exit status 2, nothing written."""
 
-
-# ----------------------------------------------------------------------------- data
-
+# ---------------------------------------- data
 
 def load_mnist(data_dir, train):
-    """One MNIST file pair through torchvision: digits as uint8 (N, 1, 64, 64), resized once (bilinear,
-    byte-identical to PIL's Resize(64)), and their labels."""
+    """One MNIST file pair: uint8 digits (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's
+    Resize(64)), and their labels."""
     raw = os.path.join(data_dir, "MNIST", "raw")
-    present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
-    log = io.StringIO()
+    present = all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_RAW_FILES)
     try:
-        with redirect_stdout(log), redirect_stderr(log):
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
+        where = os.path.abspath(raw)
         if present:
-            raise UsageError(f"could not read MNIST from {os.path.abspath(raw)}: {e}".replace("\n", " ")) from None
-        raise UsageError(f"MNIST not found in {os.path.abspath(raw)} and could not be downloaded: "
-                         f"put the four raw files there ({', '.join(MNIST_RAW_FILES)}) "
-                         f"or point --data-dir at their parent folder") from None
+            raise UsageError(f"could not read MNIST from {where}: {e}".replace("\n", " ")) from None
+        raise UsageError(f"MNIST not found in {where} and could not be downloaded: put the four raw files "
+                         f"there ({', '.join(MNIST_RAW_FILES)}) or point --data-dir at their parent folder") \
+            from None
     images = TF.resize(ds.data.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
                        interpolation=InterpolationMode.BILINEAR, antialias=True)
     return images, ds.targets
 
-
 def load_splits(args, device):
-    """train: the training file's first N − --val-size images (or the first --train-subset of them);
-    val: its last --val-size images; test: the test file's images (or the first --test-subset). Each file
-    is moved to the device once; the splits are views of it."""
-    images, labels = (t.to(device) for t in load_mnist(args.data_dir, train=True))
+    """train: the training file's first N − --val-size images (or --train-subset of them); val: its last
+    --val-size; test: the test file's (or --test-subset). Each file moves to the device once."""
+    images, labels = (t.to(device) for t in load_mnist(args.data_dir, True))
     n_train = len(images) - args.val_size
     if n_train < 1:
         raise UsageError(f"--val-size {args.val_size} leaves no training images of {len(images)}")
     if args.train_subset > n_train:
-        raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} training images there are"
-                         + (f" after holding out --val-size {args.val_size}" if args.val_size else ""))
-    test_images, test_labels = (t.to(device) for t in load_mnist(args.data_dir, train=False))
-    if args.test_subset > len(test_images):
-        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_images)} test images "
-                         f"there are")
-    keep, n_test = args.train_subset or n_train, args.test_subset or len(test_images)
-    n_classifier = min(n_train, QUICK_CLASSIFIER_IMAGES) if args.quick else n_train
+        held = f" after holding out --val-size {args.val_size}" if args.val_size else ""
+        raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} training "
+                         f"images there are{held}")
+    test_x, test_y = (t.to(device) for t in load_mnist(args.data_dir, False))
+    if args.test_subset > len(test_x):
+        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_x)} test "
+                         f"images there are")
+    keep, n_test = args.train_subset or n_train, args.test_subset or len(test_x)
+    n_cls = min(n_train, QUICK_CLASSIFIER_IMAGES) if args.quick else n_train
     return {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
-            "classifier": (images[:n_classifier], labels[:n_classifier]),
-            "test": (test_images[:n_test], test_labels[:n_test])}
-
+            "classifier": (images[:n_cls], labels[:n_cls]), "test": (test_x[:n_test], test_y[:n_test])}
 
 def as_float(images):
     return images.float().div_(255)
 
-
 def index_batches(n, batch_size, generator=None, device="cpu"):
-    """Index tensors of consecutive batches over n items, shuffled when a generator is given. The last
-    batch may be smaller, as with a DataLoader's default drop_last=False."""
+    """Index tensors of consecutive batches over n items, shuffled when a generator is given; the last
+    may be smaller (a DataLoader's drop_last=False)."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return order.to(device).split(batch_size)
-
 
 def batches(images, batch_size, generator=None):
     """Float batches in [0, 1] from resident uint8 images."""
     for idx in index_batches(images.shape[0], batch_size, generator, images.device):
         yield as_float(images[idx])
 
+# ---------------------------------------- model
 
-# ----------------------------------------------------------------------------- model
+def down(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
+def up(c_in, c_out):
+    return [nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
 class VAE(nn.Module):
-    """The notebook's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to a
-    latent of latent_dim, mirrored transposed convs back to a sigmoid 64x64 image."""
+    """The notebook's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to the
+    latent, mirrored transposed convs back to a sigmoid 64x64 image."""
 
     def __init__(self, latent_dim=128):
         super().__init__()
         self.latent_dim = latent_dim
-        self.enc = nn.Sequential(
-            nn.Conv2d(1, 32, 3, 2, 1), nn.GroupNorm(8, 32), nn.LeakyReLU(0.2),
-            nn.Conv2d(32, 64, 3, 2, 1), nn.GroupNorm(8, 64), nn.LeakyReLU(0.2),
-            nn.Conv2d(64, 128, 3, 2, 1), nn.GroupNorm(8, 128), nn.LeakyReLU(0.2),
-            nn.Conv2d(128, 256, 3, 2, 1), nn.GroupNorm(8, 256), nn.LeakyReLU(0.2),
-        )
+        self.enc = nn.Sequential(*down(1, 32), *down(32, 64), *down(64, 128), *down(128, 256))
         self.fc_mu = nn.Linear(256 * 4 * 4, latent_dim)
         self.fc_logvar = nn.Linear(256 * 4 * 4, latent_dim)
         self.fc_dec = nn.Linear(latent_dim, 256 * 4 * 4)
-        self.dec = nn.Sequential(
-            nn.ConvTranspose2d(256, 128, 3, 2, 1, 1), nn.GroupNorm(8, 128), nn.LeakyReLU(0.2),
-            nn.ConvTranspose2d(128, 64, 3, 2, 1, 1), nn.GroupNorm(8, 64), nn.LeakyReLU(0.2),
-            nn.ConvTranspose2d(64, 32, 3, 2, 1, 1), nn.GroupNorm(8, 32), nn.LeakyReLU(0.2),
-            nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid(),
-        )
+        self.dec = nn.Sequential(*up(256, 128), *up(128, 64), *up(64, 32),
+                                 nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid())
 
     def decode(self, z):
         return self.dec(self.fc_dec(z).view(-1, 256, 4, 4))
 
     def forward(self, x):
-        """Returns (reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as in the notebook."""
+        """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as in the notebook."""
         h = self.enc(x).flatten(1)
         mu, logvar = self.fc_mu(h), self.fc_logvar(h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
-
-def new_model(latent_dim, device):
-    """A fresh VAE on device; channels_last on the CPU, where it measured 1.2x faster (oneDNN convolutions)."""
+def new_model(latent_dim, device, lr):
+    """A fresh VAE and its Adam: channels_last on the CPU (oneDNN convolutions, 1.2x faster), the fused
+    Adam where torch has one (5% faster per step)."""
     model = VAE(latent_dim).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
-
-def new_optimizer(model, lr):
-    """Adam; the fused kernel where torch has one (measured 5% faster per step on the CPU)."""
-    device = next(model.parameters()).device
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
-
-
-# ----------------------------------------------------------------------------- metrics
-
+# ---------------------------------------- metrics
 
 def sharpness(images):
     """Per image: (mean |x[i, j+1] − x[i, j]| + mean |x[i+1, j] − x[i, j]|) / 2."""
@@ -223,140 +201,107 @@ def sharpness(images):
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean((1, 2, 3))
     return (dx + dy) / 2
 
-
 def kl_per_dim(mu, logvar):
     """KL(q(z_d|x) || N(0, 1)) = −½ (1 + log σ²_d − μ²_d − σ²_d), per image and latent dimension."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-
 
 def vae_metrics(x, x_recon, mu, logvar):
     """Per image: MSE = mean over pixels; KL = Σ_d KL_d; sharpness."""
     mse = (x_recon - x).pow(2).flatten(1).mean(1)
     return mse, kl_per_dim(mu, logvar).sum(1), sharpness(x_recon)
 
-
 def forward_metrics(model, x, amp=False):
-    """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network runs
-    in bf16, metrics in fp32. Autocast is entered only with amp: torch 2.4/2.5 refuse an MPS autocast even
-    when it is disabled."""
+    """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network runs in
+    bf16, the metrics in fp32 (autocast is entered only then: torch 2.4/2.5 refuse a disabled MPS one)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         x_recon, mu, logvar = model(x)
     mu, logvar = mu.float(), logvar.float()
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
 
-
-# ----------------------------------------------------------------------------- BOM's scores, calibration and squeeze
-
-
-def lower_better_score(value, floor):
-    """(floor − value) / floor: 1 at value 0, 0 at the floor, negative past it (MSE)."""
-    return (floor - value) / floor
-
-
-def higher_better_score(value, ceiling):
-    """value / ceiling: 0 at value 0, 1 at the ceiling (sharpness)."""
-    return value / ceiling
-
-
-def box_score(value, floor_low, optimum, floor_high):
-    """min(left ramp, right ramp): 1 at the optimum, 0 at both floors, negative outside the box (KL)."""
-    left = (value - floor_low) / (optimum - floor_low)
-    right = (floor_high - value) / (floor_high - optimum)
-    return torch.minimum(left, right)
-
-
-def constraint_scores(mse, kl, sharp, c):
-    """Scores (N, 3) in the order BOTTLENECKS under constraints c (a dict of floats); (N, 2) without the
-    sharpness score when c["sharp_ceiling"] is None."""
-    scores = [lower_better_score(mse, c["mse_floor"]),
-              box_score(kl, c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"])]
-    if c["sharp_ceiling"] is not None:
-        scores.append(higher_better_score(sharp, c["sharp_ceiling"]))
-    return torch.stack(scores, dim=1)
-
+# ---------------------------------------- BOM's scores, calibration and squeeze
 
 BOTTLENECKS = ("mse", "kl", "sharp")
 
+def constraint_scores(mse, kl, sharp, c):
+    """Scores (N, 3), 1 ideal, ≤ 0 violated: MSE (floor − v)/floor; KL the box min((v − low)/(opt − low),
+    (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is None)."""
+    low, opt, high = c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]
+    scores = [(c["mse_floor"] - mse) / c["mse_floor"],
+              torch.minimum((kl - low) / (opt - low), (high - kl) / (high - opt))]
+    if c["sharp_ceiling"] is not None:
+        scores.append(sharp / c["sharp_ceiling"])
+    return torch.stack(scores, dim=1)
 
 def worst_counts(worst):
-    """How often each constraint was the worst, as a fixed-size scatter-add: torch.bincount's output size
-    depends on the data, so on CUDA/MPS it reads the indices back to the host (a sync every step)."""
-    return torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device).scatter_add_(
-        0, worst, torch.ones_like(worst))
-
+    """How often each score was the worst, by a fixed-size scatter-add (bincount's output size depends on
+    the data: a host sync on CUDA/MPS every step)."""
+    counts = torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device)
+    return counts.scatter_add_(0, worst, torch.ones_like(worst))
 
 @torch.no_grad()
 def calibrate(model, batch_iter, calib_batches, mse_floor_mult, kl_low_mult, kl_high_mult):
-    """Initial constraints from the untrained model on calib_batches batches: mse_floor = mse_floor_mult·max MSE,
-    kl box = [kl_low_mult·min KL, mean KL, kl_high_mult·max KL], sharp_ceiling = mean sharpness."""
+    """Initial constraints from the untrained model on calib_batches batches: mse_floor = mult·max MSE,
+    KL box = [mult·min KL, mean KL, mult·max KL], sharp_ceiling = mean sharpness."""
     model.train()
-    mse, kl, sharp = [], [], []
-    for i, x in enumerate(batch_iter):
-        if i >= calib_batches:
-            break
-        m, k, s, _ = forward_metrics(model, x)
-        mse.append(m), kl.append(k), sharp.append(s)
-    mse, kl, sharp = torch.cat(mse), torch.cat(kl), torch.cat(sharp)
+    parts = [forward_metrics(model, x)[:3] for _, x in zip(range(calib_batches), batch_iter)]
+    mse, kl, sharp = (torch.cat(p) for p in zip(*parts))
     return {"mse_floor": mse_floor_mult * mse.max().item(), "kl_floor_low": kl_low_mult * kl.min().item(),
             "kl_optimum": kl.mean().item(), "kl_floor_high": kl_high_mult * kl.max().item(),
             "sharp_ceiling": sharp.mean().item()}
 
-
 def squeeze_factor(s_min, k):
-    """The squeeze: max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) when s_min > SQUEEZE_THRESHOLD,
-    else 1.0 (no squeeze)."""
+    """max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) above the threshold, else 1 (none)."""
     if not s_min > SQUEEZE_THRESHOLD:
         return 1.0
     return max(SQUEEZE_MIN_FACTOR, 1.0 - (s_min - SQUEEZE_THRESHOLD) * k)
 
-
 def squeeze(c, factor, kl_targets):
-    """mse_floor ← factor·mse_floor; each KL box edge moves the fraction (1 − factor) of its distance
-    to its target (low, optimum, high), so it approaches the target and never passes it."""
+    """mse_floor ← factor·mse_floor; each KL box edge moves (1 − factor) of its way to its target (low,
+    optimum, high): it nears the target, never passes it."""
     out = dict(c, mse_floor=c["mse_floor"] * factor)
     for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"), kl_targets):
         out[key] = c[key] + (target - c[key]) * (1.0 - factor)
     return out
 
-
-# ----------------------------------------------------------------------------- methods
-# A method is one class: its knobs, its per-batch loss and per-epoch update, what places its rate and what target it
-# must reach. train_run() is the one loop for all. batch_loss returns (loss, skip, logs): skip is None or a bool
-# tensor (True = no optimizer step), logs are tensors summed over the epoch on the device.
-
+# ---------------------------------------- methods
+# A method is one class that declares its facts; train_run() is the one loop for all. batch_loss returns
+# (loss, skip, logs): skip is None or a bool tensor (True: no optimizer step), logs are tensors summed over
+# the epoch on the device.
 
 class Method:
-    """Defaults: no knobs, no calibration, no per-epoch update, no state, no target. KNOBS maps each knob to
-    (default, help): the flag --<kind>-<knob> with its validation (a float finite > 0, an int ≥ 1) and the keyword
-    from_args() passes to the constructor. `logged` names per-batch values whose epoch means go into the history."""
+    """KNOBS {knob: (default, help)}, each the flag --<kind>-<knob>; FIXED: constants its settings record;
+    RATE: what places its rate on the β front (a format of its settings); TARGETS: (what, key path in the
+    last epoch's row, key path in its settings or None); STATE: its state at the start (a checkpoint keeps
+    it); logged: per-batch values whose epoch means enter the history; twin: what it trains as when its own
+    mechanism idles."""
 
-    KNOBS = {}
-    label = None        # the method's name in the flags' help
-    logged = ()
-    twin = None         # what the method trains as when its own mechanism never acts
+    KNOBS, FIXED, TARGETS, STATE, logged = {}, {}, (), {}, ()
+    RATE = label = twin = None
+
+    def __init__(self, **knobs):
+        self.knobs, self.name, self.state = knobs, self.kind, dict(self.STATE)
 
     @classmethod
     def from_args(cls, args, value):
-        """The method a --methods item names (`value`: what follows 'kind:'), its knobs from the flags."""
-        return cls(**{knob: getattr(args, f"{cls.kind}_{knob}") for knob in cls.KNOBS})
+        """The method a --methods item names (value: what follows 'kind:'), its knobs from the flags."""
+        return cls(**{k: getattr(args, f"{cls.kind}_{k}") for k in cls.KNOBS})
+
+    def settings(self):
+        return dict(self.knobs, **self.FIXED)
 
     @classmethod
-    def defaults(cls):
-        return {knob: default for knob, (default, _) in cls.KNOBS.items()}
+    def sets_rate(cls, settings, latent_dim):
+        return cls.RATE.format(latent_dim=latent_dim, **settings)
 
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        """What places the method's rate (KL) on the β front: the setting that acts as β does."""
-        raise NotImplementedError
-
-    @staticmethod
-    def targets(settings, last):
-        """What the run aimed at against what its last training epoch `last` reached: [(what, reached, target)]."""
-        return []
+    @classmethod
+    def targets(cls, settings, last):
+        """[(what, reached in the last training epoch, target or None)]."""
+        dig = lambda obj, path: functools.reduce(lambda o, key: o[key], path, obj)
+        return [(what, dig(last, reached), target and dig(settings, target))
+                for what, reached, target in cls.TARGETS]
 
     @staticmethod
     def idle(history):
-        """True when the method's own mechanism never acted after the first epoch (it trained as its twin)."""
         return False
 
     def setup(self, model, images, batch_size, seed):
@@ -366,44 +311,34 @@ class Method:
         return {key: sums[key] / sums["batches"] for key in self.logged}
 
     def state_dict(self):
-        return {}
+        return dict(self.state)
 
     def load_state_dict(self, state):
-        pass
+        self.state = dict(state)
 
     def config(self):
         return {"method": self.kind}
 
-
 class BetaVAE(Method):
     """β-VAE (Higgins et al. 2017): loss = mean MSE + β·mean KL."""
 
-    kind = "beta"
+    kind, RATE = "beta", "β = {beta:g}"
 
     def __init__(self, beta):
-        self.beta = beta
+        super().__init__(beta=beta)
         self.name = f"beta_{beta:g}"
 
     @classmethod
     def from_args(cls, args, value):
         return cls(value)
 
-    def settings(self):
-        return {"beta": self.beta}
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        return f"β = {settings['beta']:g}"
-
     def batch_loss(self, mse, kl, sharp, kl_dims):
-        return mse.mean() + self.beta * kl.mean(), None, {}
-
+        return mse.mean() + self.knobs["beta"] * kl.mean(), None, {}
 
 class BOMVAE(Method):
-    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any score ≤ 0 is
-    skipped; from epoch squeeze_start the constraints are squeezed (squeeze_factor) once per epoch. An ablation (a key
-    of ABLATIONS, `bom:<ablation>`) changes one of these components; a knob setting (`bom:<ablation>+<knob>=<value>`,
-    or `bom:<knob>=<value>`) changes knobs of the notebook's BOM or of an ablation; SENSITIVITY is its grid."""
+    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any score ≤ 0
+    is skipped; from epoch squeeze_start the constraints are squeezed once per epoch. `bom:<ablation>`
+    changes one component, `bom:[<ablation>+]<knob>=<value>` its knobs; SENSITIVITY is its knob grid."""
 
     kind, label = "bom", "BOM"
     KNOBS = {
@@ -415,28 +350,31 @@ class BOMVAE(Method):
         "kl_low_mult": (0.1, "kl_floor_low = mult · min KL of the untrained model"),
         "kl_high_mult": (50.0, "kl_floor_high = mult · max KL of the untrained model"),
     }
+    FIXED = {"squeeze_threshold": SQUEEZE_THRESHOLD, "squeeze_min_factor": SQUEEZE_MIN_FACTOR}
+    RATE = "KL box targets {kl_targets[0]:g} / {kl_targets[1]:g} / {kl_targets[2]:g} nats"
+    TARGETS = (("KL box optimum", ("constraints", "kl_optimum"), ("kl_targets", 1)),
+               ("training KL", ("kl",), ("kl_targets", 1)))
+    STATE = {"calibration": None, "constraints": None}
     SENSITIVITY = {"kl_scale": (0.25, 0.5, 2.0, 4.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
     ABLATIONS = {
-        "sharp=data": "sharpness ceiling = the training images' own mean sharpness, not the untrained decoder's",
+        "sharp=data": "sharpness ceiling = the training images' mean sharpness, not the untrained decoder's",
         "sharp=off": "no sharpness score: the MSE score and the KL box only",
         "squeeze=1": "squeezes from the end of epoch 1, not 3",
     }
 
     def __init__(self, latent_dim, variant=(), ablation=None, **knobs):
-        """knobs: KNOBS' keys; `variant` names the knobs a knob setting changed (its name says them)."""
+        """`variant`: the knobs a knob setting changed (its name says them)."""
         if ablation == "squeeze=1":
             knobs["squeeze_start"] = 1
-        self.knobs = dict(self.defaults(), **knobs)
+        super().__init__(**{k: knobs.get(k, default) for k, (default, _) in self.KNOBS.items()})
         self.variant, self.ablation = tuple(variant), ablation
-        self.name = "_".join(["bom"] + ([ablation] if ablation else []) + [f"{k}={self.knobs[k]:g}" for k in variant])
+        self.name = "_".join(["bom", *[ablation] * bool(ablation), *(f"{k}={knobs[k]:g}" for k in variant)])
         self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
-        self.constraints = None
-        self.calibration = None
 
     @staticmethod
     def parse(text):
-        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): at most one ablation, then knobs (a float
-        finite > 0, an int >= 1); UsageError on anything else."""
+        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): one ablation at most, then knobs (a
+        float finite > 0, an int >= 1); UsageError on anything else."""
         ablation, knobs = None, {}
         for part in text.split("+"):
             knob, _, value = part.partition("=")
@@ -445,53 +383,44 @@ class BOMVAE(Method):
                 continue
             if knob not in BOMVAE.KNOBS or knob in knobs:
                 raise UsageError(f"--methods: '{part}' in 'bom:{text}' is not a BOM ablation ("
-                                 f"{', '.join(BOMVAE.ABLATIONS)}, one at most) nor a knob ({', '.join(BOMVAE.KNOBS)}, "
-                                 f"once each) given as <knob>=<value>")
+                                 f"{', '.join(BOMVAE.ABLATIONS)}, one at most) nor a knob "
+                                 f"({', '.join(BOMVAE.KNOBS)}, once each) given as <knob>=<value>")
             kind = type(BOMVAE.KNOBS[knob][0])
             try:
                 knobs[knob] = kind(value)
             except ValueError:
-                raise UsageError(f"--methods: BOM's {knob} needs a{'n integer' if kind is int else ' number'}, "
-                                 f"got '{value}' in 'bom:{text}'") from None
+                knobs[knob] = math.nan
             if not (knobs[knob] >= 1 if kind is int else math.isfinite(knobs[knob]) and knobs[knob] > 0):
-                raise UsageError(f"--methods: BOM's {knob} must be {'>= 1' if kind is int else 'a finite number > 0'}"
-                                 f", got '{value}' in 'bom:{text}'")
+                need = "an integer >= 1" if kind is int else "a finite number > 0"
+                raise UsageError(f"--methods: BOM's {knob} must be {need}, got '{value}' in 'bom:{text}'")
         return ablation, knobs
 
     @staticmethod
     def spec(ablation, knobs):
-        """The canonical text of a BOM item (what parse reads): the ablation, then the knobs in KNOBS' order."""
-        return "+".join(([ablation] if ablation else []) + [f"{k}={knobs[k]:g}" for k in BOMVAE.KNOBS if k in knobs])
+        """The canonical text of a BOM item: the ablation, then the knobs in KNOBS' order."""
+        ordered = (f"{k}={knobs[k]:g}" for k in BOMVAE.KNOBS if k in knobs)
+        return "+".join([*[ablation] * bool(ablation), *ordered])
 
     @classmethod
     def from_args(cls, args, value):
-        """value: None (the notebook's BOM) or a canonical item text (an ablation, knob settings, or both)."""
-        knobs = {knob: getattr(args, f"bom_{knob}") for knob in cls.KNOBS}
+        """value: None (the notebook's BOM) or a canonical item text."""
         ablation, variant = cls.parse(value) if value else (None, {})
-        return cls(args.latent_dim, variant=variant, ablation=ablation, **dict(knobs, **variant))
+        knobs = {k: getattr(args, f"bom_{k}") for k in cls.KNOBS}
+        return cls(args.latent_dim, variant, ablation, **dict(knobs, **variant))
 
     def settings(self):
-        return dict(self.knobs, kl_targets=list(self.kl_targets), squeeze_threshold=SQUEEZE_THRESHOLD,
-                    squeeze_min_factor=SQUEEZE_MIN_FACTOR, **({"ablation": self.ablation} if self.ablation else {}))
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        return "KL box targets " + " / ".join(f"{t:g}" for t in settings["kl_targets"]) + " nats"
-
-    @staticmethod
-    def targets(settings, last):
-        return [("KL box optimum", last["constraints"]["kl_optimum"], settings["kl_targets"][1]),
-                ("training KL", last["kl"], settings["kl_targets"][1])]
+        ablation = {"ablation": self.ablation} if self.ablation else {}
+        return dict(self.knobs, kl_targets=list(self.kl_targets), **self.FIXED, **ablation)
 
     def setup(self, model, images, batch_size, seed):
         calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
-        c = calibrate(model, batches(images, batch_size, calib_order),
-                      **{k: self.knobs[k] for k in ("calib_batches", "mse_floor_mult", "kl_low_mult", "kl_high_mult")})
+        mults = ("calib_batches", "mse_floor_mult", "kl_low_mult", "kl_high_mult")
+        c = calibrate(model, batches(images, batch_size, calib_order), *(self.knobs[k] for k in mults))
         if self.ablation == "sharp=data":
             c["sharp_ceiling"] = data_sharpness(images)
         elif self.ablation == "sharp=off":
             c["sharp_ceiling"] = None
-        self.calibration, self.constraints = c, dict(c)
+        self.state = {"calibration": c, "constraints": dict(c)}
         print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
               f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], sharp_ceiling={fmt(c['sharp_ceiling'], 4)}")
         if c["kl_floor_high"] < self.kl_targets[2]:
@@ -499,238 +428,160 @@ class BOMVAE(Method):
                   f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
-        scores = constraint_scores(mse, kl, sharp, self.constraints)
+        scores = constraint_scores(mse, kl, sharp, self.state["constraints"])
         s_min, worst = scores.min(dim=1)
         violated = s_min <= 0
         skip = violated.any()
         loss = -torch.log(s_min.clamp_min(1e-12)).mean()
-        logs = {"s_min": s_min.mean(), "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
-                "violations": violated.sum(), "skipped": skip.long(),
-                "bottleneck_counts": worst_counts(worst)}
-        return loss, skip, logs
+        return loss, skip, {"s_min": s_min.mean(), "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
+                            "violations": violated.sum(), "skipped": skip.long(),
+                            "bottleneck_counts": worst_counts(worst)}
 
     def end_epoch(self, epoch, sums):
-        """Squeeze once per epoch from the mean s_min of the batches that stepped."""
-        steps = sums["steps"]
-        s_min = sums["s_min_stepped"] / steps if steps else 0.0   # the notebook's mean over stepped batches
-        used = dict(self.constraints)
-        factor = squeeze_factor(s_min, self.knobs["squeeze_k"]) if epoch >= self.knobs["squeeze_start"] else 1.0
+        """Squeeze once per epoch, from the mean s_min of the batches that stepped."""
+        steps, used = sums["steps"], self.state["constraints"]
+        s_min = sums["s_min_stepped"] / steps if steps else 0.0
+        squeezing = epoch >= self.knobs["squeeze_start"]
+        factor = squeeze_factor(s_min, self.knobs["squeeze_k"]) if squeezing else 1.0
         if factor < 1.0:
-            self.constraints = squeeze(self.constraints, factor, self.kl_targets)
-        counts = sums["bottleneck_counts"]
-        return {"s_min": s_min, "violations": int(sums["violations"]), "skipped_batches": int(sums["skipped"]),
-                "bottleneck_counts": dict(zip(BOTTLENECKS, (int(v) for v in counts))),
-                "constraints": used, "squeeze_factor": factor}
-
-    def state_dict(self):
-        return {"calibration": self.calibration, "constraints": self.constraints}
-
-    def load_state_dict(self, state):
-        self.calibration, self.constraints = state["calibration"], state["constraints"]
+            self.state["constraints"] = squeeze(used, factor, self.kl_targets)
+        counts = dict(zip(BOTTLENECKS, (int(v) for v in sums["bottleneck_counts"])))
+        return {"s_min": s_min, "violations": int(sums["violations"]),
+                "skipped_batches": int(sums["skipped"]),
+                "bottleneck_counts": counts, "constraints": used, "squeeze_factor": factor}
 
     def config(self):
-        return dict(super().config(), calibration=self.calibration)
-
+        return dict(super().config(), calibration=self.state["calibration"])
 
 class GECO(Method):
-    """GECO (Rezende & Viola 2018) with its reference code's update: minimize KL subject to a summed squared error
-    ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance and loss = mean KL + λ·C; then
-    C_ma = m_t / (1 − α^t) with m_t = α·m_{t−1} + (1 − α)·C (a zero-debiased moving average, m_0 = 0) and
-    λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1."""
+    """GECO (Rezende & Viola 2018), its reference code's update: minimize KL subject to a summed squared
+    error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance, loss = mean KL + λ·C; then
+    C_ma = m_t / (1 − α^t), m_t = α·m_{t−1} + (1 − α)·C (m_0 = 0), λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10),
+    r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1."""
 
-    kind = name = "geco"
-    label = "GECO"
+    kind, label = "geco", "GECO"
     KNOBS = {
         "tolerance": (0.01, "the per-pixel MSE it must reach (its remaining hyperparameter)"),
         "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)"),
-        "speedup": (10.0, "the rate is this many times larger while the constraint is met (reference code: 10)"),
+        "speedup": (10.0, "the rate is this many times larger while the constraint is met (reference: 10)"),
     }
-    ALPHA = 0.99                    # moving average of the constraint (reference code: 0.99)
-    LAMBDA_RANGE = (1e-10, 1e10)    # λ's bounds, far from where it settles (reference code)
+    FIXED = {"alpha": 0.99, "lambda_range": [1e-10, 1e10]}      # the reference code's
+    RATE = "MSE tolerance {tolerance:g}"
+    TARGETS = (("training MSE", ("mse",), ("tolerance",)),)
+    STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}
     logged = ("lambda", "constraint")
 
-    def __init__(self, tolerance, rate, speedup):
-        self.tolerance, self.rate, self.speedup = tolerance, rate, speedup
-        self.lam, self.ma, self.steps = torch.tensor(1.0), torch.tensor(0.0), 0
-
-    def settings(self):
-        return {"tolerance": self.tolerance, "rate": self.rate, "speedup": self.speedup, "alpha": self.ALPHA,
-                "lambda_range": list(self.LAMBDA_RANGE)}
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        return f"MSE tolerance {settings['tolerance']:g}"
-
-    @staticmethod
-    def targets(settings, last):
-        return [("training MSE", last["mse"], settings["tolerance"])]
-
     def batch_loss(self, mse, kl, sharp, kl_dims):
-        constraint = IMAGE_PIXELS * (mse.mean() - self.tolerance)
-        lam, c = self.lam.to(mse.device), constraint.detach()
-        self.steps += 1
-        self.ma = self.ALPHA * self.ma.to(mse.device) + (1 - self.ALPHA) * c
-        c_ma = self.ma / (1 - self.ALPHA ** self.steps)
-        rate = torch.where(c_ma > 0, self.rate, self.rate * self.speedup)
-        self.lam = (lam * torch.exp(rate * c_ma)).clamp(*self.LAMBDA_RANGE)
+        k, s, alpha = self.knobs, self.state, self.FIXED["alpha"]
+        constraint = IMAGE_PIXELS * (mse.mean() - k["tolerance"])
+        lam, c = s["lambda"].to(mse.device), constraint.detach()
+        s["steps"] += 1
+        s["ma"] = alpha * s["ma"].to(mse.device) + (1 - alpha) * c
+        c_ma = s["ma"] / (1 - alpha ** s["steps"])
+        rate = torch.where(c_ma > 0, k["rate"], k["rate"] * k["speedup"])
+        s["lambda"] = (lam * torch.exp(rate * c_ma)).clamp(*self.FIXED["lambda_range"])
         return kl.mean() + lam * constraint, None, {"lambda": lam, "constraint": c}
-
-    def state_dict(self):
-        return {"lambda": self.lam, "ma": self.ma, "steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.lam, self.ma, self.steps = state["lambda"], state["ma"], state["steps"]
-
 
 class ControlVAE(Method):
     """ControlVAE (Shao et al. 2020): loss = mean Σ_pixels (x̂ − x)² + β(t)·mean KL, β from a PI controller
-    on e(t) = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only while β stays
-    inside [β_min, β_max] (anti-windup), and β clipped to that range."""
+    on e = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only while β stays inside
+    [β_min, β_max] (anti-windup), and β clipped to that range."""
 
-    kind = name = "controlvae"
-    label = "ControlVAE"
+    kind, label = "controlvae", "ControlVAE"
     KNOBS = {
-        "kl": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)"),
+        "kl_target": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)"),
         "kp": (0.01, "proportional gain"),
         "ki": (0.0001, "integral gain"),
     }
-    BETA_RANGE = (0.0, 1.0)         # β_min, β_max
+    FIXED = {"beta_range": [0.0, 1.0]}
+    RATE = "KL set point {kl_target:g} nats"
+    TARGETS = (("training KL", ("kl",), ("kl_target",)),)
+    STATE = {"integral": torch.tensor(0.0)}
     logged = ("beta", "kl_error")
 
-    def __init__(self, kl_target, kp, ki):
-        self.kl_target, self.kp, self.ki = kl_target, kp, ki
-        self.integral = 0.0
+    @classmethod
+    def sets_rate(cls, settings, latent_dim):
+        copied = settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim
+        return super().sets_rate(settings, latent_dim) + " (BOM's KL optimum target, copied)" * copied
 
     @classmethod
     def from_args(cls, args, value):
-        kl = args.controlvae_kl if args.controlvae_kl is not None else KL_TARGETS_PER_DIM[1] * args.latent_dim
-        return cls(kl, args.controlvae_kp, args.controlvae_ki)
-
-    def settings(self):
-        return {"kl_target": self.kl_target, "kp": self.kp, "ki": self.ki, "beta_range": list(self.BETA_RANGE)}
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        copied = settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim
-        return f"KL set point {settings['kl_target']:g} nats" + (" (BOM's KL optimum target, copied)" if copied else "")
-
-    @staticmethod
-    def targets(settings, last):
-        return [("training KL", last["kl"], settings["kl_target"])]
-
-    def beta(self, kl_mean):
-        """One controller step from the batch's mean KL; returns (β, error)."""
-        beta_min, beta_max = self.BETA_RANGE
-        error = self.kl_target - kl_mean
-        integral = self.integral - self.ki * error
-        raw = self.kp / (1 + torch.exp(error)) + integral + beta_min
-        self.integral = torch.where((raw >= beta_min) & (raw <= beta_max), integral, self.integral)
-        return raw.clamp(beta_min, beta_max), error
+        kl = args.controlvae_kl_target
+        kl = KL_TARGETS_PER_DIM[1] * args.latent_dim if kl is None else kl
+        return cls(kl_target=kl, kp=args.controlvae_kp, ki=args.controlvae_ki)
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
-        beta, error = self.beta(kl.mean().detach())
+        k, (beta_min, beta_max) = self.knobs, self.FIXED["beta_range"]
+        error = k["kl_target"] - kl.mean().detach()
+        previous = torch.as_tensor(self.state["integral"], device=error.device)
+        integral = previous - k["ki"] * error
+        raw = k["kp"] / (1 + torch.exp(error)) + integral + beta_min
+        inside = (raw >= beta_min) & (raw <= beta_max)
+        self.state["integral"] = torch.where(inside, integral, previous)
+        beta = raw.clamp(beta_min, beta_max)
         return IMAGE_PIXELS * mse.mean() + beta * kl.mean(), None, {"beta": beta, "kl_error": error}
 
-    def state_dict(self):
-        return {"integral": float(self.integral)}
-
-    def load_state_dict(self, state):
-        self.integral = state["integral"]
-
-
 def gaussian_nll(mse):
-    """Per-image Gaussian NLL summed over the D pixels, one σ shared by the batch at its optimum
-    σ² = batch MSE (log σ soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
+    """Per-image Gaussian NLL over the D pixels, one σ per batch at its optimum σ² = batch MSE (log σ
+    soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
     log_sigma = 0.5 * torch.log(mse.mean())
     log_sigma = SIGMA_LOG_MIN + nn.functional.softplus(log_sigma - SIGMA_LOG_MIN)
     sigma2 = torch.exp(2 * log_sigma)
     return IMAGE_PIXELS * (0.5 * mse / sigma2 + log_sigma + 0.5 * math.log(2 * math.pi)), sigma2
 
-
 class SigmaVAE(Method):
     """σ-VAE (Rybkin et al. 2021), calibrated decoder with the optimal shared σ: loss = mean NLL + mean KL."""
 
-    kind = name = "sigma_vae"
-    logged = ("sigma2",)
-
-    def settings(self):
-        return {"log_sigma_min": SIGMA_LOG_MIN}
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        return "nothing: σ² is fitted, so β = 2σ²/D follows the MSE"
+    kind, logged = "sigma_vae", ("sigma2",)
+    FIXED = {"log_sigma_min": SIGMA_LOG_MIN}
+    RATE = "nothing: σ² is fitted, so β = 2σ²/D follows the MSE"
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
         return nll.mean() + kl.mean(), None, {"sigma2": sigma2.detach()}
 
-
 class FreeBits(Method):
-    """Free bits (Kingma et al. 2016) on the σ-VAE likelihood: loss = mean NLL + Σ_d max(λ, batch-mean KL_d);
+    """Free bits (Kingma et al. 2016) on σ-VAE's likelihood: loss = mean NLL + Σ_d max(λ, batch-mean KL_d);
     a latent dimension below λ nats gets no KL gradient."""
 
-    kind = name = "freebits"
-    label = "free bits"
+    kind, label, twin = "freebits", "free bits", "sigma_vae"
     KNOBS = {"lambda": (0.25, "KL floor per latent dim (nats)")}
+    FIXED = {"log_sigma_min": SIGMA_LOG_MIN}
+    RATE = "λ = {lambda:g} nats in each of {latent_dim} dims"
+    TARGETS = (("latent dims below λ", ("dims_below_lambda",), None),)
     logged = ("sigma2", "dims_below_lambda")
-    twin = "sigma_vae"
-
-    def __init__(self, lam):
-        self.lam = lam
-
-    @classmethod
-    def from_args(cls, args, value):
-        return cls(args.freebits_lambda)
-
-    def settings(self):
-        return {"lambda": self.lam, "log_sigma_min": SIGMA_LOG_MIN}
-
-    @staticmethod
-    def sets_rate(settings, latent_dim):
-        return f"λ = {settings['lambda']:g} nats per dim: a floor of {settings['lambda'] * latent_dim:g} nats"
-
-    @staticmethod
-    def targets(settings, last):
-        return [("latent dims below λ", last["dims_below_lambda"], None)]
 
     @staticmethod
     def idle(history):
-        """The floor bound in an epoch when on average at least one dimension per batch sat below λ; the first
-        epoch, from the untrained model, does not count."""
+        """No epoch after the first had on average one dimension per batch below λ (the floor never bound)."""
         return len(history) > 1 and all(row["dims_below_lambda"] < 1 for row in history[1:])
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
-        kl_per_dim = kl_dims.mean(0)
-        return (nll.mean() + kl_per_dim.clamp(min=self.lam).sum(), None,
-                {"sigma2": sigma2.detach(), "dims_below_lambda": (kl_per_dim < self.lam).sum()})
-
+        kl_per_dim, lam = kl_dims.mean(0), self.knobs["lambda"]
+        return (nll.mean() + kl_per_dim.clamp(min=lam).sum(), None,
+                {"sigma2": sigma2.detach(), "dims_below_lambda": (kl_per_dim < lam).sum()})
 
 METHOD_CLASSES = {cls.kind: cls for cls in (BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
 TUNING_FREE = tuple(kind for kind in METHOD_CLASSES if kind != "beta")
-
 
 def make_method(spec, args):
     kind, value = spec
     return METHOD_CLASSES[kind].from_args(args, value)
 
-
-# ----------------------------------------------------------------------------- the training loop
-
+# ---------------------------------------- the training loop
 
 def seed_everything(seed):
-    """One place for every random source: python, numpy, torch (CPU and GPU)."""
+    """Every random source: python, numpy, torch (CPU and GPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
 def optimizer_step(optimizer, model, loss, skip):
-    """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch
-    with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips
-    it on the device through its found_inf input, so no host sync; another Adam (MPS) needs one. The param
-    group says which Adam step() runs: a state loaded from a non-fused optimizer (an MPS checkpoint) turns
-    fusing off there, whatever the optimizer was built with."""
+    """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch with
+    skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips it on
+    the device through found_inf (no host sync), another Adam (MPS) needs one. The param group says which
+    step() runs: a state loaded from a non-fused optimizer (an MPS checkpoint) turns fusing off."""
     fused = optimizer.param_groups[0]["fused"]
     if skip is not None and not fused and bool(skip):
         return ~skip
@@ -742,18 +593,15 @@ def optimizer_step(optimizer, model, loss, skip):
     optimizer.step()
     return torch.ones((), dtype=torch.bool, device=loss.device) if skip is None else ~skip
 
-
 def train_run(method, images, args, checkpoint=None, resume_from=None):
     """Train one VAE with `method`; returns its model, per-epoch history, training curve, train seconds and
     status: ok | stalled (an epoch skipped every batch) | diverged (a non-finite loss or weight, caught
-    within the epoch). With `checkpoint` (a path) the full state is saved after every epoch;
-    `resume_from` (a loaded checkpoint) continues after its last completed epoch."""
+    within the epoch). With `checkpoint` (a path) the state is saved after every epoch; `resume_from` (a
+    loaded checkpoint) continues after its last completed epoch."""
     seed_everything(args.seed)
-    model = new_model(args.latent_dim, images.device)
-    forward = torch.compile(model) if args.compile else model
-    optimizer = new_optimizer(model, args.lr)
+    model, optimizer = new_model(args.latent_dim, images.device, args.lr)
     order = torch.Generator().manual_seed(args.seed)
-    run = {"model": model, "history": [], "curve": [], "status": "ok", "diverged_at": None, "train_seconds": 0.0}
+    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None, train_seconds=0.0)
     if resume_from is None:
         method.setup(model, images, args.batch_size, args.seed)
     else:
@@ -768,28 +616,28 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
         start = time.time()
         model.train()
         sums, steps, stepped_loss, step_metrics = {}, 0, 0.0, []
-        first_bad_step = torch.zeros((), dtype=torch.long, device=images.device)   # 0 = none yet
-        bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}",
-                   leave=False, disable=args.no_progress)
+        first_bad = torch.zeros((), dtype=torch.long, device=images.device)   # 0 = none yet
+        bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}", leave=False,
+                   disable=args.no_progress)
         for i, x in enumerate(batches(images, args.batch_size, order)):
-            mse, kl, sharp, kl_dims = forward_metrics(forward, x, args.amp)
+            mse, kl, sharp, kl_dims = forward_metrics(model, x, args.amp)
             loss, skip, logs = method.batch_loss(mse, kl, sharp, kl_dims)
-            batch_means = torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach()
-            step_metrics.append(batch_means)
+            means = torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach()
+            step_metrics.append(means)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0) + value.detach()
             stepped = optimizer_step(optimizer, model, loss, skip)
             steps = steps + stepped
             stepped_loss = stepped_loss + torch.where(stepped, loss.detach(), 0.0)
-            bad = stepped & ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
-            first_bad_step = torch.where(bad, i + 1, first_bad_step)
+            bad = stepped & ~torch.isfinite(loss.detach()) & (first_bad == 0)
+            first_bad = torch.where(bad, i + 1, first_bad)
             if (i + 1) % LOG_EVERY == 0 or i + 1 == n_batches:     # the only host syncs inside an epoch
-                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{batch_means[0].item():.4f}",
-                                kl=f"{batch_means[1].item():.1f}",
-                                **({"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}))
+                s_min = {"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}
+                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{means[0].item():.4f}",
+                                kl=f"{means[1].item():.1f}", **s_min)
                 finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-                if first_bad_step.item() or not finite:
-                    run["diverged_at"] = {"epoch": epoch, "step": first_bad_step.item() or i + 1}
+                if first_bad.item() or not finite:
+                    run["diverged_at"] = {"epoch": epoch, "step": first_bad.item() or i + 1}
                     break
             bar.update(1)
         bar.close()
@@ -801,20 +649,17 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             if checkpoint:
                 mark_diverged(checkpoint, run, fingerprint)
             break
-
-        steps = int(steps)
-        per_step = torch.stack(step_metrics).cpu()
-        epoch_means = per_step.mean(0).tolist()
+        steps, per_step = int(steps), torch.stack(step_metrics).cpu()
+        mse, kl, sharp = per_step.mean(0).tolist()
         sums = {k: (v.cpu().tolist() if v.dim() else v.item()) for k, v in sums.items()}
-        sums.update(steps=steps, batches=n_batches)
-        row = {"epoch": epoch, "loss": float(stepped_loss) / steps if steps else float("nan"),
-               "mse": epoch_means[0], "kl": epoch_means[1], "sharp": epoch_means[2], "steps": steps}
-        row.update(method.end_epoch(epoch, sums))
+        row = {"epoch": epoch, "loss": float(stepped_loss) / steps if steps else float("nan"), "mse": mse,
+               "kl": kl, "sharp": sharp, "steps": steps,
+               **method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches))}
         run["history"].append(row)
-        block_size = max(1, min(CURVE_BLOCK, n_batches // 10))
-        for b in range(0, n_batches, block_size):
-            block = per_step[b:b + block_size]
-            run["curve"].append([epoch - 1 + (b + block.shape[0] / 2) / n_batches] + block.mean(0).tolist())
+        block = max(1, min(CURVE_BLOCK, n_batches // 10))
+        for b in range(0, n_batches, block):
+            part = per_step[b:b + block]
+            run["curve"].append([epoch - 1 + (b + part.shape[0] / 2) / n_batches] + part.mean(0).tolist())
         print(epoch_line(method.name, row, args.epochs))
         if steps == 0:
             run["status"] = "stalled"
@@ -822,11 +667,11 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
                   f"the comparison goes on without it")
         if checkpoint:
             finished = run["status"] != "ok" or epoch == args.epochs
-            save_checkpoint(checkpoint, checkpoint_state(run, optimizer, method, order, fingerprint, finished))
+            state = checkpoint_state(run, optimizer, method, order, fingerprint, finished)
+            save_checkpoint(checkpoint, state)
         if run["status"] != "ok":
             break
     return run
-
 
 def epoch_line(name, row, epochs):
     text = (f"  [{name}] epoch {row['epoch']}/{epochs}: loss={row['loss']:.4f} mse={row['mse']:.4f} "
@@ -838,38 +683,20 @@ def epoch_line(name, row, epochs):
                  f" {c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
     return text
 
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def fit_sigma2(model, images, seed):
-    """σ² of the Gaussian decoder every model is judged with: its mean per-image MSE on `images` (z sampled from
-    q(z|x), seeded so every model sees the same noise)."""
-    model.eval()
-    torch.manual_seed(seed)
-    total = torch.zeros((), device=images.device)
-    for x in batches(images, EVAL_BATCH):
-        total += forward_metrics(model, x)[0].sum()
-    return (total / images.shape[0]).item()
-
+# ---------------------------------------- evaluation
 
 def data_sharpness(images):
-    """Mean sharpness of the images themselves: a reconstruction sharper than this is noise, not detail."""
-    total = sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH))
-    return total / images.shape[0]
-
+    """The images' own mean sharpness: a reconstruction sharper than this is noise, not detail."""
+    return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / images.shape[0]
 
 def gaussian_log_likelihood(sq_error_sum, sigma2):
     """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²: −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
     return -sq_error_sum / (2 * sigma2) - IMAGE_PIXELS / 2 * math.log(2 * math.pi * sigma2)
 
-
 def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
-    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound on −log p(x)
-    that tightens with K (K = 1 is a one-sample −ELBO). Decoder: Gaussian with variance σ²."""
-    std, d = torch.exp(0.5 * logvar), mu.shape[1]
-    log_w = []
+    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound on −log p(x) that
+    tightens with K (K = 1: a one-sample −ELBO). Decoder: Gaussian with variance σ²."""
+    std, d, log_w = torch.exp(0.5 * logvar), mu.shape[1], []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
         eps = torch.randn(k, *mu.shape, device=mu.device)
@@ -881,37 +708,29 @@ def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
         log_w.append(log_px + log_pz - log_qz)
     return -(torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples))
 
-
-def active_units(mu, threshold=0.01):
-    """Latent dimensions whose posterior mean varies over the data: Var_x(E_q[z_d|x]) > 0.01."""
-    return int((mu.var(dim=0) > threshold).sum())
-
-
 def frechet_distance(a, b):
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets (rows)."""
-    a, b = a.cpu().double(), b.cpu().double()      # MPS has no float64: convert on the CPU
-    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets (rows);
+    float64 on the CPU (MPS has none)."""
+    a, b = a.cpu().double(), b.cpu().double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()   # Tr (Σ_a Σ_b)^½
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
-
+    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 class DigitClassifier(nn.Module):
     """A small MNIST CNN on the 64x64 digits; its 128-d penultimate layer is the feature space of the
-    Fréchet distances."""
+    Fréchet distances (FD)."""
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Conv2d(128, 128, 3, 2, 1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        convs = [layer for c_in, c_out in ((1, 32), (32, 64), (64, 128), (128, 128))
+                 for layer in (nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU())]
+        self.features = nn.Sequential(*convs, nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
         return self.head(self.features(x))
-
 
 @torch.no_grad()
 def classify(classifier, images):
@@ -921,7 +740,6 @@ def classify(classifier, images):
                        for x in images.split(EVAL_BATCH)])
     return feats, classifier.head(feats).argmax(1)
 
-
 def tensor_sha256(*tensors):
     """SHA-256 of the tensors' bytes, in order (weights, or a training set)."""
     digest = hashlib.sha256()
@@ -929,39 +747,31 @@ def tensor_sha256(*tensors):
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
-
 def default_cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "bom_vs_beta")
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "bom_vs_beta")
 
-
-def cached_classifier(path, fingerprint, device):
-    """The classifier cached at path when it loads and was trained with `fingerprint`; None otherwise."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        classifier = DigitClassifier().to(device)
-        classifier.load_state_dict(state["model"])
-        return classifier if state["fingerprint"] == fingerprint else None
-    except Exception:                                     # absent or corrupt: retrained
-        return None
-
-
-def classifier_cache(splits, args):
-    """Where the feature classifier for these training images is cached, and the fingerprint it must carry."""
+def cached_classifier(splits, args):
+    """Where the feature classifier for these training images is cached, the fingerprint it carries, and
+    the classifier cached there when it loads and matches (None otherwise: absent or corrupt)."""
     train_x, train_y = splits["classifier"]
     fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
-    return os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt"), fingerprint
-
+    path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
+    try:
+        state = torch.load(path, map_location=train_x.device, weights_only=True)
+        classifier = DigitClassifier().to(train_x.device)
+        classifier.load_state_dict(state["model"])
+        return path, fingerprint, classifier if state["fingerprint"] == fingerprint else None
+    except Exception:
+        return path, fingerprint, None
 
 def get_classifier(splits, args):
-    """The feature network behind the FDs: trained once (seeded) on the whole training split, whatever
-    --train-subset the VAEs use, and cached in --cache-dir under a fingerprint of those images and its settings;
-    a cache that does not load or does not match is retrained. Returns it, its test accuracy on this test split
-    and the SHA-256 of its weights."""
+    """The FDs' feature network: trained once (seeded) on the whole training split, whatever --train-subset,
+    and cached in --cache-dir under a fingerprint of those images and its settings (a cache that does not
+    load or match is retrained). Returns it, its test accuracy and the SHA-256 of its weights."""
     (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
-    path, fingerprint = classifier_cache(splits, args)
-    classifier = cached_classifier(path, fingerprint, train_x.device)
+    path, fingerprint, classifier = cached_classifier(splits, args)
     if classifier is not None:
         print(f"Feature classifier: loaded from {path}")
     else:
@@ -971,53 +781,61 @@ def get_classifier(splits, args):
         order = torch.Generator().manual_seed(0)
         classifier.train()
         for epoch in range(CLASSIFIER_EPOCHS):
-            for idx in tqdm(index_batches(train_x.shape[0], CLASSIFIER_BATCH, order, train_x.device), leave=False,
-                            desc=f"feature classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}", disable=args.no_progress):
-                loss = nn.functional.cross_entropy(classifier(as_float(train_x[idx])), train_y[idx])
+            idx = index_batches(train_x.shape[0], CLASSIFIER_BATCH, order, train_x.device)
+            desc = f"feature classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}"
+            for i in tqdm(idx, leave=False, desc=desc, disable=args.no_progress):
+                loss = nn.functional.cross_entropy(classifier(as_float(train_x[i])), train_y[i])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+        trained = f"Feature classifier: trained on {train_x.shape[0]} images"
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
             save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict()})
-            print(f"Feature classifier: trained on {train_x.shape[0]} images, cached in {path}")
+            print(f"{trained}, cached in {path}")
         except (OSError, RuntimeError) as e:          # torch.save reports an unwritable file as RuntimeError
-            why = getattr(e, "strerror", None) or "cannot write there"
-            print(f"Feature classifier: trained on {train_x.shape[0]} images; not cached ({path}: {why})")
+            print(f"{trained}; not cached ({path}: {getattr(e, 'strerror', None) or 'cannot write there'})")
     accuracy = float((classify(classifier, test_x)[1] == test_y).float().mean())
     return classifier, accuracy, tensor_sha256(*classifier.state_dict().values())
 
+def evaluation_tools(splits, args):
+    """What every run's evaluation shares: the feature classifier, the features of the real validation and
+    test images, and the reference values (data sharpness, classifier accuracy and weights)."""
+    classifier, accuracy, weights_sha256 = get_classifier(splits, args)
+    references = {split: classify(classifier, splits[split][0])[0]
+                  for split in ("val", "test") if splits[split][0].shape[0]}
+    return classifier, references, {"test_data_sharpness": data_sharpness(splits["test"][0]),
+                                    "classifier_test_accuracy": accuracy, "classifier_sha256": weights_sha256}
 
 @torch.no_grad()
-def heldout_metrics(model, images, labels, sigma2, classifier, reference_features, args, seed, desc=None):
-    """Per image means over a split: the notebook's MSE, KL and sharpness; −ELBO in nats under a Gaussian
-    decoder of variance σ²; the IWAE bound on −log p(x) with --iw-samples samples; active units; Fréchet
-    distances (classifier features) of reconstructions and of prior samples to the split's images; the
-    classifier's accuracy on reconstructions."""
+def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, seed, desc=None):
+    """Per-image means over a split: MSE, KL, sharpness; −ELBO in nats under a Gaussian decoder of variance
+    σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01); FDs of reconstructions
+    and of prior samples to the split's images; the classifier's accuracy on reconstructions."""
     model.eval()
     torch.manual_seed(seed)
-    parts = {key: [] for key in ("mse", "kl", "sharp", "iwae", "mu", "features", "correct")}
+    keys = ("mse", "kl", "sharp", "iwae", "mu", "features", "correct")
+    parts = {key: [] for key in keys}
     for idx in tqdm(index_batches(images.shape[0], EVAL_BATCH, device=images.device), leave=False, desc=desc,
                     disable=args.no_progress):
         x = as_float(images[idx])
         x_recon, mu, logvar = model(x)
-        for key, value in zip(("mse", "kl", "sharp"), vae_metrics(x, x_recon, mu, logvar)):
-            parts[key].append(value)
-        parts["iwae"].append(iwae_nll(model, x, mu, logvar, sigma2, args.iw_samples))
-        parts["mu"].append(mu)
         features = classifier.features(x_recon)
-        parts["features"].append(features)
-        parts["correct"].append(classifier.head(features).argmax(1) == labels[idx])
+        iwae = iwae_nll(model, x, mu, logvar, sigma2, args.iw_samples)
+        correct = classifier.head(features).argmax(1) == labels[idx]
+        values = (*vae_metrics(x, x_recon, mu, logvar), iwae, mu, features, correct)
+        for key, value in zip(keys, values):
+            parts[key].append(value)
     p = {key: torch.cat(value) for key, value in parts.items()}
     z = torch.randn(images.shape[0], model.latent_dim, device=images.device)
-    prior_features = torch.cat([classifier.features(model.decode(chunk)) for chunk in z.split(EVAL_BATCH)])
+    prior = torch.cat([classifier.features(model.decode(chunk)) for chunk in z.split(EVAL_BATCH)])
     neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * p["mse"], sigma2) + p["kl"]
     return {"mse": p["mse"].mean().item(), "kl": p["kl"].mean().item(), "sharp": p["sharp"].mean().item(),
             "neg_elbo": neg_elbo.mean().item(), "iwae_nll": p["iwae"].mean().item(),
-            "active_units": active_units(p["mu"]), "fd_recon": frechet_distance(reference_features, p["features"]),
-            "fd_prior": frechet_distance(reference_features, prior_features),
+            "active_units": int((p["mu"].var(dim=0) > 0.01).sum()),
+            "fd_recon": frechet_distance(reference, p["features"]),
+            "fd_prior": frechet_distance(reference, prior),
             "recon_accuracy": p["correct"].float().mean().item()}
-
 
 def pack_images(images):
     """Images in [0, 1] as uint8, zlib-compressed and base64-encoded: a few kB of JSON, exact."""
@@ -1025,1401 +843,997 @@ def pack_images(images):
     return {"shape": list(pixels.shape),
             "uint8_zlib_base64": base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()}
 
-
 def unpack_images(packed):
     pixels = zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"]))
     return np.frombuffer(pixels, np.uint8).reshape(packed["shape"])
 
-
 @torch.no_grad()
 def figure_images(model, test_images, n=8):
-    """The image figures' rows of one model: reconstructions of the first n test images, and decodings of n
-    prior samples z that every model shares (z and the reconstructions' noise drawn from seed 0)."""
+    """The image figures' rows of one model: reconstructions of the first n test images and decodings of n
+    prior samples that every model shares (z and the reconstructions' noise from seed 0)."""
     model.eval()
     torch.manual_seed(0)
     z = torch.randn(n, model.latent_dim, device=test_images.device)
     return {"reconstructions": pack_images(model(as_float(test_images[:n]))[0]),
             "samples": pack_images(model.decode(z))}
 
-
+@torch.no_grad()
 def evaluate_run(model, splits, classifier, references, args, seed):
-    """Validation and test metrics of a trained model; σ² of the Gaussian decoder is its validation MSE
-    (or the test MSE when there is no validation split), fitted the same way for every model."""
-    fit_split = "val" if args.val_size else "test"
-    sigma2 = fit_sigma2(model, splits[fit_split][0], seed)
+    """Validation and test metrics of a trained model. σ² of the judging decoder is its mean MSE on the
+    validation split (test without one), z drawn from the same seed for every model."""
+    fit = splits["val" if args.val_size else "test"][0]
+    model.eval()
+    torch.manual_seed(seed)
+    sigma2 = (sum(forward_metrics(model, x)[0].sum() for x in batches(fit, EVAL_BATCH)) / fit.shape[0]).item()
     out = {"sigma2": sigma2}
     if not (math.isfinite(sigma2) and sigma2 > 0):
         return out
-    for split in (("val", "test") if args.val_size else ("test",)):
+    for split in ("val", "test") if args.val_size else ("test",):
         images, labels = splits[split]
+        desc = f"evaluating on {split} ({images.shape[0]} images, IWAE x{args.iw_samples})"
         out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split], args, seed,
-                                     desc=f"evaluating on {split} ({images.shape[0]} images, IWAE x{args.iw_samples})")
+                                     desc)
     return out
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def json_safe(obj):
-    """Non-finite floats become null so the files stay valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(json_safe(obj), indent=1))
-
+# ---------------------------------------- report
 
 def fmt(value, digits):
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    ok = value is not None and math.isfinite(value)
+    return f"{value:.{digits}f}" if ok else "n/a"
 
-
-# metric: (label, digits, direction: +1 higher is better, −1 lower is better, 0 neither)
-METRICS = {
-    "mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
-    "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1),
-    "active_units": ("active units", 1, 0),
-    "fd_recon": ("FD recon", 2, -1), "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1),
-}
-# The front verdict: at a method's own rate, its MSE and FD prior as ratios to the β front's, IWAE NLL as a difference.
-FRONT_METRICS = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
-# What tuning chooses by on validation and reports on test: one metric per family (likelihood, samples,
-# reconstructions); −ELBO is left out: it is D/2·log 2πσ² + D·MSE/(2σ²) + KL, so it would count MSE twice.
+# key: (label, digits, direction: +1 higher is better, −1 lower, 0 neither)
+METRICS = {"mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
+           "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1),
+           "active_units": ("active units", 1, 0), "fd_recon": ("FD recon", 2, -1),
+           "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1)}
+SELECTABLE = tuple(k for k, v in METRICS.items() if v[2])
+# the verdict: at a method's own rate, a ratio or a difference to the β front's
+FRONT = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
+# tuning's criteria, one per family (−ELBO would count MSE twice)
 TUNING_CRITERIA = ("iwae_nll", "fd_prior", "mse")
-SELECTABLE = tuple(key for key, (_, _, direction) in METRICS.items() if direction)
-NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
-TARGET_TOLERANCE = 0.3          # a constrained run reached its target when within ±30% of it
-ALPHA = 0.05                    # every finding: Holm-adjusted p < ALPHA over the metrics of its table row
-
-
-def bits_per_dim(nats):
-    """Nats per image -> bits per pixel: nats / (D·ln 2)."""
-    return nats / (IMAGE_PIXELS * math.log(2))
-
+TARGET_TOLERANCE = 0.3  # a run reached its own target within ±30%
+ALPHA = 0.05  # a finding: Holm-adjusted p < ALPHA over its table
+POSITIONS = ("above", "on", "below", "outside", "undetermined", "diverged")
+REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "tuning_cost.png",
+                "rate_distortion.png", "training_comparison.png",
+                "reconstructions_comparison.png", "samples_comparison.png")
+# what makes runs comparable: one folder holds one experiment
+EXPERIMENT = ("epochs", "batch_size", "lr", "latent_dim", "amp", "iw_samples",
+              "train_images", "val_images", "test_images")
+NAN = float("nan")
 
 def t_mass(t, dof, n=2000):
-    """∫₀ᵗ of the Student-t density, by Simpson's rule in θ = arctan x (a bounded integrand: exact enough for any t)."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    """∫₀ᵗ of the Student-t density: Simpson's rule in θ = arctan x."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2))
+    c /= math.sqrt(dof * math.pi)
     f = lambda th: c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
     h = math.atan(t) / n
-    return h / 3 * (f(0) + f(n * h) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n)))
-
+    inner = sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+    return h / 3 * (f(0) + f(n * h) + inner)
 
 @functools.lru_cache(maxsize=None)
 def t_quantile(dof, p=0.975):
-    """Student-t quantile for p > ½: bisection on t_mass = p − ½."""
+    """Bisection on t_mass = p − ½."""
     lo, hi = 0.0, 16.0
     while t_mass(hi, dof) < p - 0.5:
         hi *= 2
     for _ in range(50):
-        lo, hi = ((lo + hi) / 2, hi) if t_mass((lo + hi) / 2, dof) < p - 0.5 else (lo, (lo + hi) / 2)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_mass(mid, dof) < p - 0.5 else (lo, mid)
     return (lo + hi) / 2
 
-
-def t_test_p(values):
-    """Two-sided p-value of the one-sample t-test that the mean is 0: 1 − 2·t_mass(|mean|/(sd/√n), n − 1)."""
-    if len(values) < 2:
-        return float("nan")
-    mean, sd = statistics.fmean(values), statistics.stdev(values)
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
-    return max(0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(len(values))), len(values) - 1))
-
-
-def holm(p_values):
-    """Holm's step-down adjustment: the i-th smallest of m p-values becomes max over j ≤ i of min(1, (m − j + 1)·p_(j));
-    nan stays nan and does not count in m."""
-    ranked = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
-    adjusted, running = [float("nan")] * len(p_values), 0.0
-    for j, (p, i) in enumerate(ranked):
-        running = max(running, min(1.0, (len(ranked) - j) * p))
-        adjusted[i] = running
-    return adjusted
-
-
 def interval(values, ratio=False):
-    """Mean, 95% Student-t interval, p-value of "mean = 0" and n; for ratios all on log values, then exponentiated
-    (a geometric mean and its interval)."""
-    values = [math.log(v) if ratio else v for v in values if math.isfinite(v) and (v > 0 or not ratio)]
-    mean, half = mean_ci(values)
-    back = math.exp if ratio else float
-    return {"mean": back(mean), "low": back(mean - half), "high": back(mean + half), "p": t_test_p(values),
-            "n": len(values)}
+    """{mean, low, high: 95% Student-t; p: t-test of mean 0; n}; a ratio's on logs."""
+    xs = [math.log(v) if ratio else v for v in values
+          if v is not None and math.isfinite(v) and (v > 0 or not ratio)]
+    n, back = len(xs), math.exp if ratio else float
+    mean = statistics.fmean(xs) if n else NAN
+    sd = statistics.stdev(xs) if n > 1 else NAN
+    p = NAN if n < 2 else float(mean == 0) if sd == 0 else max(
+        0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else NAN
+    return {"mean": back(mean), "low": back(mean - half), "high": back(mean + half), "p": p, "n": n}
 
-
-def with_holm(cells):
-    """Each cell (a list of one table's cells: its family) gets its Holm-adjusted p-value."""
-    for cell, p in zip(cells, holm([c["p"] for c in cells])):
-        cell["p_holm"] = p
-    return cells
-
+def holm(cells):
+    """p_holm: the j-th smallest of m p is max over i ≤ j of min(1, (m − i + 1)·p_(i))."""
+    finite = [(c["p"], i) for i, c in enumerate(cells) if math.isfinite(c["p"])]
+    running = 0.0
+    for c in cells:
+        c["p_holm"] = NAN
+    for j, (p, i) in enumerate(sorted(finite)):
+        running = max(running, min(1.0, (len(finite) - j) * p))
+        cells[i]["p_holm"] = running
 
 def finding(cell, direction, null=0.0):
-    """better | worse (Holm-adjusted p < ALPHA, by the side of `null`) | not distinguishable | undetermined (n < 2)."""
     if cell["n"] < 2:
         return "undetermined"
     if not cell["p_holm"] < ALPHA:
         return "not distinguishable"
     return "better" if direction * (cell["mean"] - null) > 0 else "worse"
 
+def versus(key, a, b):
+    return a / b if FRONT[key] == "ratio" else a - b
 
-def mean_ci(values):
-    """(mean, half-width of the 95% Student-t interval); the half-width is nan for fewer than 2 values."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def fmt_ci(mean, half, digits):
-    return fmt(mean, digits) + ("" if not math.isfinite(half) else f" ± {half:.{digits}f}")
-
-
-def fmt_metric(key, mean, half):
-    """mean ± CI in the metric's digits; likelihoods also in bits per dimension."""
-    text = fmt_ci(mean, half, METRICS[key][1])
-    if key in ("neg_elbo", "iwae_nll") and math.isfinite(mean):
-        text += f" ({fmt_ci(bits_per_dim(mean), bits_per_dim(half), 3)} bits/dim)"
-    return text
-
-
-# what makes two runs' numbers comparable: one folder holds one experiment (device and machine are not part of it)
-EXPERIMENT = ("epochs", "batch_size", "lr", "latent_dim", "amp", "iw_samples", "train_images", "val_images",
-              "test_images")
-
+def show(cell, digits, kind=None, star=False, seeds=()):
+    """'1.2 [1.0, 1.4]', '1.05x [0.97, 1.14]', '+8.5 [−2.1, +3.7]'; `*`; two seeds."""
+    one = lambda v: f"{v:{'+' * (kind == 'difference')}.{digits}f}"
+    text = one(cell["mean"]) + "x" * (kind == "ratio") if cell["n"] else "n/a"
+    if math.isfinite(cell["low"]):
+        text += f" [{one(cell['low'])}, {one(cell['high'])}]"
+    text += "*" * (star and cell["p_holm"] < ALPHA)
+    two = f" (seeds: {', '.join(one(v) + 'x' * (kind == 'ratio') for v in seeds)})"
+    return text + two * (len(seeds) == 2)
 
 def read_json(path, needed=()):
-    """The JSON object in the file `path`, holding the keys `needed`; UsageError when it does not read as one."""
+    """The JSON object in `path` with the keys `needed`."""
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError):
         record = None
-    if not (isinstance(record, dict) and set(needed) <= record.keys()):
-        raise UsageError(f"{path} is unreadable: move it away (a run file's run is then trained again), or use a "
-                         f"fresh --out")
-    return record
-
+    if isinstance(record, dict) and set(needed) <= record.keys():
+        return record
+    raise UsageError(f"{path} is unreadable: move it away (a run file's run is then "
+                     f"trained again), or use a fresh --out")
 
 def folder_runs(out, skip=()):
-    """{path: record} of the run files in --out/runs, but those in `skip`."""
+    """{path: record} of the run files in --out/runs but `skip`."""
     folder = os.path.join(out, "runs")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
-    return {path: read_json(path, ("name", "reference")) for path in (os.path.join(folder, f) for f in files)
-            if path not in skip}
-
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    paths = [os.path.join(folder, f) for f in names if f.endswith(".json")]
+    return {p: read_json(p, ("name", "reference")) for p in paths if p not in skip}
 
 def experiment_of(record):
-    """A run file's experiment: EXPERIMENT's settings it recorded, and its feature classifier."""
-    config, sha = record.get("config", {}), record["reference"].get("classifier_sha256")
-    return dict({k: config[k] for k in EXPERIMENT if k in config}, **({"classifier": sha[:12]} if sha else {}))
-
+    """EXPERIMENT's settings of a run file, and its classifier."""
+    config = record.get("config", {})
+    sha = record["reference"].get("classifier_sha256")
+    return dict({k: config[k] for k in EXPERIMENT if k in config},
+                **({"classifier": sha[:12]} if sha else {}))
 
 def check_same(experiments):
-    """experiments: {source: settings}. UsageError naming the first two sources that differ in a setting (one that
-    a source lacks is not compared)."""
+    """{source: settings}: UsageError naming two that differ."""
     seen = {}
     for source, settings in experiments.items():
         for key, value in settings.items():
             first, where = seen.setdefault(key, (value, source))
             if value != first:
-                raise UsageError(f"{where} and {source} belong to different experiments ({key} {first!r} in the "
-                                 f"one, {value!r} in the other): one folder holds one experiment; use a fresh --out")
-
+                raise UsageError(
+                    f"{where} and {source} belong to different experiments ({key} "
+                    f"{first!r} in the one, {value!r} in the other): one folder "
+                    f"holds one experiment; use a fresh --out")
 
 def load_runs(out):
-    """Every run file in --out/runs, ordered by method (β ascending, then the tuning-free methods) and seed;
-    UsageError when they belong to different experiments (check_same: settings, feature classifier)."""
+    """The run files (one experiment), by method and seed."""
     runs = folder_runs(out)
     check_same({path: experiment_of(r) for path, r in runs.items()})
-    order = lambda r: ((0, r["settings"]["beta"], "") if r["kind"] == "beta" else
-                       (1 + bool(r["variant"]), TUNING_FREE.index(r["kind"]), r["name"]))
+    order = lambda r: (
+        (0, r["settings"]["beta"], "") if r["kind"] == "beta" else
+        (1 + bool(r["variant"]), TUNING_FREE.index(r["kind"]), r["name"]))
     return sorted(runs.values(), key=lambda r: (order(r), r["seed"]))
 
+def metric(run, split, key):
+    ok = run is not None and run["status"] != "diverged"
+    value = run.get(split, {}).get(key) if ok else None
+    return NAN if value is None else value
 
-def metric(record, split, key):
-    value = record.get(split, {}).get(key) if record["status"] != "diverged" else None
-    return float("nan") if value is None else value
+def by_seed(m):
+    """{seed: run} of m's runs that did not diverge."""
+    return {r["seed"]: r for r in m["runs"] if r["status"] != "diverged"}
 
-
-def target_checks(record):
-    """The run's own targets (Method.targets) against its last training epoch; none for a run with no epoch."""
-    last = (record["history"] or [None])[-1]
-    return [] if last is None else METHOD_CLASSES[record["kind"]].targets(record["settings"], last)
-
-
-def missed(check):
-    _, value, target = check
-    return target is not None and not abs(value / target - 1) <= TARGET_TOLERANCE
-
-
-def ok_runs(m):
-    """A method's runs that did not diverge (they have test metrics)."""
-    return [r for r in m["runs"] if r["status"] != "diverged"]
-
-
-def aggregate(records):
-    """Per method: seeds, statuses, mean ± CI of every test and validation metric and of the train time, and the
-    seeds that missed their own target."""
-    methods = {}
-    for r in records:
-        m = methods.setdefault(r["name"], {"name": r["name"], "kind": r["kind"], "variant": r["variant"],
-                                           "settings": r["settings"], "runs": []})
-        m["runs"].append(r)
-    betas = sum(1 for m in methods.values() if m["kind"] == "beta")
-    for m in methods.values():
-        ok = ok_runs(m)
-        m["seeds"] = [r["seed"] for r in m["runs"]]
-        m["statuses"] = sorted({r["status"] for r in m["runs"]})
-        m["test"] = {k: mean_ci([metric(r, "test", k) for r in ok]) for k in METRICS}
-        m["val"] = {k: mean_ci([metric(r, "val", k) for r in ok]) for k in METRICS}
-        m["train_seconds"] = mean_ci([r["train_seconds"] for r in m["runs"]])
-        m["runs_to_choose"] = betas if m["kind"] == "beta" else 1
-        m["targets"] = {r["seed"]: target_checks(r) for r in ok}
-        m["missed_target"] = [seed for seed, checks in m["targets"].items() if any(map(missed, checks))]
-        m["idle"] = [r["seed"] for r in ok if r["history"] and METHOD_CLASSES[m["kind"]].idle(r["history"])]
-    return methods
-
+def betas(methods, grid=None):
+    return [m for m in methods.values() if m["kind"] == "beta"
+            and (grid is None or m["settings"]["beta"] in grid)]
 
 def judged(methods):
-    """The methods the verdict judges: every one but the β-VAEs and BOM's sensitivity runs."""
+    """Every method but the β-VAEs and BOM's knob settings."""
     return [m for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
 
-
-def choose_beta(methods, key, betas=None):
-    """The β-VAE whose mean validation `key` is best, among β runs none of which diverged (and whose β is in
-    `betas`, when given); None when there is none."""
-    pool = [m for m in methods.values() if m["kind"] == "beta" and "diverged" not in m["statuses"]
-            and math.isfinite(m["val"][key][0]) and (betas is None or m["settings"]["beta"] in betas)]
-    return max(pool, key=lambda m: METRICS[key][2] * m["val"][key][0])["name"] if pool else None
-
-
-def choose_beta_per_seed(methods, key, betas=None):
-    """{seed: the β-VAE whose validation `key` is best in that seed alone} (β in `betas`, when given)."""
-    best = {}
+def aggregate(records):
+    """Per method: its runs, intervals, own targets (last epoch), idle seeds."""
+    methods = {}
+    for r in records:
+        first = {k: r[k] for k in ("name", "kind", "variant", "settings")}
+        methods.setdefault(r["name"], dict(first, runs=[]))["runs"].append(r)
     for m in methods.values():
-        if m["kind"] == "beta" and (betas is None or m["settings"]["beta"] in betas):
-            for r in ok_runs(m):
-                value = METRICS[key][2] * metric(r, "val", key)
-                if math.isfinite(value) and (r["seed"] not in best or value > best[r["seed"]][0]):
-                    best[r["seed"]] = (value, m["name"])
-    return {seed: name for seed, (_, name) in sorted(best.items())}
+        ok, cls = by_seed(m).values(), METHOD_CLASSES[m["kind"]]
+        checks = {r["seed"]: r["history"] and cls.targets(r["settings"], r["history"][-1])
+                  or [] for r in ok}
+        m.update({s: {k: interval([metric(r, s, k) for r in ok]) for k in METRICS}
+                  for s in ("test", "val")})
+        m.update(
+            seeds=[r["seed"] for r in m["runs"]], statuses=sorted({r["status"] for r in m["runs"]}),
+            train_seconds=interval([r["train_seconds"] for r in m["runs"]]),
+            runs_to_choose=len(betas(methods)) if m["kind"] == "beta" else 1,
+            targets=checks, missed_target=[s for s, c in checks.items() if any(
+                t is not None and not abs(v / t - 1) <= TARGET_TOLERANCE for _, v, t in c)],
+            idle=[r["seed"] for r in ok if r["history"] and cls.idle(r["history"])])
+    return methods
 
-
-def sweep_edge(methods, name, betas=None):
-    """'smallest' or 'largest' when the chosen β is an end of the swept βs (of `betas`, when given), else None."""
-    swept = sorted(m["settings"]["beta"] for m in methods.values()
-                   if m["kind"] == "beta" and (betas is None or m["settings"]["beta"] in betas))
-    beta = methods[name]["settings"]["beta"]
-    return None if len(swept) < 2 else "smallest" if beta == swept[0] else "largest" if beta == swept[-1] else None
-
-
-def front_at(betas, kl, key):
-    """One seed's β-VAE front at rate `kl`: (value, the values of the two β runs it lies between, their names), `key`
-    piecewise linear in log KL through that seed's β runs (in log `key` for a ratio metric); None outside the β
-    runs' rates: the front is never extrapolated."""
-    ratio = FRONT_METRICS[key] == "ratio"
-    points = sorted((math.log(k), v, r["name"]) for k, v, r in ((metric(r, "test", "kl"), metric(r, "test", key), r)
-                                                                for r in betas)
-                    if k > 0 and math.isfinite(v) and (v > 0 or not ratio))
-    if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not points[0][0] <= math.log(kl) <= points[-1][0]:
-        return None
-    x = math.log(kl)
-    (x0, y0, n0), (x1, y1, n1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
-    w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-    value = math.exp((1 - w) * math.log(y0) + w * math.log(y1)) if ratio else (1 - w) * y0 + w * y1
-    return value, (y0, y1), (n0, n1)
-
-
-def matched_rate(methods, names=None):
-    """The methods `names` (default: the judged ones) against the β-VAE front at their own test KL, paired by seed
-    (each seed's run against the front through that seed's β runs): per FRONT_METRICS key the ratio or difference
-    with its interval over the seeds whose rate lies inside the front, Holm-adjusted over every cell of the table
-    (one family); `position` (on, above, below the front, or outside) from the MSE ratio, and above or below only
-    when every seed's MSE is also past both β runs it lies between (so no other monotone front through the β runs
-    would say otherwise; else `interpolation_only`)."""
-    fronts = {}
-    for m in methods.values():
-        if m["kind"] == "beta":
-            for r in ok_runs(m):
-                fronts.setdefault(r["seed"], []).append(r)
-    rows = {}
-    for name in names or [m["name"] for m in judged(methods)]:
-        per_seed, outside, past, between = {}, [], {"above": True, "below": True}, set()
-        for r in ok_runs(methods[name]):
-            kl = metric(r, "test", "kl")
-            at = {key: front_at(fronts.get(r["seed"], []), kl, key) for key in FRONT_METRICS}
-            if at["mse"] is None:
-                outside.append(r["seed"])
-                continue
-            per_seed[r["seed"]] = {key: (metric(r, "test", key) / at[key][0] if kind == "ratio" else
-                                         metric(r, "test", key) - at[key][0]) if at[key] else float("nan")
-                                   for key, kind in FRONT_METRICS.items()}
-            between.add(" – ".join(at["mse"][2]))
-            past["above"] &= metric(r, "test", "mse") > max(at["mse"][1])
-            past["below"] &= metric(r, "test", "mse") < min(at["mse"][1])
-        rows[name] = {"seeds_outside": outside, "per_seed": per_seed, "past": past, "between": sorted(between),
-                      **{key: interval([v[key] for v in per_seed.values()], kind == "ratio")
-                         for key, kind in FRONT_METRICS.items()}}
-    with_holm([row[key] for row in rows.values() for key in FRONT_METRICS])
-    for name, row in rows.items():
-        word = finding(row["mse"], -1, 1.0)
-        position = ("diverged" if not ok_runs(methods[name]) else "outside" if word == "undetermined" and
-                    row["seeds_outside"] else {"better": "below", "worse": "above", "not distinguishable": "on"}.get(
-                        word, word))
-        past = row.pop("past")
-        row["interpolation_only"] = position in past and not past[position]
-        row["position"] = "on" if row["interpolation_only"] else position
-    return rows
-
-
-def criteria(methods, select_by):
-    """The declared ways to choose one β on validation: by `select_by`, by IWAE NLL and FD prior, and by `select_by`
-    within the notebook's grid (unless the sweep is that grid); each with its choice by the mean over seeds and by each
-    seed alone."""
-    out = {}
-    ways = [(select_by, None), ("iwae_nll", None), ("fd_prior", None)]
-    for key, grid in ways + ([] if notebook_sweep(methods) else [(select_by, NOTEBOOK_BETAS)]):
-        label = key + ("_notebook_grid" if grid else "")
-        chosen = choose_beta(methods, key, grid)
-        if chosen and label not in out:
-            per_seed = choose_beta_per_seed(methods, key, grid)
-            out[label] = {"metric": key, "grid": list(grid) if grid else None, "beta": chosen, "per_seed": per_seed,
-                          "edge": sweep_edge(methods, chosen, grid), "kl": methods[chosen]["test"]["kl"],
-                          "seeds_at_edge": [seed for seed, name in per_seed.items() if sweep_edge(methods, name, grid)]}
-    return out
-
+def choose(methods, key, grid=None, seed=None):
+    """The β best by validation `key`: by the seed mean (no run diverged), or in `seed`."""
+    value = lambda m: METRICS[key][2] * (
+        m["val"][key]["mean"] if seed is None else metric(by_seed(m).get(seed), "val", key))
+    pool = [m for m in betas(methods, grid) if math.isfinite(value(m))
+            and (seed is not None or "diverged" not in m["statuses"])]
+    return max(pool, key=value)["name"] if pool else None
 
 def notebook_sweep(methods):
-    """Whether every β swept is one of the notebook's (its grid then says nothing the whole sweep does not)."""
-    betas = [m["settings"]["beta"] for m in methods.values() if m["kind"] == "beta"]
-    return bool(betas) and set(betas) <= set(NOTEBOOK_BETAS)
+    return 0 < len(betas(methods, NOTEBOOK_BETAS)) == len(betas(methods))
 
+def criteria(methods, select_by):
+    """The declared β choices on validation, by the seed mean and per seed."""
+    out, ways = {}, [(key, None) for key in (select_by, *TUNING_CRITERIA)]
+    ways += [(select_by, NOTEBOOK_BETAS)] * (not notebook_sweep(methods))
+    for key, grid in ways:
+        label = key + "_notebook_grid" * bool(grid)
+        beta = choose(methods, key, grid)
+        if not beta or label in out:
+            continue
+        seeds = sorted({s for m in betas(methods, grid) for s in by_seed(m)})
+        per_seed = {s: b for s in seeds if (b := choose(methods, key, grid, s))}
+        swept = sorted(m["settings"]["beta"] for m in betas(methods, grid))
+        ends = {swept[0]: "smallest", swept[-1]: "largest"} if len(swept) > 1 else {}
+        edge = lambda name: ends.get(methods[name]["settings"]["beta"])
+        out[label] = {"metric": key, "grid": grid and list(grid), "beta": beta,
+                      "per_seed": per_seed, "edge": edge(beta), "kl": methods[beta]["test"]["kl"],
+                      "seeds_at_edge": [s for s, b in per_seed.items() if edge(b)]}
+    return out
+
+def front_at(runs, kl, key):
+    """One seed's β front at rate `kl`, linear in log KL (and in log `key` for a
+    ratio): (value, the bracketing β runs' values, names); None outside their rates."""
+    ratio = FRONT[key] == "ratio"
+    points = sorted((math.log(k), v, r["name"]) for k, v, r in (
+        (metric(r, "test", "kl"), metric(r, "test", key), r) for r in runs)
+        if k > 0 and math.isfinite(v) and (v > 0 or not ratio))
+    if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not (
+            points[0][0] <= math.log(kl) <= points[-1][0]):
+        return None
+    x = math.log(kl)
+    (x0, y0, n0), (x1, y1, n1) = next(
+        (a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+    w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
+    if ratio:
+        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1), (n0, n1)
+    return (1 - w) * y0 + w * y1, (y0, y1), (n0, n1)
+
+def matched_rate(methods, names=None):
+    """`names` (default: judged) against the β front at their own KL, paired by
+    seed: an interval per FRONT key (one Holm family); the position from MSE's,
+    above/below only when every seed's MSE is past both bracketing β runs."""
+    fronts, rows = {}, {}
+    for m in betas(methods):
+        for seed, r in by_seed(m).items():
+            fronts.setdefault(seed, []).append(r)
+    for name in names or [m["name"] for m in judged(methods)]:
+        per_seed, outside, between = {}, [], set()
+        past = {"above": True, "below": True}
+        for seed, r in by_seed(methods[name]).items():
+            kl, mse = metric(r, "test", "kl"), metric(r, "test", "mse")
+            at = {k: front_at(fronts.get(seed, []), kl, k) for k in FRONT}
+            if at["mse"] is None:
+                outside.append(seed)
+                continue
+            per_seed[seed] = {k: versus(k, metric(r, "test", k), at[k][0])
+                              if at[k] else NAN for k in FRONT}
+            between.add(" – ".join(at["mse"][2]))
+            past["above"] &= mse > max(at["mse"][1])
+            past["below"] &= mse < min(at["mse"][1])
+        cells = {k: interval([v[k] for v in per_seed.values()], kind == "ratio")
+                 for k, kind in FRONT.items()}
+        rows[name] = dict(seeds_outside=outside, per_seed=per_seed, past=past,
+                          between=sorted(between), diverged=not by_seed(methods[name]), **cells)
+    holm([row[k] for row in rows.values() for k in FRONT])
+    for row in rows.values():
+        word = "diverged" if row.pop("diverged") else finding(row["mse"], -1, 1.0)
+        if word == "undetermined" and row["seeds_outside"]:
+            word = "outside"
+        word = {"better": "below", "worse": "above", "not distinguishable": "on"}.get(word, word)
+        past = row.pop("past")
+        row["interpolation_only"] = word in past and not past[word]
+        row["position"] = "on" if row["interpolation_only"] else word
+    return rows
 
 def best_of_k(pool):
-    """Expected test value of the validation-best of k runs drawn at random without replacement from `pool`, a list
-    of (validation score, higher better; test value), for k = 1..n, exactly (Dodge et al. 2019, "Show your work"):
-    with the runs ranked by validation, best first, E_k = Σ_i test_i · C(n−1−i, k−1) / C(n, k)."""
+    """E[test of the validation-best of k], k = 1..n, from [(validation, higher
+    better; test)] ranked best first: Σ_i test_i·C(n−1−i, k−1)/C(n, k)."""
     ranked = [test for _, test in sorted(pool, key=lambda p: -p[0])]
     n = len(ranked)
-    return [sum(t * math.comb(n - 1 - i, k - 1) for i, t in enumerate(ranked)) / math.comb(n, k)
-            for k in range(1, n + 1)]
-
+    return [sum(t * math.comb(n - 1 - i, k - 1) for i, t in enumerate(ranked))
+            / math.comb(n, k) for k in range(1, n + 1)]
 
 def grid_curves(group, key):
-    """{seed: best_of_k over the settings of `group` (methods that all finished: tuning_grids) chosen by validation
-    `key`}, over the seeds every setting ran."""
-    if not group:
-        return {}
-    run = {(m["name"], r["seed"]): r for m in group for r in m["runs"]}
-    curves = {}
+    runs, curves = [by_seed(m) for m in group], {}
     for seed in sorted(set.intersection(*(set(m["seeds"]) for m in group))):
-        pool = [(METRICS[key][2] * metric(run[m["name"], seed], "val", key), metric(run[m["name"], seed], "test", key))
-                for m in group]
-        curves[seed] = best_of_k([p for p in pool if math.isfinite(p[0]) and math.isfinite(p[1])])
+        pool = [(METRICS[key][2] * metric(r.get(seed), "val", key),
+                 metric(r.get(seed), "test", key)) for r in runs]
+        curves[seed] = best_of_k([p for p in pool if math.isfinite(p[0] + p[1])])
     return curves
 
-
 def tuning_grids(methods):
-    """The grids a tuner draws from: β-VAE's whole sweep, the notebook's β grid, and each BOM (the notebook's or an
-    ablation) with its knob settings; {label: [method names]}, grids of at least two settings that finished (ok or
-    stalled) in every seed any of them ran."""
-    betas = [m["name"] for m in methods.values() if m["kind"] == "beta"]
-    grids = {"β-VAE": betas,
-             "β-VAE, notebook grid": [n for n in betas if methods[n]["settings"]["beta"] in NOTEBOOK_BETAS]}
+    """{label: names} of the β sweep, the notebook's grid, each BOM with its knobs:
+    the settings that ran every seed any did, none diverged (a stalled one stays)."""
+    grids = {"β-VAE": [m["name"] for m in betas(methods)], "β-VAE, notebook grid":
+             [m["name"] for m in betas(methods, NOTEBOOK_BETAS)]}
     for base in (m for m in judged(methods) if m["kind"] == "bom"):
+        ablation = base["settings"].get("ablation")
         grids[f"{base['name']}, tuned"] = [base["name"]] + [
-            m["name"] for m in methods.values() if m["kind"] == "bom" and m["variant"]
-            and m["settings"].get("ablation") == base["settings"].get("ablation")]
+            m["name"] for m in methods.values() if m["kind"] == "bom"
+            and m["variant"] and m["settings"].get("ablation") == ablation]
     seeds = lambda names: set().union(*(methods[n]["seeds"] for n in names))
-    # a setting still missing seeds waits, so that no seed is dropped; a stalled one stays (a tuner who draws it
-    # gets that run), a diverged one has no metrics to draw
-    complete = {label: [n for n in names if "diverged" not in methods[n]["statuses"]
-                        and set(methods[n]["seeds"]) >= seeds(names)] for label, names in grids.items()}
-    return {label: names for label, names in complete.items() if len(names) > 1 and
-            not (label == "β-VAE, notebook grid" and names == complete["β-VAE"])}
+    full = {g: [n for n in names if "diverged" not in methods[n]["statuses"]
+                and set(methods[n]["seeds"]) >= seeds(names)] for g, names in grids.items()}
+    return {g: names for g, names in full.items() if len(names) > 1 and not (
+        g == "β-VAE, notebook grid" and names == full["β-VAE"])}
 
-
-def tuning_cost(methods):
-    """What tuning buys, per criterion of TUNING_CRITERIA (chosen on validation, reported on test): each grid's
-    expected best-of-k curve (per seed, then mean and 95% interval over seeds); per method (one run per seed; a BOM
-    grid's row is its tuned best of all its settings) k*, the smallest k at which the β-VAE grid's expected
-    best-of-k is better on the mean over seeds, paired by seed, with that comparison's interval (k* None: not within
-    the grid); and at k = n against the β-VAE chosen by each seed's validation and by the mean over seeds, each
-    family (one per choice) Holm-adjusted over the table, with the robust `finding` (both choices agree)."""
+def tuning_cost(methods, choices):
+    """Best-of-k curves per grid; per method (a BOM grid: its tuned best) and
+    criterion its test value, k* of each β grid (the first k whose best beats it
+    on the seed mean, paired) and at k = n against the β each seed's and the mean's
+    validation chooses (two Holm families; a finding when both agree)."""
     grids = tuning_grids(methods)
-    curves = {label: {key: grid_curves([methods[n] for n in names], key) for key in TUNING_CRITERIA}
-              for label, names in grids.items()}
-    own = {m["name"]: {key: {r["seed"]: metric(r, "test", key) for r in ok_runs(m)} for key in TUNING_CRITERIA}
-           for m in judged(methods)}
-    own.update({label: {key: {seed: c[-1] for seed, c in curves[label][key].items() if c} for key in TUNING_CRITERIA}
-                for label in grids if label.startswith("bom")})
-    run_of = {(r["name"], r["seed"]): r for m in methods.values() for r in ok_runs(m)}
+    curves = {g: {k: grid_curves([methods[n] for n in names], k)
+                  for k in TUNING_CRITERIA} for g, names in grids.items()}
+    test = lambda m, k: {s: metric(r, "test", k) for s, r in by_seed(m).items()}
+    own = {m["name"]: {k: test(m, k) for k in TUNING_CRITERIA} for m in judged(methods)}
+    own.update({g: {k: {s: c[-1] for s, c in curves[g][k].items() if c}
+                    for k in TUNING_CRITERIA} for g in grids if g[0] != "β"})
+    compare = lambda key, a, b: interval(
+        [versus(key, a[s], b[s]) for s in a if s in b], FRONT[key] == "ratio")
     rows, families = {}, {"mean": [], "per_seed": []}
     for name, values in own.items():
-        rows[name] = {}
         for key in TUNING_CRITERIA:
-            ratio, direction = FRONT_METRICS[key] == "ratio", METRICS[key][2]
-            null = 1.0 if ratio else 0.0
-            compare = lambda b, seeds: interval([values[key][s] / b[s] if ratio else values[key][s] - b[s]
-                                                 for s in seeds], ratio)
-            cell = {"test": mean_ci(list(values[key].values())), "k_star": {}}
-            for label in (g for g in grids if g.startswith("β")):
-                per_seed = curves[label][key]
-                seeds = [s for s in values[key] if s in per_seed]
-                n = min((len(per_seed[s]) for s in seeds), default=0)
-                at = [compare({s: per_seed[s][k] for s in seeds}, seeds) for k in range(n)]
-                k = next((k for k in range(n) if direction * (at[k]["mean"] - null) < 0), None)
-                cell["k_star"][label] = {"k": None if k is None else k + 1, "n": n, "at": at[k] if k is not None
-                                         else at[-1] if at else None}
-            chosen = choose_beta(methods, key)
-            best = {s: c[-1] for s, c in curves.get("β-VAE", {}).get(key, {}).items() if c}
-            mean_choice = {s: metric(run_of[chosen, s], "test", key) for s in values[key] if (chosen, s) in run_of}
-            cell["at_n"] = {"mean": compare(mean_choice, [s for s in values[key] if s in mean_choice]),
-                            "per_seed": compare(best, [s for s in values[key] if s in best]), "beta": chosen}
-            families["mean"].append(cell["at_n"]["mean"]), families["per_seed"].append(cell["at_n"]["per_seed"])
-            rows[name][key] = cell
+            v, null = values[key], float(FRONT[key] == "ratio")
+            cell = rows.setdefault(name, {})[key] = {
+                "test": interval(list(v.values())), "k_star": {}}
+            for g in (g for g in grids if g[0] == "β"):
+                c = curves[g][key]
+                n = min((len(c[s]) for s in v if s in c), default=0)
+                at = [compare(key, v, {s: c[s][k] for s in v if s in c}) for k in range(n)]
+                k = next((k for k in range(n) if METRICS[key][2] * (
+                    at[k]["mean"] - null) < 0), None)
+                cell["k_star"][g] = {"k": None if k is None else k + 1, "n": n,
+                                     "at": at[-1 if k is None else k] if at else None}
+            beta = choices.get(key, {}).get("beta")
+            best = curves.get("β-VAE", {}).get(key, {}).items()
+            cell["at_n"] = {
+                "beta": beta, "per_seed": compare(key, v, {s: c[-1] for s, c in best if c}),
+                "mean": compare(key, v, test(methods[beta], key) if beta else {})}
+            for how in families:
+                families[how].append(cell["at_n"][how])
     for family in families.values():
-        with_holm(family)
+        holm(family)
     for row in rows.values():
-        for key, cell in row.items():
-            null = 1.0 if FRONT_METRICS[key] == "ratio" else 0.0
-            words = {finding(cell["at_n"][how], METRICS[key][2], null) for how in families}
-            cell["at_n"]["finding"] = words.pop() if len(words) == 1 else "not distinguishable"
-    return {"grids": grids, "curves": {label: {key: {"per_seed": c, "k": [
-        interval([v[k] for v in c.values()]) for k in range(min(map(len, c.values()), default=0))]}
-        for key, c in per_key.items()} for label, per_key in curves.items()}, "methods": rows}
-
-
-def paired_difference(a, b, key):
-    """Test-metric differences a − b over the seeds both ran without diverging: (mean, CI half-width, n)."""
-    b_by_seed = {r["seed"]: r for r in ok_runs(b)}
-    diffs = [metric(r, "test", key) - metric(b_by_seed[r["seed"]], "test", key)
-             for r in ok_runs(a) if r["seed"] in b_by_seed]
-    diffs = [d for d in diffs if math.isfinite(d)]
-    return (*mean_ci(diffs), len(diffs))
-
-
-def judge(mean, half, direction):
-    """better | worse | no difference at 95% | undetermined (one seed), from the side of the CI."""
-    if not math.isfinite(half):
-        return "undetermined"
-    lo, hi = sorted((direction * (mean - half), direction * (mean + half)))     # > 0 means better
-    return "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
-
+        for key, c in row.items():
+            null = float(FRONT[key] == "ratio")
+            words = {finding(c["at_n"][h], METRICS[key][2], null) for h in families}
+            c["at_n"]["finding"] = len(words) == 1 and words.pop() or "not distinguishable"
+    over_seeds = lambda c: [interval([v[k] for v in c.values()])
+                            for k in range(min(map(len, c.values()), default=0))]
+    return {"grids": grids, "methods": rows, "curves": {g: {
+        key: {"per_seed": c, "k": over_seeds(c)} for key, c in per_key.items()}
+        for g, per_key in curves.items()}}
 
 def knob_grids(methods, grids):
-    """Each BOM grid's settings on the β front (matched_rate; the grid's table is its own Holm family), with what each
-    changes and the KL optimum target it sets; and `kl_slope`, d log(test KL) / d log(kl_scale) over the settings
-    that change kl_scale alone and trained every epoch (a stalled run stopped short of its targets), per seed by
-    least squares, then mean and interval over seeds: 1 when the rate follows the KL targets as β-VAE's follows β."""
+    """Each BOM grid on the front (one Holm family), and kl_slope: d log test KL /
+    d log kl_scale by least squares per seed over the settings changing kl_scale
+    alone that trained every epoch, over seeds (1: as β-VAE's rate follows β)."""
     out = {}
-    for label, names in grids.items():
-        if label.startswith("β"):
-            continue
+    for label, names in ((g, names) for g, names in grids.items() if g[0] != "β"):
         base = next(methods[n] for n in names if not methods[n]["variant"])
-        changes = {n: {k: methods[n]["settings"][k] for k in BOMVAE.KNOBS
-                       if methods[n]["settings"][k] != base["settings"][k]} for n in names}
-        front = matched_rate(methods, names)
-        rows = {n: dict(front[n], changes=changes[n], kl=methods[n]["test"]["kl"], statuses=methods[n]["statuses"],
-                        kl_target=methods[n]["settings"]["kl_targets"][1]) for n in names}
+        changes = {n: {k: v for k, v in methods[n]["settings"].items()
+                       if k in BOMVAE.KNOBS and v != base["settings"][k]} for n in names}
+        rows = {n: dict(row, changes=changes[n], kl=methods[n]["test"]["kl"],
+                        statuses=methods[n]["statuses"],
+                        kl_target=methods[n]["settings"]["kl_targets"][1])
+                for n, row in matched_rate(methods, names).items()}
         points = {}
         for n in names:
             if set(changes[n]) <= {"kl_scale"} and methods[n]["statuses"] == ["ok"]:
-                for r in ok_runs(methods[n]):
-                    points.setdefault(r["seed"], []).append((math.log(methods[n]["settings"]["kl_scale"]),
-                                                             math.log(max(metric(r, "test", "kl"), 1e-12))))
-        slopes = [statistics.linear_regression(*zip(*p))[0] for p in points.values() if len({x for x, _ in p}) > 1]
+                x = math.log(methods[n]["settings"]["kl_scale"])
+                for seed, r in by_seed(methods[n]).items():
+                    y = math.log(max(metric(r, "test", "kl"), 1e-12))
+                    points.setdefault(seed, []).append((x, y))
+        slopes = [statistics.linear_regression(*zip(*p))[0]
+                  for p in points.values() if len({x for x, _ in p}) > 1]
         out[label] = {"base": base["name"], "settings": rows, "kl_slope": interval(slopes)}
     return out
 
-
-def balanced_score(mse, kl, sharp):
-    """The notebook's balanced score: 1/(MSE + 0.001) · 1/(|KL − 100| + 10) · sharpness (peaks at KL = 100)."""
-    return 1.0 / (mse + 0.001) * 1.0 / (abs(kl - 100) + 10) * sharp
-
-
-def notebook_analysis(methods):
-    """The notebook's analysis on seed means, β chosen on validation (not on test): the best β-VAE by validation MSE
-    and by the balanced score with their test values, and BOM's; {} without finished β runs."""
-    betas = [m for m in methods.values() if m["kind"] == "beta" and m["statuses"] == ["ok"]]
-    if not (betas and math.isfinite(betas[0]["val"]["mse"][0])):
+def notebook_analysis(methods, choices):
+    """The β best by MSE and by 1/(MSE + 0.001)·1/(|KL − 100| + 10)·sharpness."""
+    if "mse" not in choices:
         return {}
-    score = lambda m, split: balanced_score(*(m[split][k][0] for k in ("mse", "kl", "sharp")))
-    best = min(betas, key=lambda m: m["val"]["mse"][0])
-    best_balanced = max(betas, key=lambda m: score(m, "val"))
-    out = {"best_by_mse": best["name"], "best_test_mse": best["test"]["mse"][0],
-           "best_by_balanced": best_balanced["name"], "best_balanced_test": score(best_balanced, "test")}
-    bom = methods.get("bom")
-    if bom is not None and math.isfinite(bom["test"]["mse"][0]):
-        out.update(bom_test_mse=bom["test"]["mse"][0], bom_balanced_test=score(bom, "test"))
+    score = lambda m, s: 1.0 / (m[s]["mse"]["mean"] + 0.001) * 1.0 / (
+        abs(m[s]["kl"]["mean"] - 100) + 10) * m[s]["sharp"]["mean"]
+    best, bom = methods[choices["mse"]["beta"]], methods.get("bom")
+    balanced = max((m for m in betas(methods) if "diverged" not in m["statuses"]),
+                   key=lambda m: score(m, "val"))
+    out = {"best_by_mse": best["name"], "best_test_mse": best["test"]["mse"]["mean"],
+           "best_by_balanced": balanced["name"], "best_balanced_test": score(balanced, "test")}
+    if bom and math.isfinite(bom["test"]["mse"]["mean"]):
+        out.update(bom_test_mse=bom["test"]["mse"]["mean"], bom_balanced_test=score(bom, "test"))
     return out
 
-
-def sharpness_against_data(methods, data_sharp):
-    """Each method's test sharpness and its multiple of the test images' own (BOM's sensitivity runs left out)."""
-    return {m["name"]: {"sharp": m["test"]["sharp"][0], "ratio": m["test"]["sharp"][0] / data_sharp}
-            for m in methods.values() if not m["variant"] and math.isfinite(m["test"]["sharp"][0])}
-
-
-def history_mean(m, value):
-    """Seed mean of value(history) over m's runs that did not diverge."""
-    histories = [r["history"] for r in ok_runs(m) if r["history"]]
-    return statistics.fmean(value(h) for h in histories) if histories else float("nan")
-
-
-def bottleneck_shares(row):
-    """{score: share of the epoch's images whose worst score it was}."""
-    counts = row["bottleneck_counts"]
-    return {k: v / max(sum(counts.values()), 1) for k, v in counts.items()}
-
-
 def bom_diagnosis(methods, data_sharp, baseline):
-    """Why BOM ends where it does, from the run files of BOM and its ablations (seed means): per BOM its squeezes, last
-    constraints against their targets and the worst score's share of images (last epoch, and per epoch); per
-    ablation what changing its one component moved: test differences ablation − BOM paired by seed, and the share of
-    BOM's gap to the β-VAE `baseline` that the change closes (negative: widens). {} without the notebook's BOM."""
-    if "bom" not in methods:
-        return {}
-    boms = [m for m in methods.values() if m["kind"] == "bom" and not m["variant"]]
-    bom, last = methods["bom"], lambda h: h[-1]["constraints"]
-    share = lambda key, epoch=-1: lambda h: bottleneck_shares(h[epoch])[key]
-    epochs = min(len(r["history"]) for m in boms for r in m["runs"])
-    rows = {m["name"]: {
+    """Per BOM, seed means: squeezes, constraints, worst-score shares (last epoch)."""
+    def mean(m, value):
+        hs = [r["history"] for r in by_seed(m).values() if r["history"]]
+        return statistics.fmean(map(value, hs)) if hs else NAN
+    last = lambda h, key: h[-1]["constraints"][key]
+    share = lambda k: lambda h: h[-1]["bottleneck_counts"][k] / max(
+        sum(h[-1]["bottleneck_counts"].values()), 1)
+    return "bom" in methods and {"baseline": baseline, "methods": {m["name"]: {
         "ablation": m["settings"].get("ablation"),
-        "squeezes": history_mean(m, lambda h: sum(row["squeeze_factor"] < 1 for row in h[:-1])),
-        "mse_floor_over_mse": history_mean(m, lambda h: last(h)["mse_floor"] / h[-1]["mse"]),
-        "kl_optimum": history_mean(m, lambda h: last(h)["kl_optimum"]), "kl_target": m["settings"]["kl_targets"][1],
-        "sharp_ceiling_over_data": history_mean(m, lambda h: last(h)["sharp_ceiling"] or float("nan")) / data_sharp,
-        "test_sharp_over_data": m["test"]["sharp"][0] / data_sharp,
-        "worst_share": {k: history_mean(m, share(k)) for k in BOTTLENECKS},
-        "worst_share_per_epoch": [{k: history_mean(m, share(k, e)) for k in BOTTLENECKS} for e in range(epochs)]}
-        for m in boms}
-    for m in boms:
-        if m is bom:
-            continue
-        moves = {}
-        for key in ("fd_recon", "fd_prior", "iwae_nll", "mse"):
-            diff, half, n = paired_difference(m, bom, key)
-            gap = bom["test"][key][0] - methods[baseline]["test"][key][0] if baseline else float("nan")
-            moves[key] = {"bom": bom["test"][key][0], "ablation": m["test"][key][0], "diff": diff, "half": half, "n": n,
-                          "judgement": judge(diff, half, METRICS[key][2]),
-                          "gap_closed": diff / -gap if METRICS[key][2] * gap < 0 else None}
-        same = [other["name"] for other in boms if other is not m and other["seeds"] == m["seeds"] and all(
-            r.get("test") == o.get("test") for r, o in zip(m["runs"], other["runs"]))]
-        rows[m["name"]].update(moves=moves, identical_to=same)
-    return {"baseline": baseline, "methods": rows}
+        "squeezes": mean(m, lambda h: sum(e["squeeze_factor"] < 1 for e in h[:-1])),
+        "mse_floor_over_mse": mean(m, lambda h: last(h, "mse_floor") / h[-1]["mse"]),
+        "kl_optimum": mean(m, lambda h: last(h, "kl_optimum")),
+        "kl_target": m["settings"]["kl_targets"][1], "sharp_ceiling_over_data": mean(
+            m, lambda h: last(h, "sharp_ceiling") or NAN) / data_sharp,
+        "test_sharp_over_data": m["test"]["sharp"]["mean"] / data_sharp,
+        "worst_share": {k: mean(m, share(k)) for k in BOTTLENECKS}}
+        for m in judged(methods) if m["kind"] == "bom"}} or {}
 
+def summarize(records, select_by):
+    methods, ref = aggregate(records), records[0]["reference"]
+    choices = criteria(methods, select_by)
+    tuning = tuning_cost(methods, choices)
+    runs = [dict(method=r["name"], seed=r["seed"], status=r["status"],
+                 train_seconds=r["train_seconds"], **{
+                     f"{s}_{k}": metric(r, s, k) for s in ("test", "val") for k in METRICS})
+            for r in records]
+    runs.append(dict(dict.fromkeys(runs[0]), method="data", status="reference",
+                     test_sharp=ref["test_data_sharpness"]))
+    seeds = sorted({r["seed"] for r in records})
+    versions = collections.Counter(r.get("script_sha256") for r in records)
+    return {"config": dict(records[0]["config"], seeds=seeds), "reference": ref,
+            "runs": runs, "methods": {n: {k: v for k, v in m.items() if k not in (
+                "name", "settings", "runs")} for n, m in methods.items()},
+            "script_versions": dict(versions), "select_by": select_by,
+            "front": matched_rate(methods), "criteria": choices, "tuning_cost": tuning,
+            "knob_grids": knob_grids(methods, tuning["grids"]),
+            "analysis": notebook_analysis(methods, choices),
+            "bom_diagnosis": bom_diagnosis(methods, ref["test_data_sharpness"], choices.get(
+                select_by, {}).get("beta"))}, methods
 
-SUMMARY_FIELDS = ("method", "seed", "status", "train_seconds", *(f"test_{k}" for k in METRICS),
-                  *(f"val_{k}" for k in METRICS))
+def table(header, rows):
+    rows = [header, ["---"] * len(header), *rows]
+    return ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
+def listed(seeds):
+    return ", ".join(map(str, seeds))
 
-def summarize(records, reference, config, select_by):
-    """The summary of the run records (numbers and labels only) and the per-method aggregates."""
-    methods = aggregate(records)
-    choices, tuning = criteria(methods, select_by), tuning_cost(methods)
-    per_seed = [{"method": r["name"], "seed": r["seed"], "status": r["status"], "train_seconds": r["train_seconds"],
-                 **{f"test_{k}": metric(r, "test", k) for k in METRICS},
-                 **{f"val_{k}": metric(r, "val", k) for k in METRICS}} for r in records]
-    per_seed.append({"method": "data", "seed": None, "status": "reference", "train_seconds": None,
-                     **{f"test_{k}": None for k in METRICS}, **{f"val_{k}": None for k in METRICS},
-                     "test_sharp": reference["test_data_sharpness"]})
-    summary = {"config": config, "reference": reference, "runs": per_seed,
-               "methods": {name: {k: m[k] for k in ("kind", "variant", "seeds", "statuses", "test", "val",
-                                                    "train_seconds", "runs_to_choose", "targets", "missed_target",
-                                                    "idle")}
-                           for name, m in methods.items()},
-               "script_versions": dict(collections.Counter(r.get("script_sha256") for r in records)),
-               "select_by": select_by, "front": matched_rate(methods),
-               "criteria": choices, "tuning_cost": tuning,
-               "knob_grids": knob_grids(methods, tuning["grids"]),
-               "analysis": notebook_analysis(methods),
-               "sharpness_against_data": sharpness_against_data(methods, reference["test_data_sharpness"]),
-               "bom_diagnosis": bom_diagnosis(methods, reference["test_data_sharpness"],
-                                              choices.get(select_by, {}).get("beta"))}
-    return summary, methods
+def on_front(r, two=True, statuses=()):
+    """A row's MSE, FD prior and IWAE NLL against the β front, and its position."""
+    cells = [show(r[k], d, FRONT[k], True, [v[k] for v in r["per_seed"].values()] * two)
+             for k, d in (("mse", 2), ("fd_prior", 2), ("iwae_nll", 1))]
+    return cells + [r["position"] + " (off it only by the interpolation)"
+                    * r["interpolation_only"] + "".join(f"; {x}" for x in statuses)]
 
+FRONT_HEADER = ["MSE / front", "FD prior / front", "IWAE NLL − front (nats)", "position"]
 
-def write_report(out, summary, methods, figures=None):
-    """summary.json, .csv and .md (linking `figures`; by default those in `out`)."""
-    write_json(os.path.join(out, "summary.json"), summary)
-    per_seed = summary["runs"]
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=SUMMARY_FIELDS)
-    writer.writeheader()
-    for r in per_seed:
-        writer.writerow({k: ("" if r.get(k) is None or (isinstance(r[k], float) and not math.isfinite(r[k]))
-                             else r[k]) for k in SUMMARY_FIELDS})
-    write_text(os.path.join(out, "summary.csv"), table.getvalue())
-    figures = {f for f in REPORT_PATHS if os.path.isfile(os.path.join(out, f))} if figures is None else figures
-    write_text(os.path.join(out, "summary.md"), summary_markdown(summary, methods, figures))
-
-
-def md_table(header, rows):
-    """A markdown table: the header cells, then one line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, row)) + " |"
-                                                                          for row in rows]
-
-
-def fmt_cell(cell, ratio, digits, star=True):
-    """'1.05x [0.97–1.14]' for a ratio, '+85.8 [−201.1, +372.7]' for a difference; with `star`, '*' when the
-    Holm-adjusted p < ALPHA."""
-    if cell["n"] == 0:
-        return "n/a"
-    text = f"{cell['mean']:.{digits}f}x" if ratio else f"{cell['mean']:+.{digits}f}"
-    if math.isfinite(cell["low"]):
-        text += (f" [{cell['low']:.{digits}f}–{cell['high']:.{digits}f}]" if ratio else
-                 f" [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]")
-    return text + ("*" if star and cell["p_holm"] < ALPHA else "")
-
-
-def criterion_label(choice):
-    return (f"validation {METRICS[choice['metric']][0]}"
-            + (" in the notebook's grid" if choice["grid"] else ""))
-
-
-def summary_markdown(summary, methods, figures):
-    """summary.md: a header, then one section per (title, lines) whose lines are not empty; it links the figures
-    named in `figures`."""
-    seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    ref, choices, config = summary["reference"], summary["criteria"], summary["config"]
-    md = ["# BOM-VAE vs β-VAE", "",
-          f"{config['epochs']} epochs, seeds {' '.join(map(str, seeds))}, {config['train_images']} training / "
-          f"{config['val_images']} validation / {config['test_images']} test images, "
-          f"IWAE with {config['iw_samples']} samples, device {config['device']}, torch {config['torch']}. How each "
-          f"number is computed: README, \"How the verdict is computed\"."]
-    md += [""] + [f"![{alt}]({f})" for f, alt in (("tuning_cost.png", "what tuning buys"),
-                                                 ("rate_distortion.png", "rate–distortion plane")) if f in figures]
-    sections = [
-        ("Verdict: each method against the β-VAE rate–distortion front",
-         front_lines(summary["front"], methods, "matched_rate.png" in figures)),
-        ("What tuning buys: β-VAE's expected best of k random β runs", tuning_lines(summary["tuning_cost"])),
-        ("BOM's knob grid on the front", knob_lines(summary["knob_grids"])),
-        ("Where each method lands without tuning", landing_lines(choices, methods, config["latent_dim"])),
-        ("Test metrics (mean ± 95% CI over seeds)", test_table_lines(methods, ref)),
-        (f"Reconstruction sharpness against the test images' own ({ref['test_data_sharpness']:.4f})",
-         sharpness_lines(summary["sharpness_against_data"])),
-        (f"Did each constrained method reach its own target? (last training epoch, ±{TARGET_TOLERANCE:.0%})",
-         target_lines(methods)),
-        ("The notebook's analysis (β chosen on validation)",
-         summary["analysis"] and analysis_lines(summary["analysis"])),
-        ("Why BOM ends where it does (seed means)",
-         summary["bom_diagnosis"] and diagnosis_lines(summary["bom_diagnosis"]))]
-    for title, lines in sections:
-        if lines:
-            md += ["", f"## {title}", ""] + lines
-    return "\n".join(md) + "\n"
-
-
-def front_lines(front, methods, figure):
-    """The verdict: a line per position, the matched-rate figure (when drawn), one table."""
-    if not front:
-        return ["No verdict: it needs at least two β-VAE runs and a method to compare with them."]
-    md = []
-    for position, words in (("above", "Above the front (more MSE than β-VAE at the same rate)"),
-                            ("on", "On the front (not distinguishable from β-VAE at the same rate)"),
-                            ("below", "Below the front (less MSE than β-VAE at the same rate)"),
-                            ("outside", "Outside the β runs' rates (not extrapolated)"),
-                            ("undetermined", "Undetermined (one seed: no interval)"),
-                            ("diverged", "No verdict (every run diverged)")):
-        names = [name for name, row in front.items() if row["position"] == position]
-        if names:
-            md.append(f"- {words}: " + ", ".join(
-                f"{name} {fmt_cell(front[name]['mse'], True, 2)}"
-                + (" (off it only by the interpolation)" if front[name]["interpolation_only"] else "")
-                + (f" ({front[name]['mse']['n']} of {len(methods[name]['seeds'])} seeds inside)"
-                   if front[name]["seeds_outside"] else "")
-                for name in names) + ".")
-    if figure:
-        md += ["", "![matched-rate ratios](matched_rate.png)"]
-    md.append("")
-    md += md_table(["method", "test KL (rate)", "between the β runs", "MSE / front", "FD prior / front",
-                    "IWAE NLL − front (nats)", "seeds inside", "position"],
-                   [[name, fmt_ci(*methods[name]["test"]["kl"], 1), "; ".join(row["between"]) or "—",
-                     *(fmt_cell(row[key], ratio, digits) + two_seeds(row, key, ratio, digits)
-                       for key, ratio, digits in (("mse", True, 2), ("fd_prior", True, 2), ("iwae_nll", False, 1))),
-                     f"{row['mse']['n']}" + (f" (outside: seeds {', '.join(map(str, row['seeds_outside']))})"
-                                             if row["seeds_outside"] else ""),
-                     row["position"] + (" (off it only by the interpolation)" if row["interpolation_only"] else "")]
-                    for name, row in front.items()])
-    return md + ["", "Ratios: geometric mean over seeds [95% interval]; differences: mean [95% interval]; `*`: "
-                 "Holm-adjusted p < 0.05 over every cell of this table (one family). The front, the pairing by seed "
-                 "and the position: README, \"How the verdict is computed\"."]
-
-
-def two_seeds(row, key, ratio, digits):
-    """With two seeds, their own values after the interval (one degree of freedom says little)."""
-    values = [v[key] for v in row["per_seed"].values()]
-    return "" if len(values) != 2 else " (seeds: " + ", ".join(
-        f"{v:.{digits}f}x" if ratio else f"{v:+.{digits}f}" for v in values) + ")"
-
+def verdict_lines(front, methods):
+    order = sorted(front.items(), key=lambda i: POSITIONS.index(i[1]["position"]))
+    outside = lambda r: f" (outside: seeds {listed(r['seeds_outside'])})"
+    return front and table(
+        ["method", "test KL (rate)", "between the β runs", "seeds inside", *FRONT_HEADER],
+        [[n, show(methods[n]["test"]["kl"], 1), "; ".join(r["between"]) or "—",
+          f"{r['mse']['n']}" + outside(r) * bool(r["seeds_outside"]), *on_front(r)]
+         for n, r in order]) + [
+        "", "Ratios: geometric mean [95% interval] over seeds; `*`: Holm-adjusted "
+        "p < 0.05 over the table; above: more MSE than β-VAE at the same rate."] or [
+        "No verdict: it needs two β-VAE runs and a method to compare with them."]
 
 def landing_lines(choices, methods, latent_dim):
-    """Each criterion's β and each method's test KL, with what places the rate; notes on sweep edges."""
-    rows = [[f"β-VAE chosen by {criterion_label(c)}", fmt_ci(*c["kl"], 1),
-             f"{c['beta']} (each seed alone: {', '.join(c['per_seed'].values())})"
-             + (f"; the {c['edge']} β swept" if c["edge"] else "")] for c in choices.values()]
+    rows = []
+    for x in choices.values():
+        note = (f"; the {x['edge']} β swept: a {x['edge'][:-3]}er β may do better"
+                if x["edge"] else f"; seeds {listed(x['seeds_at_edge'])} chose an "
+                "end of the sweep" * bool(x["seeds_at_edge"]))
+        rows.append([f"β-VAE chosen by validation {METRICS[x['metric']][0]}"
+                     + " in the notebook's grid" * bool(x["grid"]), show(x["kl"], 1),
+                     f"{x['beta']} (each seed alone: {listed(x['per_seed'].values())}){note}", "—"])
     for m in judged(methods):
-        setting = METHOD_CLASSES[m["kind"]].sets_rate(m["settings"], latent_dim)
-        if m["idle"]:
-            setting += (f"; its own mechanism acted in epoch 1 only (seeds {', '.join(map(str, m['idle']))}): "
-                        f"trained as {METHOD_CLASSES[m['kind']].twin}")
-        if m["missed_target"]:
-            setting += f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
-        rows.append([m["name"], fmt_ci(*m["test"]["kl"], 1), setting])
-    md = md_table(["", "test KL (rate)", "what places the rate"], rows) + [""]
-    md += ["- The β sweep is the notebook's grid: its choices are the rows above."] * notebook_sweep(methods)
-    md += [f"- The β chosen by {criterion_label(c)} is the {c['edge']} β swept: a "
-           f"{'smaller' if c['edge'] == 'smallest' else 'larger'} β may do better by it."
-           for c in choices.values() if c["edge"]]
-    return md + [f"- By {criterion_label(c)} in each seed alone, the β of seed(s) "
-                 f"{', '.join(map(str, c['seeds_at_edge']))} is an end of the sweep."
-                 for c in choices.values() if c["seeds_at_edge"] and not c["edge"]]
-
-
-def fmt_interval(cell, digits):
-    """'12.3 [10.1, 14.5]': a mean and its 95% interval (the mean alone from one seed)."""
-    return fmt(cell["mean"], digits) + (f" [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
-                                        if math.isfinite(cell["low"]) else "")
-
+        cls, checks = METHOD_CLASSES[m["kind"]], [c for c in m["targets"].values() if c]
+        reached = "; ".join(
+            f"{what} {listed(f'{c[i][1]:.4g}' for c in checks)}"
+            + (f" / {goal:.4g}" if goal is not None else "")
+            for i, (what, _, goal) in enumerate(checks[0] if checks else ())) or "—"
+        idle = (f"; its own mechanism acted in epoch 1 only (seeds {listed(m['idle'])}):"
+                f" trained as {cls.twin}")
+        missed = f"; MISSED (seeds {listed(m['missed_target'])})"
+        rows.append([m["name"], show(m["test"]["kl"], 1),
+                     cls.sets_rate(m["settings"], latent_dim) + idle * bool(m["idle"]),
+                     reached + missed * bool(m["missed_target"])])
+    note = ["", "The β sweep is the notebook's grid."] * notebook_sweep(methods)
+    return table(["", "test KL (rate)", "what places the rate",
+                  f"reached / target (last epoch, ±{TARGET_TOLERANCE:.0%})"], rows) + note
 
 def tuning_lines(t):
-    """The grids' best-of-k curves, then per method and criterion k* and the comparison at k = n."""
-    if not t["grids"]:
-        return []
-    digits = {key: METRICS[key][1] for key in TUNING_CRITERIA}
-    md = ["Each grid is read as random search over its range: k runs drawn without replacement, the one best on "
-          "validation kept, its expected test value computed exactly over all draws, per seed; then mean [95% "
-          "interval] over seeds. k* is the smallest k at which β-VAE's expected best of k beats the method (mean "
-          "over seeds, paired by seed); it moves when the grid's range does.", ""]
-    md += md_table(["grid", "k"] + [f"by {METRICS[key][0]}" for key in TUNING_CRITERIA],
-                   [[label, k + 1] + [fmt_interval(t["curves"][label][key]["k"][k], digits[key])
-                                      if k < len(t["curves"][label][key]["k"]) else "" for key in TUNING_CRITERIA]
-                    for label, names in t["grids"].items() for k in range(len(names))])
-    against = lambda key, cell, star=False: fmt_cell(cell, FRONT_METRICS[key] == "ratio",
-                                                     2 if FRONT_METRICS[key] == "ratio" else digits[key], star)
-    k_star = lambda key, c: "n/a" if c["at"] is None else (
-        f"not within its {c['n']}" if c["k"] is None else f"{c['k']} of {c['n']}") + f": {against(key, c['at'])}"
-    labels = [label for label in t["grids"] if label.startswith("β")]
-    words = {"better": "better", "worse": "worse", "undetermined": "one seed"}
-    md += ["", "Per method: its test value (a BOM grid's row: its tuned best of all its settings), k* of each β "
-           "grid with the method against that best of k* (ratio or difference, method / − β-VAE), and against the "
-           "β-VAE each seed's validation chooses from the whole sweep (k = n); `→ better/worse` only when the β "
-           "chosen by the mean over seeds gives the same word, each choice Holm-adjusted over this table.", ""]
-    md += md_table(["method", "chosen and reported by", "its test value", *(f"k* of {label}" for label in labels),
-                    "at k = n"],
-                   [[name, METRICS[key][0], fmt_ci(*cell["test"], digits[key]),
-                     *(k_star(key, cell["k_star"][label]) for label in labels),
-                     against(key, cell["at_n"]["per_seed"], True) + " → " + words.get(cell["at_n"]["finding"], "n.d.")]
-                    for name, row in t["methods"].items() for key, cell in row.items()])
-    return md
+    labels = [g for g in t["grids"] if g[0] == "β"]
+    vs = lambda k, x, star=False: show(
+        x, 2 if FRONT[k] == "ratio" else METRICS[k][1], FRONT[k], star)
+    k_star = lambda k, x: x["at"] and (
+        f"not within its {x['n']}" if x["k"] is None else f"{x['k']} of {x['n']}"
+    ) + f": {vs(k, x['at'])}" or "n/a"
+    word = {"better": "better", "worse": "worse", "undetermined": "one seed"}
+    cell = lambda g, k, i: i < len(t["curves"][g][k]["k"]) and show(t["curves"][g][k]["k"][i], METRICS[k][1])
+    curves = [[g, i + 1, *(cell(g, k, i) or "" for k in TUNING_CRITERIA)]
+              for g, names in t["grids"].items() for i in range(len(names))]
+    rows = [[n, METRICS[k][0], show(x["test"], METRICS[k][1]),
+             *(k_star(k, x["k_star"][g]) for g in labels), vs(k, x["at_n"]["per_seed"], True)
+             + " → " + word.get(x["at_n"]["finding"], "n.d.")]
+            for n, row in t["methods"].items() for k, x in row.items()]
+    return t["grids"] and table(
+        ["grid", "k", *(f"by {METRICS[k][0]}" for k in TUNING_CRITERIA)], curves) + [
+        "", "k*: the smallest k whose best of k beats the method (a BOM grid: its "
+        "tuned best), with the method against it; `→ better/worse` at k = n when the "
+        "β each seed's and the seed mean's validation choose agree (README, \"What "
+        "tuning buys\").", ""] + table(
+        ["method", "chosen and reported by", "its test value",
+         *(f"k* of {g}" for g in labels), "at k = n"], rows)
 
+def test_lines(methods, ref):
+    data = ref["test_data_sharpness"]
+    over = lambda x: dict(x, **{k: x[k] / data for k in ("mean", "low", "high")})
+    cells = lambda m: [show(over(x), 2, "ratio") if k == "sharp" else
+                       show(x, METRICS[k][1]) for k, x in m["test"].items()]
+    missed = lambda m: f"; missed its target (seeds {listed(m['missed_target'])})"
+    return table(
+        ["method", "seeds", "runs to choose its setting", *(
+            "sharpness / data's" if k == "sharp" else v[0] for k, v in METRICS.items()),
+         "train s", "status"], [[m["name"], len(m["seeds"]), m["runs_to_choose"], *cells(m),
+          show(m["train_seconds"], 1),
+          ", ".join(m["statuses"]) + missed(m) * bool(m["missed_target"])]
+         for m in methods.values()]) + [
+        "", f"The test images' own sharpness: {data:.4f} (far above it: noise, not "
+        f"detail); the FD classifier's test accuracy: "
+        f"{ref['classifier_test_accuracy']:.2%}."]
+
+def bom_lines(d):
+    return d and table(
+        ["method", "what it changes", "squeezes trained with",
+         "MSE floor / training MSE", "KL box optimum (target)",
+         "sharpness ceiling / data's", "worst score (MSE · KL · sharpness)"],
+        [[n, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"),
+          f"{r['squeezes']:.0f}", f"{r['mse_floor_over_mse']:.1f}x",
+          f"{r['kl_optimum']:.1f} ({r['kl_target']:g})",
+          f"{r['sharp_ceiling_over_data']:.2f}x".replace("nanx", "none"),
+          " · ".join(f"{r['worst_share'][k]:.0%}" for k in BOTTLENECKS)]
+         for n, r in d["methods"].items()])
 
 def knob_lines(grids):
-    """Per BOM grid: each setting's rate and position on the β front, and how its rate follows its KL targets."""
     md = []
-    for label, g in grids.items():
-        md += [f"### {g['base']} and its knob settings", ""]
-        md += md_table(["setting", "changes", "KL optimum target", "test KL", "MSE / front", "FD prior / front",
-                        "IWAE NLL − front", "position"],
-                       [[name, ", ".join(f"{k} {v:g}" for k, v in r["changes"].items()) or "—",
-                         f"{r['kl_target']:g}", fmt_ci(*r["kl"], 1), fmt_cell(r["mse"], True, 2),
-                         fmt_cell(r["fd_prior"], True, 2), fmt_cell(r["iwae_nll"], False, 1),
-                         r["position"] + (" (off it only by the interpolation)" if r["interpolation_only"] else "")
-                         + "".join(f"; {s}" for s in r["statuses"] if s != "ok")]
-                        for name, r in g["settings"].items()])
-        slope = g["kl_slope"]
-        stalled = [n for n, r in g["settings"].items() if r["statuses"] != ["ok"]]
-        if slope["n"]:
-            md += ["", f"- Test KL grows as kl_scale^s with s = {fmt_interval(slope, 2)} over {slope['n']} seed(s) "
-                   f"(s = 1: its KL targets set its rate the way β sets β-VAE's; s = 0: they do not move it)"
-                   + (f"; {', '.join(stalled)} left out: stalled" if stalled else "") + "."]
-        md.append("")
-    return md[:-1] + (["", "`*`: Holm-adjusted p < 0.05 over each grid's table."] if md else [])
+    for g in grids.values():
+        s, rows = g["kl_slope"], g["settings"]
+        stalled = [n for n, r in rows.items() if r["statuses"] != ["ok"]]
+        changes = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["changes"].items())
+        md += [f"### {g['base']} and its knob settings", ""] + table(
+            ["setting", "changes", "KL optimum target", "test KL", *FRONT_HEADER],
+            [[n, changes(r) or "—", f"{r['kl_target']:g}", show(r["kl"], 1),
+              *on_front(r, False, [x for x in r["statuses"] if x != "ok"])]
+             for n, r in rows.items()])
+        md += [f"\nTest KL ∝ kl_scale^s, s = {show(s, 2)} over {s['n']} seed(s) "
+               f"(1: as β-VAE's follows β; 0: not moved)" + f"; stalled, left out: "
+               f"{', '.join(stalled)}" * bool(stalled) + "."] * bool(s["n"]) + [""]
+    return md and md + ["`*`: Holm-adjusted p < 0.05 over each table."]
 
-
-def test_table_lines(methods, ref):
-    md = md_table(["method", "seeds", "runs to choose its setting", *(METRICS[k][0] for k in METRICS), "train s",
-                   "status"],
-                  [[m["name"], len(m["seeds"]), m["runs_to_choose"], *(fmt_metric(k, *m["test"][k]) for k in METRICS),
-                    fmt_ci(*m["train_seconds"], 1), ", ".join(m["statuses"]) + (
-                        f"; missed its target (seeds {', '.join(map(str, m['missed_target']))})"
-                        if m["missed_target"] else "")] for m in methods.values()])
-    return md + ["", f"Reference: the test images' own sharpness is {ref['test_data_sharpness']:.4f}; the feature "
-                 f"classifier behind the Fréchet distances (FD) has {ref['classifier_test_accuracy']:.2%} test "
-                 f"accuracy."]
-
-
-def target_lines(methods):
-    checks = [(name, seed, c) for name, m in methods.items() for seed, cs in m["targets"].items() for c in cs]
-    return checks and md_table(["method", "seed", "what", "reached", "target", ""],
-                               [[name, seed, what, f"{value:.4g}", "—" if target is None else f"{target:.4g}",
-                                 "" if target is None else "MISSED" if missed((what, value, target)) else "ok"]
-                                for name, seed, (what, value, target) in checks])
-
-
-def analysis_lines(a):
-    """The notebook's analysis as it printed it."""
-    lines = [f"Best β-VAE by validation MSE: {a['best_by_mse']} (test MSE {a['best_test_mse']:.4f}).",
-             f"Best β-VAE by the notebook's balanced score on validation: {a['best_by_balanced']} "
-             f"(test score {a['best_balanced_test']:.4f})."]
+def notebook_lines(a):
+    md = a and [
+        f"- Best β-VAE by validation MSE: {a['best_by_mse']} (test MSE "
+        f"{a['best_test_mse']:.4f}).",
+        f"- Best β-VAE by the notebook's balanced score on validation: "
+        f"{a['best_by_balanced']} (test score {a['best_balanced_test']:.4f})."]
     if "bom_test_mse" in a:
-        higher, change = a["bom_balanced_test"] > a["best_balanced_test"], a["bom_test_mse"] / a["best_test_mse"] - 1
-        lines.append(f"BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({100 * change:+.1f}% vs {a['best_by_mse']}), "
-                     f"balanced score {a['bom_balanced_test']:.4f} vs {a['best_balanced_test']:.4f} "
-                     f"({'higher' if higher else 'not higher'}).")
-    return [f"- {line}" for line in lines]
-
-
-def sharpness_lines(rows):
-    """More than 10% above the data's sharpness is high-frequency noise, not detail; more than 10% below, blur."""
-    word = lambda r: ("sharper than the data: high-frequency noise, not detail" if r > 1.1 else
-                      "blurrier than the data" if r < 0.9 else "within 10% of the data's")
-    return [f"- {name}: {row['sharp']:.4f}, {row['ratio']:.2f}x the data's ({word(row['ratio'])})"
-            for name, row in rows.items()]
-
-
-def diagnosis_lines(d):
-    rows, baseline = d["methods"], d["baseline"]
-    shares = lambda s: " · ".join(f"{s[k]:.0%}" for k in BOTTLENECKS)
-    ceiling = lambda r: "none" if not math.isfinite(r) else f"{r:.2f}x"
-    md = md_table(["method", "what it changes", "squeezes trained with", "MSE floor / training MSE",
-                   "KL box optimum (target)", "sharpness ceiling / data's", "test sharpness / data's",
-                   "worst score, last epoch (MSE · KL · sharpness)"],
-                  [[name, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"), f"{r['squeezes']:.0f}",
-                    f"{r['mse_floor_over_mse']:.1f}x", f"{r['kl_optimum']:.1f} ({r['kl_target']:g})",
-                    ceiling(r["sharp_ceiling_over_data"]),
-                    f"{r['test_sharp_over_data']:.2f}x", shares(r["worst_share"])] for name, r in rows.items()])
-    md += ["", "Worst score's share of the training images per epoch, seed mean (MSE / KL / sharpness, %):", ""]
-    epochs = len(rows["bom"]["worst_share_per_epoch"])
-    md += md_table(["epoch", *rows], [[e + 1] + ["/".join(f"{100 * r['worst_share_per_epoch'][e][k]:.0f}"
-                                                          for k in BOTTLENECKS) for r in rows.values()]
-                                      for e in range(epochs)])
-    md.append("")
-    bom = rows["bom"]
-    ablations = {name: r for name, r in rows.items() if "moves" in r}
-    if not ablations:
-        md.append("- No ablation in these runs (`--methods ...,ablations` adds them): nothing here separates BOM's "
-                  "components.")
-    for name, r in ablations.items():
-        moves = []
-        for key, mv in r["moves"].items():
-            label, digits, _ = METRICS[key]
-            text = (f"{label} {fmt(mv['bom'], digits)} → {fmt(mv['ablation'], digits)} "
-                    f"({fmt_ci(mv['diff'], mv['half'], digits)}, {mv['judgement']})")
-            if mv["gap_closed"] is not None:
-                text += (f", {mv['gap_closed']:.0%} of BOM's gap to {baseline} closed" if mv["gap_closed"] >= 0 else
-                         f", BOM's gap to {baseline} widened by {-mv['gap_closed']:.0%}")
-            moves.append(text)
-        worst, bom_worst = r["worst_share"], bom["worst_share"]
-        md.append(f"- {name} ({BOMVAE.ABLATIONS[r['ablation']]}): test sharpness {bom['test_sharp_over_data']:.2f}x → "
-                  f"{r['test_sharp_over_data']:.2f}x the data's; " + "; ".join(moves) + ". Sharpness was the worst "
-                  f"score for {worst['sharp']:.0%} of the last epoch's images (BOM: {bom_worst['sharp']:.0%}), "
-                  f"MSE for {worst['mse']:.0%} (BOM: {bom_worst['mse']:.0%})."
-                  + (f" Identical to {', '.join(r['identical_to'])} in every seed on every test metric."
-                     if r["identical_to"] else ""))
+        change = a["bom_test_mse"] / a["best_test_mse"] - 1
+        up = a["bom_balanced_test"] > a["best_balanced_test"]
+        md.append(f"- BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({change:+.1%} vs "
+                  f"{a['best_by_mse']}), balanced score {a['bom_balanced_test']:.4f} vs "
+                  f"{a['best_balanced_test']:.4f} ({'' if up else 'not '}higher).")
     return md
 
+def summary_markdown(s, methods, figures):
+    """summary.md: the header, the lead figures drawn, each section with lines."""
+    c = s["config"]
+    md = ["# BOM-VAE vs β-VAE", "", f"{c['epochs']} epochs, seeds {listed(c['seeds'])}, "
+          f"{c['train_images']} training / {c['val_images']} validation / "
+          f"{c['test_images']} test images, IWAE with {c['iw_samples']} samples, device "
+          f"{c['device']}, torch {c['torch']}. How each number is computed: README, "
+          f"\"How the verdict is computed\"."]
+    md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[3:5] if f in figures]
+    for title, lines in (
+            ("Verdict: each method against the β-VAE rate–distortion front",
+             verdict_lines(s["front"], methods)), ("Where each method lands without tuning",
+             landing_lines(s["criteria"], methods, c["latent_dim"])),
+            ("What tuning buys: expected best of k random settings, mean [95% "
+             "interval] over seeds", tuning_lines(s["tuning_cost"])),
+            ("Test metrics (mean [95% interval] over seeds)", test_lines(methods, s["reference"])),
+            ("BOM and its ablations (seed means, last training epoch)",
+             bom_lines(s["bom_diagnosis"])),
+            ("BOM's knob grid on the front", knob_lines(s["knob_grids"])),
+            ("The notebook's analysis (β chosen on validation)", notebook_lines(s["analysis"]))):
+        md += ["", f"## {title}", "", *lines] if lines else []
+    return "\n".join(md) + "\n"
 
-def finish_figure(fig, path, top=1.0, bottom=0.0, right=1.0):
-    fig.tight_layout(rect=(0, bottom, right, top))
+def styles_of(methods):
+    """(colour, marker): the β sweep a ramp of squares, each judged method its own."""
+    ramp = plt.cm.viridis(np.linspace(0, 0.85, len(betas(methods))))
+    tab = plt.cm.tab10.colors
+    return {**{m["name"]: (tuple(x), "s") for m, x in zip(betas(methods), ramp)},
+            **{m["name"]: (tab[i % 10], "o^vDPX*<>hp"[i % 11])
+               for i, m in enumerate(judged(methods))}}
+
+def finish(fig, path, rect=(0, 0, 1, 1)):
+    fig.tight_layout(rect=rect)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
     if "ipykernel" in sys.modules:
         plt.show()
     plt.close(fig)
 
+def dot(ax, x, y, style, xerr=None, yerr=None, **kw):
+    """A marker with its intervals as error bars (none from one seed); an x
+    interval moves with x when x is nudged."""
+    def bar(c, f=1.0):
+        if c and math.isfinite(c["low"]):
+            return [[f * (c["mean"] - c["low"])], [f * (c["high"] - c["mean"])]]
+    nudge = x / xerr["mean"] if xerr else 1.0
+    ax.errorbar(x, y, bar(yerr), bar(xerr, nudge), marker=style[1], mfc=style[0],
+                mec="black", ecolor=style[0], ls="none", **kw)
 
-def plot_training(records, data_sharp, path, methods):
-    """Training MSE, KL (both log) and sharpness against epochs, mean over seeds per method (the shortest run's
-    length); the data's own sharpness as a dashed line; one legend for the three. BOM's knob settings are left out."""
+def plot_training(records, methods, data_sharp, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    curves = {}
+    curves, styles = {}, styles_of(methods)
     for r in records:
         if not r["variant"] and r["curve"]["values"]:
-            curves.setdefault(r["name"], []).append(np.array(r["curve"]["values"], dtype=float))
-    styles = figure_styles(methods)
+            curve = np.array(r["curve"]["values"], dtype=float)
+            curves.setdefault(r["name"], []).append(curve)
     for name, group in curves.items():
-        length = min(len(c) for c in group)
-        curve = np.mean([c[:length] for c in group], axis=0)
-        color, marker = styles[name]
-        beta = methods[name]["kind"] == "beta"
-        style = dict(color=color, ls="-" if beta else "--", lw=1 if beta else 1.5, marker=None if beta else marker,
-                     markevery=max(1, length // 6), ms=5, mec="black", mew=0.5)
+        n, beta = min(map(len, group)), methods[name]["kind"] == "beta"
+        curve, (color, marker) = np.mean([c[:n] for c in group], axis=0), styles[name]
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], label=f"{name} (n={len(group)})", **style)
+            ax.plot(curve[:, 0], curve[:, col], color=color, ls="-" if beta else "--",
+                    lw=1 if beta else 1.5, marker=None if beta else marker, ms=5,
+                    markevery=max(1, n // 6), mec="black", mew=0.5,
+                    label=f"{name} (n={len(group)})")
     axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data's sharpness")
-    for ax, title in zip(axes, ("MSE (↓ better, log)", "KL divergence (nats, log)", "Sharpness (data = dashed)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")               # the low-rate curves stay visible beside a first-epoch spike
+    titles = ("MSE (↓ better, log)", "KL (nats, log)", "Sharpness (data = dashed)")
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="epoch", yscale="log" if ax != axes[2] else "linear")
     fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
-    finish_figure(fig, path, right=0.86)
+    finish(fig, path, (0, 0, 0.86, 1))
 
-
-MARKERS = "o^vDPX*<>hp"
-RATIO_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 7, 10, 20, 30, 50)
-
-
-def method_styles(methods):
-    """A distinct (colour, marker) for every judged method, BOM's ablations included (the β front is black squares)."""
-    colors = plt.cm.tab10.colors
-    return {m["name"]: (colors[i % len(colors)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(judged(methods))}
-
-
-def figure_styles(methods):
-    """method_styles, and the β sweep in one ramp ordered by β (squares)."""
-    betas = sorted((m for m in methods.values() if m["kind"] == "beta"), key=lambda m: m["settings"]["beta"])
-    ramp = plt.cm.viridis(np.linspace(0, 0.85, len(betas)))
-    return {**{m["name"]: (tuple(c), "s") for m, c in zip(betas, ramp)}, **method_styles(methods)}
-
-
-def error_bar(mid, low, high):
-    """matplotlib's asymmetric error [[below], [above]] of an interval; None without one (one seed)."""
-    return [[mid - low], [high - mid]] if math.isfinite(low) else None
-
-
-def log_interval(m, key):
-    """Geometric mean over seeds of a positive test metric and its 95% interval (low, high)."""
-    cell = interval([metric(r, "test", key) for r in ok_runs(m)], ratio=True)
-    return cell["mean"], cell["low"], cell["high"]
-
-
-def plot_rate_distortion(methods, path):
-    """Test MSE against test KL on log axes: the β front (each seed's thin, the seed mean bold, each β labelled) and
-    every judged method at its geometric mean with its 2-D 95% interval. The KL axis spans the rates where methods
-    and uncollapsed β land (collapsed β are named at its left edge); a marker within 10% of n drawn before it is
-    nudged right, with its interval, by a factor 1.06^n and labelled so. Returns {label: (colour, marker)} drawn."""
-    fig, ax = plt.subplots(figsize=(12, 6.5))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    betas = sorted((m for m in methods.values() if m["kind"] == "beta"), key=lambda m: m["settings"]["beta"])
-    for seed in sorted({r["seed"] for m in betas for r in ok_runs(m)}):
-        points = sorted((metric(r, "test", "kl"), metric(r, "test", "mse")) for m in betas for r in ok_runs(m)
-                        if r["seed"] == seed)
-        ax.plot(*zip(*points), color="grey", lw=0.6, alpha=0.6)
-    means = [(log_interval(m, "kl")[0], log_interval(m, "mse")[0], m["name"]) for m in betas]
-    means = [p for p in means if math.isfinite(p[0]) and math.isfinite(p[1])]
-    points = {name: (log_interval(methods[name], "kl"), log_interval(methods[name], "mse"), style)
-              for name, style in method_styles(methods).items()}
-    points = {name: p for name, p in points.items() if math.isfinite(p[0][0]) and math.isfinite(p[1][0])}
-    rates = [v for (x, x0, x1), _, _ in points.values() for v in (x, x0, x1) if math.isfinite(v)]
-    rates += [kl for kl, _, _ in means if kl >= 1]
-    left = min(rates) / 2 if rates else None
-    if left:
+def plot_rate_distortion(methods, front, path):
+    """Test MSE against test KL: each seed's β front (thin), their mean (bold),
+    each method's geometric mean and 2-D 95% interval (nudged ×1.06^n when near n
+    drawn before); the KL axis spans the methods and uncollapsed β (the others named
+    at its edge). Beside it each method's ratios to the front (forest)."""
+    panels = 2 * any(row["mse"]["n"] for row in front.values())
+    fig, axes = plt.subplots(1, 1 + panels, figsize=(12 + 3.5 * panels, 7),
+                             width_ratios=(3, 1, 1)[:1 + panels], squeeze=False)
+    ax, styles, sweep = axes[0][0], styles_of(methods), betas(methods)
+    geo = lambda m, k: interval([metric(r, "test", k) for r in by_seed(m).values()], True)
+    for seed in {s for m in sweep for s in by_seed(m)}:
+        runs = [by_seed(m)[seed] for m in sweep if seed in by_seed(m)]
+        ax.plot(*zip(*sorted((metric(r, "test", "kl"), metric(r, "test", "mse"))
+                             for r in runs)), color="grey", lw=0.6, alpha=0.6)
+    means = [(geo(m, "kl")["mean"], geo(m, "mse")["mean"], m["name"][5:]) for m in sweep]
+    means = [p for p in means if math.isfinite(p[0] * p[1])]
+    points = {m["name"]: (geo(m, "kl"), geo(m, "mse")) for m in judged(methods)}
+    points = {n: p for n, p in points.items() if p[0]["n"] and p[1]["n"]}
+    rates = [v for x, _ in points.values() for v in (x["mean"], x["low"], x["high"])
+             if math.isfinite(v)] + [p[0] for p in means if p[0] >= 1]
+    left = min(rates, default=0) / 2
+    if rates:
         ax.set_xlim(left, max(rates) * 1.6)
-    drawn = {}
     if means:
-        ax.plot([p[0] for p in means], [p[1] for p in means], "k-s", ms=6, label="β-VAE front (seed mean)")
-        drawn["β-VAE front (seed mean)"] = ("black", "s")
-    beyond = [(kl, mse, name) for kl, mse, name in means if left and kl < left]
+        ax.plot(*list(zip(*means))[:2], "k-s", ms=6, label="β-VAE front (seed mean)")
+    beyond = [p for p in means if p[0] < left]
     if beyond:
-        ax.annotate("◂ " + ", ".join(f"β={name[5:]} (KL {kl:.2g})" for kl, _, name in beyond), (left, beyond[0][1]),
-                    xytext=(3, 6), textcoords="offset points", fontsize=8)
-    for kl, mse, name in (p for p in means if p not in beyond):
-        ax.annotate(f"β={name[5:]}", (kl, mse), xytext=(-4, -4), textcoords="offset points", ha="right", va="top",
-                    fontsize=8)
+        ax.annotate("◂ " + ", ".join(f"β={b} (KL {kl:.2g})" for kl, _, b in beyond),
+                    (left, beyond[0][1]), xytext=(3, 6), textcoords="offset points", fontsize=8)
+    for kl, mse, b in (p for p in means if p not in beyond):
+        ax.annotate(f"β={b}", (kl, mse), xytext=(-4, -4), textcoords="offset points",
+                    ha="right", va="top", fontsize=8)
     placed = []
-    for name, ((x, x0, x1), (y, y0, y1), (color, marker)) in points.items():
-        nudge = 1.06 ** sum(abs(math.log(x / px)) < 0.1 and abs(math.log(y / py)) < 0.1 for px, py in placed)
-        placed.append((x, y))
-        label = name + " (nudged)" * (nudge > 1)
-        ax.errorbar(x * nudge, y, xerr=error_bar(x * nudge, x0 * nudge, x1 * nudge), yerr=error_bar(y, y0, y1),
-                    ls="none", marker=marker, ms=9, mfc=color, mec="black", ecolor=color, capsize=3, label=label)
-        drawn[label] = (color, marker)
-    ax.set_xlabel("rate: test KL (nats, log scale)")
-    ax.set_ylabel("distortion: test MSE (log scale, ↓ better)")
-    ax.set_title("Rate–distortion: geometric mean and 95% interval over seeds; thin lines: each seed's β front")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for name, (x, y) in points.items():
+        near = sum(abs(math.log(x["mean"] / px)) < 0.1 and abs(math.log(y["mean"] / py))
+                   < 0.1 for px, py in placed)
+        placed.append((x["mean"], y["mean"]))
+        dot(ax, x["mean"] * 1.06 ** near, y["mean"], styles[name], x, y, ms=9, capsize=3,
+            label=name + " (nudged)" * bool(near))
+    ax.set(xscale="log", yscale="log", xlabel="rate: test KL (nats, log)",
+           ylabel="distortion: test MSE (log, ↓ better)", title="Rate–distortion: "
+           "geometric mean and 95% interval over seeds; thin: each seed's β front")
     ax.grid(True, which="both", alpha=0.3)
-    finish_figure(fig, path)
-    return drawn
+    labels = ax.get_legend_handles_labels()
+    fig.legend(*labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
+    for ax, key in zip(axes[0][1:], ("mse", "fd_prior")):
+        forest(ax, front, key, styles)
+    finish(fig, path, (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
+    return labels[1]
 
+RATIO_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 7, 10, 20, 30, 50)
 
-def plot_matched_rate(front, methods, path):
-    """Forest plot: each judged method's MSE and FD prior as a ratio to the β front at its own rate, geometric mean and
-    95% interval; 1 is on the front. Returns {label: (colour, marker)} drawn."""
-    styles, names = method_styles(methods), list(front)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 2 + 0.5 * len(names)), sharey=True, squeeze=False)
-    drawn = {}
-    for ax, key, title in zip(axes[0], ("mse", "fd_prior"), ("test MSE / front's at the same KL",
-                                                             "FD prior / front's at the same KL")):
-        for y, name in enumerate(names):
-            cell, (color, marker) = front[name][key], styles[name]
-            if cell["n"] == 0 or not math.isfinite(cell["mean"]):
-                note = "every run diverged" if front[name]["position"] == "diverged" else "outside the β runs' rates"
-                ax.text(0.02, y, note, va="center", fontsize=8, color="dimgrey", transform=ax.get_yaxis_transform())
-                continue
-            ax.errorbar(cell["mean"], y, xerr=error_bar(cell["mean"], cell["low"], cell["high"]), marker=marker, ms=8,
-                        mfc=color, mec="black", ecolor=color, capsize=3, ls="none")
-            drawn[name] = (color, marker)
-        ax.axvline(1.0, color="black", lw=1, ls="--")
-        ax.set_xscale("log")
-        ends = [v for name in names for v in (front[name][key]["low"], front[name][key]["high"],
-                                              front[name][key]["mean"]) if math.isfinite(v)] + [1.0]
-        low, high, ticks = min(ends) / 1.1, max(ends) * 1.1, [1.0]
-        for t in sorted(RATIO_TICKS, key=lambda t: abs(math.log(t))):       # outward from 1, a ninth of the span apart
-            if low <= t <= high and all(abs(math.log(t / k)) >= math.log(high / low) / 9 for k in ticks):
-                ticks.append(t)
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", axis="x", alpha=0.3)
-    axes[0][0].set_yticks(range(len(names)), names)
-    axes[0][0].set_ylim(len(names) - 0.5, -0.5)
-    fig.suptitle("At matched rate: ratio to the β-VAE front (1 = on it), geometric mean and 95% interval over seeds")
-    finish_figure(fig, path, top=1 - 0.3 / fig.get_figheight())
-    return drawn
-
+def forest(ax, front, key, styles):
+    for y, (name, row) in enumerate(front.items()):
+        if row[key]["n"]:
+            dot(ax, row[key]["mean"], y, styles[name], row[key], ms=8, capsize=3)
+        else:
+            ax.text(0.02, y, "every run diverged" if row["position"] == "diverged"
+                    else "outside the β runs' rates", va="center", fontsize=8,
+                    color="dimgrey", transform=ax.get_yaxis_transform())
+    ends = [r[key][f] for r in front.values() for f in ("low", "high", "mean")]
+    ends = [v for v in ends if math.isfinite(v)] + [1.0]
+    lo, hi, ticks = min(ends) / 1.1, max(ends) * 1.1, [1.0]
+    for t in sorted(RATIO_TICKS, key=lambda t: abs(math.log(t))):  # outward from 1
+        if lo <= t <= hi and all(abs(math.log(t / k)) >= math.log(hi / lo) / 9
+                                 for k in ticks):  # a ninth of the span apart
+            ticks.append(t)
+    ax.axvline(1.0, color="black", lw=1, ls="--")
+    ax.set_xscale("log")
+    ax.set(ylim=(len(front) - 0.5, -0.5), xticks=ticks, title=f"{METRICS[key][0]} "
+           "/ β front's at the same KL\n(1 = on it; 95% interval)")
+    ax.set_yticks(range(len(front)), list(front), fontsize=8)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.grid(True, axis="x", alpha=0.3)
 
 def plot_tuning_cost(t, methods, path):
-    """A panel per criterion: each grid's expected test value of the validation-best of k runs against k (mean over
-    seeds, band: 95% interval), every other method at k = 1 (one run, no tuning) with its interval."""
     fig, axes = plt.subplots(1, len(TUNING_CRITERIA), figsize=(15, 4.8))
-    styles = method_styles(methods)
+    styles = styles_of(methods)
     for ax, key in zip(axes, TUNING_CRITERIA):
-        for i, label in enumerate(t["grids"]):
-            cells = t["curves"][label][key]["k"]
-            k = np.arange(1, len(cells) + 1)
-            mean, low, high = (np.array([c[f] for c in cells], dtype=float) for f in ("mean", "low", "high"))
-            color = ("black", "grey")[i] if i < 2 else styles.get(label.split(",")[0], ("C0",))[0]
-            ax.plot(k, mean, marker="o", ms=3, color=color, ls="-" if i != 1 else "--", label=label)
+        for i, g in enumerate(t["grids"]):
+            cells = t["curves"][g][key]["k"]
+            k, (mean, low, high) = range(1, len(cells) + 1), (
+                [c[f] for c in cells] for f in ("mean", "low", "high"))
+            color = ("black", "grey")[i] if i < 2 else styles[g.split(",")[0]][0]
+            ax.plot(k, mean, marker="o", ms=3, color=color, ls="--" if i == 1 else "-", label=g)
             ax.fill_between(k, low, high, color=color, alpha=0.15, lw=0)
         single = [n for n in t["methods"] if n in styles]
-        for j, name in enumerate(single):
-            (y, half), (color, marker) = t["methods"][name][key]["test"], styles[name]
-            x = 1 + 0.06 * (j - (len(single) - 1) / 2)          # side by side where they coincide
-            ax.errorbar(x, y, yerr=half if math.isfinite(half) else None, marker=marker, ms=7, mfc=color, mec="black",
-                        ecolor=color, capsize=2, ls="none", label=name)
-        if key != "iwae_nll":
-            ax.set_yscale("log")
-        ax.set_xlabel("k: β (or knob) settings tried, the best on validation kept")
-        ax.set_title(f"test {METRICS[key][0]} (↓ better), chosen by validation {METRICS[key][0]}", fontsize=10)
+        for j, name in enumerate(single):  # side by side where they coincide
+            c = t["methods"][name][key]["test"]
+            dot(ax, 1 + 0.06 * (j - (len(single) - 1) / 2), c["mean"], styles[name],
+                yerr=c, ms=7, capsize=2, label=name)
+        label = METRICS[key][0]
+        ax.set(yscale="linear" if key == "iwae_nll" else "log",
+               xlabel="k: settings tried, the best on validation kept")
+        ax.set_title(f"test {label} (↓ better), chosen by validation {label}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% interval over seeds); "
-                 "one run of each other method at k = 1")
-    finish_figure(fig, path, top=0.94, bottom=0.06 * math.ceil(len(labels) / 6))
-
-
-def image_grid(rows_of_images, labels, title, path):
-    """Rows of 8 uint8 grayscale images on one fixed [0, 255] scale, so no row is contrast-stretched."""
-    n = len(rows_of_images)
-    fig, axes = plt.subplots(n, 8, figsize=(16, 2 * n), squeeze=False)
-    for row, (images, label) in enumerate(zip(rows_of_images, labels)):
-        for i in range(8):
-            ax = axes[row, i]
-            if i < images.shape[0]:
-                ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[row, 0].set_ylabel(label, fontsize=11)
-    fig.suptitle(title, fontsize=14)
-    finish_figure(fig, path, top=1 - 0.6 / fig.get_figheight())      # room for the title above the rows
-
+    labels = axes[0].get_legend_handles_labels()
+    fig.legend(*labels, loc="lower center", ncol=min(len(labels[1]), 6), fontsize=8, frameon=False)
+    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% "
+                 "interval over seeds); one run of each other method at k = 1")
+    finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 6), 1, 0.94))
 
 def plot_images(records, test_images, out):
-    """Reconstructions of the first 8 test images and decodings of 8 shared prior samples, per method (its first
-    seed), from the arrays in the run files; returns the files drawn."""
-    first_seed = min(r["seed"] for r in records)
-    wanted = [r for r in records if r["seed"] == first_seed and not r["variant"] and r["status"] != "diverged"]
-    shown = {r["name"]: r["images"] for r in wanted if "images" in r}
-    if len(shown) < len(wanted):
-        print(f"Image figures: {len(wanted) - len(shown)} run file(s) carry no image arrays (written before run files "
-              f"did): " + ("the figures leave them out" if shown else "the figures in --out are not redrawn"))
-    if not shown:
-        return set()
-    names = list(shown)
-    image_grid([test_images[:8].cpu().numpy()] + [unpack_images(shown[n]["reconstructions"]) for n in names],
-               ["original"] + names, "Reconstructions of the first 8 test images",
-               os.path.join(out, "reconstructions_comparison.png"))
-    image_grid([unpack_images(shown[n]["samples"]) for n in names], names,
-               "Samples from the prior (same z for all models)", os.path.join(out, "samples_comparison.png"))
-    return {"reconstructions_comparison.png", "samples_comparison.png"}
-
+    """Per method (first seed) its reconstructions of the first 8 test images and
+    decodings of 8 shared prior samples, one [0, 255] gray scale; the files drawn."""
+    first = min(r["seed"] for r in records)
+    want = [r for r in records if r["seed"] == first and not r["variant"]
+            and r["status"] != "diverged"]
+    shown = {r["name"]: r["images"] for r in want if "images" in r}
+    if len(shown) < len(want):
+        print(f"Image figures: {len(want) - len(shown)} run file(s) carry no image "
+              f"arrays: the figures " + ("leave them out" if shown else "are not redrawn"))
+    for what in ("reconstructions", "samples") * bool(shown):
+        orig = what == "reconstructions"
+        rows = [test_images[:8].cpu().numpy()] * orig + [
+            unpack_images(s[what]) for s in shown.values()]
+        fig, axes = plt.subplots(len(rows), 8, figsize=(16, 2 * len(rows)), squeeze=False)
+        for ax_row, images, name in zip(axes, rows, ["original"] * orig + list(shown)):
+            for i, ax in enumerate(ax_row):
+                if i < len(images):
+                    ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=255)
+                ax.set(xticks=[], yticks=[])
+            ax_row[0].set_ylabel(name, fontsize=11)
+        fig.suptitle("Reconstructions of the first 8 test images" if orig else
+                     "Samples from the prior (same z for all models)", fontsize=14)
+        finish(fig, os.path.join(out, f"{what}_comparison.png"),
+               (0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+    return set(REPORT_PATHS[6:]) if shown else set()
 
 def build_report(args, splits):
-    """Tables, figures and verdict from the run files in --out alone (no checkpoint is read)."""
+    """summary.json, .csv, .md and the figures, from the run files alone."""
     records = load_runs(args.out)
-    reference = records[0]["reference"]
-    config = dict(records[0]["config"], seeds=sorted({r["seed"] for r in records}))
-    summary, methods = summarize(records, reference, config, args.select_by)
-    write_report(args.out, summary, methods, None if args.no_plots else set())    # the numbers first
+    s, methods = summarize(records, args.select_by)
+    path = lambda name: os.path.join(args.out, name)
+    write_json(path("summary.json"), s)
+    text = io.StringIO()  # summary.csv: one row per (method, seed), nan as ""
+    writer = csv.DictWriter(text, fieldnames=list(s["runs"][0]))
+    writer.writeheader()
+    writer.writerows({k: "" if v is None or isinstance(v, float) and not math.isfinite(v)
+                      else v for k, v in r.items()} for r in s["runs"])
+    write_text(path("summary.csv"), text.getvalue())
+    drawn = {f for f in REPORT_PATHS if os.path.isfile(path(f))} if args.no_plots else ()
+    write_text(path("summary.md"), summary_markdown(s, methods, drawn))  # numbers first
     if not args.no_plots:
-        path = lambda name: os.path.join(args.out, name)
-        plot_training(records, reference["test_data_sharpness"], path("training_comparison.png"), methods)
-        plot_rate_distortion(methods, path("rate_distortion.png"))
-        drawn = {"training_comparison.png", "rate_distortion.png"} | plot_images(records, splits["test"][0], args.out)
-        if summary["tuning_cost"]["grids"]:
-            plot_tuning_cost(summary["tuning_cost"], methods, path("tuning_cost.png"))
+        sharp = s["reference"]["test_data_sharpness"]
+        plot_training(records, methods, sharp, path("training_comparison.png"))
+        plot_rate_distortion(methods, s["front"], path("rate_distortion.png"))
+        drawn = {*REPORT_PATHS[4:6], *plot_images(records, splits["test"][0], args.out)}
+        if s["tuning_cost"]["grids"]:
+            plot_tuning_cost(s["tuning_cost"], methods, path("tuning_cost.png"))
             drawn.add("tuning_cost.png")
-        if any(row["mse"]["n"] for row in summary["front"].values()):
-            plot_matched_rate(summary["front"], methods, path("matched_rate.png"))
-            drawn.add("matched_rate.png")
-        write_text(path("summary.md"), summary_markdown(summary, methods, drawn))
-    with open(os.path.join(args.out, "summary.md")) as f:
+        write_text(path("summary.md"), summary_markdown(s, methods, drawn))
+    with open(path("summary.md")) as f:
         print("\n" + f.read())
     print("Run files by script version (SHA-256): " + ", ".join(
-        f"{short_sha(sha)} ({n} of {len(records)} runs)" for sha, n in summary["script_versions"].items()))
+        f"{short_sha(sha)} ({n} of {len(records)} runs)"
+        for sha, n in s["script_versions"].items()))
     print(f"\nWrote {os.path.abspath(args.out)}")
-    return summary
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-# flags that do not change a run's results, left out of the default --out name; short names for the others
-NOT_IN_NAME = {"device", "data_dir", "out", "cache_dir", "seed", "select_by", "shard", "report", "prepare", "quick",
-               "no_plots", "resume", "any_version", "overwrite", "no_progress", "compile", "benchmark",
-               "benchmark_steps", "benchmark_repeats"}
-NAME_KEYS = {"epochs": "e", "train_subset": "n", "val_size": "val", "test_subset": "test", "seeds": "s",
-             "iw_samples": "iw"}
-
+    return s
+# ---------------------------------------- command line
+# the flags that name the default --out, in this order ("flag=short name"; "knobs": each knob flag)
+OUT_NAME = ("epochs=e", "methods", "batch_size", "lr", "latent_dim", "train_subset=n",
+            "test_subset=test", "knobs", "bom_sensitivity", "seeds=s", "val_size=val",
+            "iw_samples=iw", "amp")
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+    def error(self, message):        # "argument --lr: must be ..." -> "--lr must be ..."
+        raise UsageError(re.sub(r"^argument (\S+): (?=must)", r"\1 ", message))
 
+def number(kind, low=None):
+    """An argparse type: an int >= low, or (low None) a finite number > 0."""
+    def check(text):
+        value = kind(text)
+        if value < low if low is not None else not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError("must be " + (f">= {low}" if low is not None else
+                                             "a finite number > 0") + f", got {value}")
+        return value
+    check.__name__ = kind.__name__               # argparse: "invalid int value"
+    return check
+
+def shard(text):
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"must be K/N with 1 <= K <= N, got '{text}'")
+    return int(k), int(n)
 
 def build_parser():
-    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST resized to 64x64.")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per run (notebook: 20)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to train; auto picks cuda, then mps, then cpu")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of runs: beta:<β> (loss = MSE + β·KL), bom, geco, controlvae, sigma_vae, "
-                        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), BOM with knobs "
-                        "bom:[<ablation>+]<knob>=<value>[+...] (e.g. bom:sharp=off+kl_scale=2); 'ablations' = "
-                        "every bom:<ablation>; 'all' = β in half decades 1e-7..3e-3 and 1e-2, 0.1, every "
-                        "tuning-free method and every ablation")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds weights, batch order and sampling; every method gets the same start")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (notebook: 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (notebook: 1e-3)")
-    p.add_argument("--latent-dim", type=int, default=128, help="latent dimensions (notebook: 128)")
-    p.add_argument("--data-dir", default="./data",
-                   help="folder holding MNIST/raw/ (downloaded there when missing)")
-    p.add_argument("--out", default=None,
-                   help="folder for tables, run histories and figures (default: results/<a name made of the "
-                        "settings that differ from the defaults>, e.g. results/default)")
-    p.add_argument("--cache-dir", default=default_cache_dir(),
-                   help="where the feature classifier is cached, keyed by its training images and settings "
-                        "(default: $XDG_CACHE_HOME/bom_vs_beta or ~/.cache/bom_vs_beta)")
-    p.add_argument("--train-subset", type=int, default=0,
-                   help="train on the first N training images (0 = all left after --val-size)")
-    p.add_argument("--test-subset", type=int, default=0, help="test on the first N images (0 = all 10,000)")
+    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST at 64x64.")
+    add, one, zero, real = p.add_argument, number(int, 1), number(int, 0), number(float)
+    add("--epochs", type=one, default=20, help="epochs per run (notebook: 20)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    add("--methods", default=DEFAULT_METHODS, help="comma list: beta:<β>, bom, geco, controlvae, sigma_vae, "
+        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), bom:[<ablation>+]<knob>=<value>"
+        "[+...]; 'ablations': the three; 'all': β 1e-7..3e-3, 1e-2, 0.1 and every other method")
+    add("--batch-size", type=one, default=64, help="(notebook: 64)")
+    add("--lr", type=real, default=1e-3, help="Adam's (notebook: 1e-3)")
+    add("--latent-dim", type=one, default=128, help="(notebook: 128)")
+    add("--data-dir", default="./data", help="holds MNIST/raw/ (downloaded if missing)")
+    add("--out", help="results folder (default: results/<changed flags> or default)")
+    add("--cache-dir", default=default_cache_dir(), help="feature classifier cache")
+    add("--train-subset", type=zero, default=0, help="train on the first N images")
+    add("--test-subset", type=zero, default=0, help="test on the first N images")
     for flag, _, default, text in knob_flags():
-        p.add_argument(flag, type=int if isinstance(default, int) else float, default=default, help=text)
-    p.add_argument("--bom-sensitivity", nargs="?", const="bom", default=None, metavar="ITEM",
-                   help="also run the BOM item ITEM (default: bom; e.g. bom:sharp=off) with " + ", ".join(
-                       f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items())
-                   + " (one knob at a time): its knob grid, judged like β-VAE's β grid")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="run every method once per seed (default: --seed alone)")
-    p.add_argument("--val-size", type=int, default=5000,
-                   help="hold out the last N training images for choosing β (0 = train on all, no selection)")
-    p.add_argument("--iw-samples", type=int, default=50,
-                   help="importance samples of the IWAE NLL bound (an upper bound on −log p(x) for any K)")
-    p.add_argument("--select-by", default="iwae_nll", choices=SELECTABLE,
-                   help="the validation metric that picks the one β-VAE every method is compared with")
-    p.add_argument("--shard", default=None, help="K/N: run only the K-th of N slices of the (method, seed) grid")
-    p.add_argument("--report", action="store_true",
-                   help="rebuild tables, figures and verdict from the run files in --out (no training)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test of every phase on a tiny slice: 3 epochs, 512 training, 256 validation and 256 "
-                        "test images, 8 importance samples, a classifier on 4,096 images (flags given explicitly win)")
-    p.add_argument("--prepare", action="store_true",
-                   help="train and cache the feature classifier for this data, then exit (once, before a shard array)")
-    p.add_argument("--no-plots", action="store_true", help="skip the four figures")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the runs checkpointed in --out/checkpoints; finished runs are not retrained")
-    p.add_argument("--any-version", action="store_true",
-                   help="with --resume: continue checkpoints that another version of this script wrote (its SHA-256 "
-                        "differs; the run file then names both versions)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the network (metrics and loss stay fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model before training")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time training steps of each method, the notebook's pipeline and the compute ceiling; "
-                        "writes benchmark.json instead of training")
-    p.add_argument("--benchmark-steps", type=int, default=50, help="timed training steps per repeat")
-    p.add_argument("--benchmark-repeats", type=int, default=3, help="repeats per measurement (median reported)")
+        add(flag, type=one if isinstance(default, int) else real, default=default, help=text)
+    grid = ", ".join(f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items())
+    add("--bom-sensitivity", nargs="?", const="bom", metavar="ITEM",
+        help=f"also run ITEM's (default bom) knob grid: {grid}")
+    add("--seeds", type=int, nargs="+", default=[0], help="each method once per seed")
+    add("--val-size", type=zero, default=5000, help="held out to choose β (0: none)")
+    add("--iw-samples", type=one, default=50, help="importance samples, IWAE NLL")
+    add("--select-by", default="iwae_nll", choices=SELECTABLE, help="chooses β")
+    add("--shard", type=shard, help="K/N: the K-th of N slices of the runs")
+    add("--report", action="store_true", help="rebuild the report from --out")
+    add("--quick", action="store_true", help=f"smoke test: {QUICK}")
+    add("--prepare", action="store_true", help="cache the feature classifier only")
+    add("--no-plots", action="store_true", help="no figures")
+    add("--resume", action="store_true", help="continue the runs in --out (finished ones are kept)")
+    add("--any-version", action="store_true", help="resume another version's")
+    add("--overwrite", action="store_true", help="replace the results in --out")
+    add("--no-progress", action="store_true", help="no progress bars")
+    add("--amp", action="store_true", help="bf16 autocast (loss, metrics fp32)")
+    add("--benchmark", action="store_true", help="time the methods: benchmark.json")
     return p
 
-
 def knob_flags():
-    """(flag, dest, default, help) of every method knob, as each Method's KNOBS declares: --<kind>-<knob>, read as
-    args.<kind>_<knob>. The default --out name lists changed flags in this order: the flags' first order, then any
-    method added since."""
+    """(--<kind>-<knob>, <kind>_<knob>, default, help) of every KNOBS entry; these four first."""
     first = [GECO, ControlVAE, FreeBits, BOMVAE]
-    return [(f"--{cls.kind}-{knob.replace('_', '-')}", f"{cls.kind}_{knob}", default, f"{cls.label}: {text}")
-            for cls in first + [c for c in METHOD_CLASSES.values() if c not in first]
-            for knob, (default, text) in cls.KNOBS.items()]
-
+    return [(f"--{c.kind}-{k.replace('_', '-')}", f"{c.kind}_{k}", d, f"{c.label}: {text}")
+            for c in first + [c for c in METHOD_CLASSES.values() if c not in first]
+            for k, (d, text) in c.KNOBS.items()]
 
 def parse_methods(text):
-    """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')]; 'ablations' is
-    every BOM ablation, 'all' every β of ALL_BETAS, every tuning-free method and every ablation; raises
-    UsageError on anything else."""
-    specs = []
-    items = [s.strip() for s in text.split(",")]
+    """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')];
+    'ablations': each bom:<ablation>; 'all': ALL_BETAS, TUNING_FREE and the ablations."""
     ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
-    for keyword, expansion in (("all", [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations),
-                               ("ablations", ablations)):
-        if keyword in items:
-            i = items.index(keyword)
-            items[i:i + 1] = expansion
-    for item in items:
+    every = {"ablations": ablations,
+             "all": [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations}
+    specs = []
+    for item in (i for s in text.split(",") for i in every.get(s.strip(), [s.strip()])):
         if item in TUNING_FREE:
             spec = (item, None)
         elif item.startswith("bom:"):
             spec = ("bom", BOMVAE.spec(*BOMVAE.parse(item[4:])))
         elif item.startswith("beta:"):
             try:
-                beta = float(item[5:])
+                spec = ("beta", float(item[5:]))
             except ValueError:
                 raise UsageError(f"--methods: '{item}' needs a number after 'beta:'") from None
-            if not (math.isfinite(beta) and beta > 0):
+            if not (math.isfinite(spec[1]) and spec[1] > 0):
                 raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
-            spec = ("beta", beta)
         else:
-            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, {', '.join(TUNING_FREE)}, "
-                             f"{', '.join(ablations)}, bom:[<ablation>+]<knob>=<value>, ablations or all)")
+            raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, "
+                             f"{', '.join(TUNING_FREE + tuple(ablations))}, "
+                             f"bom:[<ablation>+]<knob>=<value>, ablations or all)")
         if spec in specs:
             raise UsageError(f"--methods: '{item}' is listed twice")
         specs.append(spec)
     return specs
 
-
-def resolve_device(name):
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(device for device, ok in available.items() if ok)
-    if not available[name]:
-        raise UsageError(f"--device {name}: " + ("no CUDA GPU is available to this torch" if name == "cuda" else
-                                                 "MPS is not available on this machine"))
-    return torch.device(name)
-
-
 def check_amp(device):
-    """UsageError where bf16 autocast is not native: a GPU before Ampere (compute capability < 8, e.g. a T4)
-    emulates bf16, slower than fp32 and without cuDNN; a device or torch without bf16 autocast fails outright.
-    A CPU without bf16 instructions gets a warning (it runs, emulated and slow)."""
+    """UsageError where bf16 is not native (compute capability < 8, e.g. a T4) or fails."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
         raise UsageError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
-                         f"run without --amp")
+                         f"{cc}) has no native bf16; run without --amp")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch {torch.__version__} "
-                         f"({str(e).splitlines()[0]}); run without --amp") from None
+        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch "
+                         f"{torch.__version__} ({str(e).splitlines()[0]}); run without --amp")
     if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
-        print("warning: --amp on a CPU without bf16 instructions: emulated, likely slower than fp32", file=sys.stderr)
-
+        print("warning: --amp on a CPU without bf16: emulated, likely slower", file=sys.stderr)
 
 def parse_args(argv=None):
-    """Parse and check flags. In a notebook the kernel's own argv is ignored (argv=None -> defaults)."""
+    """The checked flags; in a notebook (ipykernel) argv None means the defaults."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
     parser = build_parser()
-    if "--quick" in argv:
-        parser.set_defaults(**QUICK)
+    parser.set_defaults(**(QUICK if "--quick" in argv else {}))
     args = parser.parse_args(argv)
-    args.argv = list(argv)
-    knobs = knob_flags()
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--latent-dim", args.latent_dim, 1), ("--train-subset", args.train_subset, 0),
-                             ("--test-subset", args.test_subset, 0), ("--benchmark-steps", args.benchmark_steps, 1),
-                             ("--benchmark-repeats", args.benchmark_repeats, 1), ("--val-size", args.val_size, 0),
-                             ("--iw-samples", args.iw_samples, 1),
-                             *((flag, getattr(args, dest), 1) for flag, dest, default, _ in knobs
-                               if isinstance(default, int))):
-        if value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--lr", args.lr),
-                        *((flag, getattr(args, dest)) for flag, dest, default, _ in knobs
-                          if not isinstance(default, int))):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume continues the results in --out, --overwrite replaces them: choose one")
-    if args.any_version and not args.resume:
-        raise UsageError("--any-version applies to --resume only")
-    args.method_specs = parse_methods(args.methods)
+    args.argv, args.method_specs = list(argv), parse_methods(args.methods)
+    for wrong, message in (
+            (args.resume and args.overwrite, "--resume continues --out, --overwrite replaces it: "
+                                             "choose one"),
+            (args.any_version and not args.resume, "--any-version applies to --resume only"),
+            (len(set(args.seeds)) < len(args.seeds), "--seeds: a seed is listed twice"),
+            (args.benchmark + args.report + args.prepare + bool(args.shard) > 1,
+             "--benchmark, --report, --prepare and --shard are separate modes: use one")):
+        if wrong:
+            raise UsageError(message)
     if args.bom_sensitivity:
-        base = parse_methods(args.bom_sensitivity)
-        if len(base) != 1 or base[0][0] != "bom":
-            raise UsageError(f"--bom-sensitivity takes one BOM item (bom, bom:sharp=off, ...), got "
-                             f"'{args.bom_sensitivity}'")
-        ablation, knobs = BOMVAE.parse(base[0][1]) if base[0][1] else (None, {})
-        grid = [("bom", BOMVAE.spec(ablation, dict(knobs, **{knob: value})))
-                for knob, values in BOMVAE.SENSITIVITY.items() for value in values]
-        args.method_specs += [spec for spec in grid if spec not in args.method_specs]
-    args.seeds = args.seeds if args.seeds is not None else [args.seed]
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--seeds: a seed is listed twice ({' '.join(map(str, args.seeds))})")
-    if args.shard is not None:
-        k, _, n = args.shard.partition("/")
-        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
-            raise UsageError(f"--shard must be K/N with 1 <= K <= N, got '{args.shard}'")
-        args.shard = (int(k), int(n))
-    if sum((args.benchmark, args.report, args.prepare, args.shard is not None)) > 1:
-        raise UsageError("--benchmark, --report, --prepare and --shard are separate modes: use one")
-    args.torch_device = resolve_device(args.device)
+        (kind, item), *more = parse_methods(args.bom_sensitivity)
+        if more or kind != "bom":
+            raise UsageError(f"--bom-sensitivity takes one BOM item, got {args.bom_sensitivity}")
+        ablation, knobs = BOMVAE.parse(item) if item else (None, {})
+        args.method_specs += [s for s in (
+            ("bom", BOMVAE.spec(ablation, dict(knobs, **{k: v})))
+            for k, values in BOMVAE.SENSITIVITY.items() for v in values) if s not in args.method_specs]
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = next((d for d in there if there[d]), "cpu") if args.device == "auto" else args.device
+    if not there.get(name, True):
+        raise UsageError(f"--device {name}: " + ("no CUDA GPU is available to this torch"
+                                                 if name == "cuda" else "no MPS here"))
+    args.torch_device = torch.device(name)
     if args.amp:
         check_amp(args.torch_device)
     args.out = args.out or os.path.join("results", experiment_name(args))
     return args
 
-
 def experiment_name(args):
-    """A folder name from the settings that change results and differ from the defaults ('default' when none
-    do; 'quick...' under --quick): the same command always writes to the same folder, another never does."""
-    defaults = vars(build_parser().parse_args([]))
-    defaults["seeds"] = [defaults["seed"]]
-    if args.quick:
-        defaults.update(QUICK)
-    parts = ["quick"] if args.quick else []
-    for key, default in defaults.items():
-        value = getattr(args, key)
-        if key not in NOT_IN_NAME and value != default:
-            text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-                else str(value)
-            parts.append(NAME_KEYS.get(key, key.replace("_", "-") + "-") + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
+    """'default' or the changed OUT_NAME flags, e.g. e5_s0-1; cut to 60 + a hash over 80."""
+    defaults = dict(vars(build_parser().parse_args([])), **(QUICK if args.quick else {}))
+    parts, knobs = ["quick"] * args.quick, [dest for _, dest, _, _ in knob_flags()]
+    for key, _, short in (item.partition("=") for item in OUT_NAME):
+        for key in knobs if key == "knobs" else [key]:
+            value = getattr(args, key)
+            text = ("-".join(map(str, value)) if isinstance(value, list)
+                    else f"{value:g}" if isinstance(value, float) else str(value))
+            if value != defaults[key]:
+                prefix = short or key.replace("_", "-") + "-"
+                parts.append(prefix + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
     name = "_".join(parts) or "default"
-    return name if len(name) <= 80 else f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
+    cut = f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name if len(name) <= 80 else cut
 
 def with_flags(args, **changes):
-    """A copy of the parsed flags with some changed (a run's own seed, a benchmark's single epoch)."""
+    """A copy of the flags with some changed (a run's seed, a benchmark's one epoch)."""
     return argparse.Namespace(**dict(vars(args), **changes))
 
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
+# ---------------------------------------- checkpoints
 def atomic_write(path, write):
-    """write(tmp) then rename over path: a crash mid-write never leaves a half-written file behind."""
+    """write(tmp), then rename it over path: a crash never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -2428,196 +1842,194 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def json_safe(obj):
+    """Non-finite floats become null, so the files stay valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    return [json_safe(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+def write_json(path, obj):
+    write_text(path, json.dumps(json_safe(obj), indent=1))
 
 def gpu_module(device):
-    """torch.cuda or torch.mps: the module of the device's own random generator and queue (None on the CPU)."""
+    """torch.cuda or torch.mps: the device's own RNG and queue (None on the CPU)."""
     return getattr(torch, device.type) if device.type in ("cuda", "mps") else None
 
-
-def random_states(order, device):
-    """The CPU's and the batch order's random states, and the run's own GPU's (only its own: a CPU run on a
-    GPU machine creates no CUDA context)."""
-    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
-    if gpu_module(device):
-        rng[device.type] = gpu_module(device).get_rng_state()
-    return rng
-
-
-def set_random_states(rng, order, device):
-    torch.set_rng_state(rng["torch"])
-    order.set_state(rng["order"])
-    if gpu_module(device) and device.type in rng:
-        gpu_module(device).set_rng_state(rng[device.type])
-
-
 def run_fingerprint(method, args, n_train):
-    """The settings a run's checkpoint must share with the command that resumes it."""
-    return {"method": method.name, "method_settings": method.settings(), "seed": args.seed, "val_size": args.val_size,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "latent_dim": args.latent_dim, "train_images": n_train, "amp": args.amp}
+    """The settings a run's checkpoint shares with the command that resumes it."""
+    flags = ("seed", "val_size", "epochs", "batch_size", "lr", "latent_dim")
+    return {"method": method.name, "method_settings": method.settings(),
+            **{k: getattr(args, k) for k in flags}, "train_images": n_train, "amp": args.amp}
 
+RUN_STATE = ("status", "diverged_at", "history", "curve", "train_seconds")
 
 def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
-    """Everything a resumed run needs to continue exactly: weights, optimizer, method state, RNG states."""
-    rng = random_states(order, next(run["model"].parameters()).device)
-    return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished, "status": run["status"],
-            "diverged_at": run["diverged_at"], "history": run["history"], "curve": run["curve"],
-            "train_seconds": run["train_seconds"], "model": run["model"].state_dict(),
+    """All a resumed run needs to go on exactly (RNGs: the CPU's, the order's, its GPU's)."""
+    device = next(run["model"].parameters()).device
+    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
+    if gpu_module(device):                   # a CPU run on a GPU machine makes no CUDA context
+        rng[device.type] = gpu_module(device).get_rng_state()
+    return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished,
+            **{k: run[k] for k in RUN_STATE}, "model": run["model"].state_dict(),
             "optimizer": optimizer.state_dict(), "method": method.state_dict(), "rng": rng}
 
+def restore_checkpoint(state, run, optimizer, method, order):
+    run.update({k: state[k] for k in RUN_STATE})
+    if "model" in state:              # a run diverged in its first epoch has no good weights
+        run["model"].load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        torch.set_rng_state(state["rng"]["torch"])
+        order.set_state(state["rng"]["order"])
+        device = next(run["model"].parameters()).device
+        if gpu_module(device) and device.type in state["rng"]:
+            gpu_module(device).set_rng_state(state["rng"][device.type])
 
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-
 def load_checkpoint(path, fingerprint):
-    """A checkpoint's state, loaded as data only (weights_only: no code from the file runs); UsageError
-    when it is unreadable or was written with other settings than `fingerprint`."""
+    """A checkpoint as data only (weights_only: it runs no code), of these settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["fingerprint"]
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): move it away to retrain that run, "
-                         f"or use a fresh --out") from None
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): move it "
+                         f"away to retrain that run, or use a fresh --out") from None
     check_fingerprint(path, saved, fingerprint)
     return state
 
-
 def check_fingerprint(path, saved, fingerprint):
-    """UsageError naming the file and each setting that differs between a saved run and this command."""
-    fingerprint = json_safe(fingerprint)
-    differs = [f"{k} {json_safe(saved.get(k))!r} there, {v!r} now" for k, v in fingerprint.items()
-               if json_safe(saved.get(k)) != v]
+    """UsageError naming each setting that differs between a saved run and this command."""
+    differs = [f"{k} {json_safe(saved.get(k))!r} there, {v!r} now"
+               for k, v in json_safe(fingerprint).items() if json_safe(saved.get(k)) != v]
     if differs:
         raise UsageError(f"{path} was written with other settings ({'; '.join(differs)}): "
                          f"use a fresh --out for these settings")
 
-
-def restore_checkpoint(state, run, optimizer, method, order):
-    run.update({k: state[k] for k in ("history", "curve", "status", "diverged_at", "train_seconds")})
-    if "model" in state:            # a run that diverged in its first epoch has no good weights to keep
-        run["model"].load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        set_random_states(state["rng"], order, next(run["model"].parameters()).device)
-
-
 def mark_diverged(path, run, fingerprint):
-    """Record the divergence in the checkpoint and keep its last good weights."""
-    state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
-    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True, status="diverged",
-                 diverged_at=run["diverged_at"],
-                 history=run["history"], curve=run["curve"], train_seconds=run["train_seconds"])
+    """Record the divergence in the checkpoint, keeping its last good weights."""
+    state = torch.load(path, "cpu", weights_only=True) if os.path.exists(path) else {}
+    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True,
+                 **{k: run[k] for k in RUN_STATE})
     save_checkpoint(path, state)
 
+def short_sha(sha):
+    return sha[:12] if sha else "not recorded"
 
-# ----------------------------------------------------------------------------- benchmark
+def lock(path):
+    """The file's exclusive lock till closed or exit; None while another process holds it;
+    granted where there is no flock. The file stays: every process locks the same one."""
+    handle = open(path, "a")
+    try:
+        if fcntl:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return handle.close()
+    except OSError:
+        pass
+    return handle
 
+# ---------------------------------------- benchmark
+BENCHMARK_STEPS, BENCHMARK_REPEATS = 50, 3     # timed steps per repeat; repeats (median)
+NOTEBOOK, CEILING = "notebook pipeline (reference)", "compute ceiling"
 
 def sync(device):
-    """Wait for queued GPU work before reading the clock (CUDA and MPS run asynchronously)."""
+    """Wait for the GPU's queue before reading the clock (CUDA and MPS are asynchronous)."""
     if gpu_module(device):
         gpu_module(device).synchronize()
-
 
 def machine_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+    cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-
+            cpu = next((l.split(":")[1].strip() for l in f if l.startswith("model name")), cpu)
+    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 def time_steps(step, device, steps, repeats):
-    """Seconds per step of `repeats` blocks of `steps` calls of step(), after 3 warm-up calls."""
-    for _ in range(3):
-        step()
-    sync(device)
+    """Seconds per step() in `repeats` blocks of `steps` calls, after 3 warm-up calls."""
     seconds = []
-    for _ in range(repeats):
+    for block in range(repeats + 1):
+        sync(device)
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps if block else 3):
             step()
         sync(device)
         seconds.append((time.perf_counter() - start) / steps)
-    return seconds
-
+    return seconds[1:]
 
 def time_notebook_pipeline(args, device):
-    """The notebook's own pipeline, as the reference: a DataLoader running PIL Resize(64) + ToTensor on every
-    image (shuffled, 2 workers), a β-VAE step on the plain model, and the notebook's nine .item() calls per step."""
-    data = datasets.MNIST(args.data_dir, train=True, download=False,
-                          transform=transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor()]))
-    if args.train_subset:
-        data = Subset(data, range(min(args.train_subset, len(data))))
+    """The notebook's pipeline: a DataLoader doing PIL Resize(64) + ToTensor (2 workers), a β-VAE
+    step on the plain model and the notebook's nine .item() calls per step."""
+    resize = transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor()])
+    data = datasets.MNIST(args.data_dir, train=True, transform=resize)
+    data = Subset(data, range(min(args.train_subset or len(data), len(data))))
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=2)
-    seed_everything(args.seed)
+    seed_everything(args.seeds[0])
     model = VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history, loader_batches = [], itertools.chain.from_iterable(itertools.repeat(loader))
+    loader, history = itertools.chain.from_iterable(itertools.repeat(loader)), []
 
     def step():
-        x = next(loader_batches)[0].to(device)
         optimizer.zero_grad()
-        mse, kl, sharp, _ = forward_metrics(model, x)
+        mse, kl, sharp, _ = forward_metrics(model, next(loader)[0].to(device))
         loss = mse.mean() + 1e-3 * kl.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
-        history.append([t.item() for t in (loss, mse.mean(), kl.mean(),            # epoch lists
-                                           mse.mean(), kl.mean(), sharp.mean(),    # per-step history
-                                           loss, mse.mean(), kl.mean())])          # progress bar
-    return time_steps(step, device, args.benchmark_steps, args.benchmark_repeats)
-
+        means = (loss, mse.mean(), kl.mean())    # epoch lists, step history, progress bar
+        history.append([t.item() for t in (*means, *means[1:], sharp.mean(), *means)])
+    return time_steps(step, device, BENCHMARK_STEPS, BENCHMARK_REPEATS)
 
 def time_compute_ceiling(images, args):
-    """Forward + backward + clip + Adam on one resident batch: the model's own speed, nothing else."""
-    seed_everything(args.seed)
-    model = new_model(args.latent_dim, images.device)
-    forward = torch.compile(model) if args.compile else model
-    optimizer = new_optimizer(model, args.lr)
-    x = next(batches(images[:args.batch_size], args.batch_size))
+    """Forward, backward, clip and Adam on one resident batch: the model's own speed."""
+    seed_everything(args.seeds[0])
+    model, optimizer = new_model(args.latent_dim, images.device, args.lr)
+    x = as_float(images[:args.batch_size])
 
     def step():
-        mse, kl, _, _ = forward_metrics(forward, x, args.amp)
+        mse, kl, _, _ = forward_metrics(model, x, args.amp)
         optimizer_step(optimizer, model, mse.mean() + 1e-3 * kl.mean(), None)
-    return time_steps(step, images.device, args.benchmark_steps, args.benchmark_repeats)
+    return time_steps(step, images.device, BENCHMARK_STEPS, BENCHMARK_REPEATS)
 
-
-def time_training(spec, images, args):
-    """Seconds per step of the real training loop (train_run, one epoch of --benchmark-steps batches)."""
-    steps = min(args.benchmark_steps, math.ceil(images.shape[0] / args.batch_size))
-    subset = images[:steps * args.batch_size]
-    quiet = with_flags(args, epochs=1, no_progress=True)
+def time_training(spec, images, args, steps, repeats):
+    """Seconds per step of train_run: one epoch of `steps` batches, after a warm-up."""
+    steps = min(steps, math.ceil(images.shape[0] / args.batch_size))
+    quiet = with_flags(args, seed=args.seeds[0], epochs=1, no_progress=True)
+    run = lambda n: train_run(make_method(spec, args), images[:n * args.batch_size], quiet)
     with redirect_stdout(io.StringIO()):
-        train_run(make_method(spec, args), subset[:3 * args.batch_size], quiet)   # warm-up
-        return [train_run(make_method(spec, args), subset, quiet)["train_seconds"] / steps
-                for _ in range(args.benchmark_repeats)]
-
+        run(3)
+        return [run(steps)["train_seconds"] / steps for _ in range(repeats)]
 
 def time_evaluation(splits, args, n=500):
-    """Seconds to evaluate one run (validation and test metrics) with these flags, from a timed
-    evaluation of an untrained model on up to n images per split, scaled to the splits' sizes."""
-    device = splits["test"][0].device
+    """Seconds to evaluate a run, timed on n images per split (an untrained model and
+    classifier: the same compute), scaled to the splits' sizes."""
     small = {name: (x[:n], y[:n]) for name, (x, y) in splits.items()}
+    device = splits["test"][0].device
     torch.manual_seed(0)
-    classifier = DigitClassifier().to(device)      # untrained: the same compute as the trained one
-    references = {name: classify(classifier, small[name][0])[0] for name in ("val", "test") if len(small[name][0])}
-    model = new_model(args.latent_dim, device)
+    classifier = DigitClassifier().to(device)
+    features = {s: classify(classifier, small[s][0])[0] for s in ("val", "test") if len(small[s][0])}
+    model = new_model(args.latent_dim, device, args.lr)[0]
     sync(device)
     start = time.perf_counter()
-    evaluate_run(model, small, classifier, references, args, args.seed)
+    evaluate_run(model, small, classifier, features, args, args.seeds[0])
     sync(device)
-    timed = small["test"][0].shape[0] + (small["val"][0].shape[0] if args.val_size else 0)
-    total = splits["test"][0].shape[0] + (splits["val"][0].shape[0] if args.val_size else 0)
-    return (time.perf_counter() - start) * total / timed
-
+    size = lambda s: len(s["test"][0]) + len(s["val"][0]) * bool(args.val_size)
+    return (time.perf_counter() - start) * size(splits) / size(small)
 
 def time_classifier(splits):
     """Seconds to train the feature classifier, from 3 timed steps."""
-    x, y = (images[:CLASSIFIER_BATCH] for images in splits["classifier"])
+    x, y = (t[:CLASSIFIER_BATCH] for t in splits["classifier"])
     classifier = DigitClassifier().to(x.device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_LR)
 
@@ -2625,174 +2037,153 @@ def time_classifier(splits):
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(classifier(as_float(x)), y).backward()
         optimizer.step()
-    steps = CLASSIFIER_EPOCHS * math.ceil(splits["classifier"][0].shape[0] / CLASSIFIER_BATCH)
-    return time_steps(step, x.device, 3, 1)[0] * steps
+    n = len(splits["classifier"][0])
+    return time_steps(step, x.device, 3, 1)[0] * CLASSIFIER_EPOCHS * math.ceil(n / CLASSIFIER_BATCH)
 
+def wall_time(step_seconds, eval_seconds, steps):
+    """Σ over runs of seconds per step · steps per run + eval_seconds."""
+    return sum(seconds * steps + eval_seconds for seconds in step_seconds)
 
 def estimate_wall_time(splits, args, runs):
-    """Seconds to train and evaluate `runs` runs with these flags, from 3 timed steps of a β-VAE and an
-    evaluation of 32 images per split, and to train the feature classifier when the cache does not hold it."""
-    quick = with_flags(args, benchmark_steps=3, benchmark_repeats=1)
-    step = time_training(("beta", 1e-3), splits["train"][0], quick)[0]
-    steps = args.epochs * math.ceil(splits["train"][0].shape[0] / args.batch_size)
-    cached = cached_classifier(*classifier_cache(splits, args), splits["classifier"][0].device) is not None
-    return runs * (step * steps + time_evaluation(splits, args, 32)) + (0 if cached else time_classifier(splits))
-
+    """wall_time of `runs` β-VAE runs (3 timed steps, 32 images evaluated), plus the feature
+    classifier's training when the cache lacks it."""
+    images = splits["train"][0]
+    step = time_training(("beta", 1e-3), images, args, 3, 1)[0]
+    cached = cached_classifier(splits, args)[2] is not None
+    steps = args.epochs * math.ceil(len(images) / args.batch_size)
+    seconds = wall_time([step] * runs, time_evaluation(splits, args, 32), steps)
+    return seconds + (0 if cached else time_classifier(splits))
 
 def run_benchmark(args, splits):
-    """Print and save ms/step and images/s of each method, the notebook's pipeline and the compute ceiling,
-    and estimate the wall time of the whole comparison with these flags."""
-    train_images = splits["train"][0]
-    device = train_images.device
-    print(f"Benchmark on {machine_name(device)} ({device}), torch {torch.__version__}, batch {args.batch_size}, "
-          f"median of {args.benchmark_repeats} x {args.benchmark_steps} steps")
-    timings = {"notebook pipeline (reference)": time_notebook_pipeline(args, device),
-               "compute ceiling": time_compute_ceiling(train_images, args)}
-    for spec in args.method_specs:
-        timings[make_method(spec, args).name] = time_training(spec, train_images, args)
+    """ms/step, images/s, speed against the notebook's pipeline and the compute ceiling of each
+    method, and the comparison's wall time: printed and written to benchmark.json."""
+    images, device = splits["train"][0], splits["train"][0].device
+    names, machine = [make_method(s, args).name for s in args.method_specs], machine_name(device)
+    print(f"Benchmark on {machine} ({device}), torch {torch.__version__}, batch "
+          f"{args.batch_size}, median of {BENCHMARK_REPEATS} x {BENCHMARK_STEPS} steps")
+    timings = {NOTEBOOK: time_notebook_pipeline(args, device),
+               CEILING: time_compute_ceiling(images, args)}
+    for name, spec in zip(names, args.method_specs):
+        timings[name] = time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
     eval_seconds = time_evaluation(splits, args)
-
-    medians = {name: statistics.median(t) for name, t in timings.items()}
-    ref, ceiling = medians["notebook pipeline (reference)"], medians["compute ceiling"]
-    rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m, "vs_notebook": ref / m,
-                   "vs_ceiling": ceiling / m, "repeats_ms": [1000 * t for t in timings[name]]}
-            for name, m in medians.items()}
+    median = {name: statistics.median(t) for name, t in timings.items()}
+    rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m,
+                   "vs_notebook": median[NOTEBOOK] / m, "vs_ceiling": median[CEILING] / m,
+                   "repeats_ms": [1000 * t for t in timings[name]]} for name, m in median.items()}
     print(f"{'path':<30} {'ms/step':>9} {'images/s':>9} {'vs notebook':>11} {'vs ceiling':>11}")
     for name, r in rows.items():
-        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} {r['vs_notebook']:>10.2f}x "
-              f"{r['vs_ceiling']:>10.0%}")
-    steps_per_run = args.epochs * math.ceil(train_images.shape[0] / args.batch_size)
-    methods = [make_method(spec, args).name for spec in args.method_specs]
-    seeds = len(args.seeds)
-    estimate = seeds * sum(medians[name] * steps_per_run + eval_seconds for name in methods)
-    notebook_estimate = seeds * len(methods) * ref * steps_per_run
-    print(f"Estimated wall time of this comparison ({len(methods)} methods x {seeds} seed(s), {steps_per_run} "
-          f"steps and {eval_seconds:.0f} s of evaluation per run): {estimate / 60:.1f} min; the notebook's pipeline "
-          f"would train for {notebook_estimate / 60:.1f} min")
-    report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
-              "flags": {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")},
-              "paths": rows, "eval_seconds_per_run": eval_seconds,
-              "estimated_comparison_seconds": estimate, "notebook_pipeline_training_seconds": notebook_estimate}
+        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} "
+              f"{r['vs_notebook']:>10.2f}x {r['vs_ceiling']:>10.0%}")
+    runs, steps = names * len(args.seeds), args.epochs * math.ceil(len(images) / args.batch_size)
+    estimate = wall_time([median[name] for name in runs], eval_seconds, steps)
+    notebook = wall_time([median[NOTEBOOK]] * len(runs), 0, steps)
+    print(f"Estimated wall time of this comparison ({len(names)} methods x {len(args.seeds)} "
+          f"seed(s), {steps} steps and {eval_seconds:.0f} s of evaluation per run): "
+          f"{estimate / 60:.1f} min; the notebook's pipeline would train {notebook / 60:.1f} min")
+    flags = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
+    report = {"machine": machine, "device": str(device), "torch": torch.__version__,
+              "flags": flags, "paths": rows, "eval_seconds_per_run": eval_seconds,
+              "estimated_comparison_seconds": estimate, "notebook_pipeline_training_seconds": notebook}
     write_json(os.path.join(args.out, "benchmark.json"), report)
     return report
 
-
-# ----------------------------------------------------------------------------- main
-
-
+# ---------------------------------------- main
 EXPERIMENT_FILE = "experiment.json"
-REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "training_comparison.png", "rate_distortion.png",
-                "tuning_cost.png", "matched_rate.png", "reconstructions_comparison.png", "samples_comparison.png")
-
-
-def run_grid(args):
-    """The (method, seed) runs of this invocation: every method for every seed, or the K-th of N slices."""
-    grid = [(make_method(spec, args), seed) for seed in args.seeds for spec in args.method_specs]
-    if args.shard:
-        k, n = args.shard
-        grid = grid[k - 1::n]
-    return grid
-
 
 def run_paths(args, method, seed):
     name = f"{method.name}_seed{seed}"
-    return os.path.join(args.out, "runs", f"{name}.json"), os.path.join(args.out, "checkpoints", f"{name}.pt")
+    return (os.path.join(args.out, "runs", name + ".json"),
+            os.path.join(args.out, "checkpoints", name + ".pt"))
 
-
-def check_out(args, grid):
-    """Checks of --out, before the data loads; returns the paths in --out that --overwrite replaces."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} exists and is not a folder")
-    if args.report:
-        if not load_runs(args.out):
-            raise UsageError(f"--report: no run files in {os.path.join(args.out, 'runs')}")
-        return []
-    if args.prepare:
-        return []
-    if args.benchmark:
-        owned = ["benchmark.json"]
-    else:
-        owned = [os.path.relpath(p, args.out) for method, seed in grid for p in run_paths(args, method, seed)]
-        if not args.shard:
-            owned += ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
-    existing = [p for p in owned if os.path.isfile(os.path.join(args.out, p)) or os.path.isdir(os.path.join(
-        args.out, p)) and any(not f.endswith(".lock") for f in os.listdir(os.path.join(args.out, p)))]
+def plan_out(args, locks):
+    """Check --out and plan the runs, refusing (UsageError) before anything is written; loads the
+    data once the checks that need none pass, then removes what --overwrite replaces, creates the
+    folders and locks the runs to train (into `locks`). Returns the splits, the (method, seed)
+    grid, the run files kept, {checkpoint: state}, the folder's experiments, this command's."""
+    grid = [(make_method(spec, args), seed) for seed in args.seeds for spec in args.method_specs]
+    grid = grid[args.shard[0] - 1::args.shard[1]] if args.shard else grid
+    training, out = not (args.report or args.prepare or args.benchmark), args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if args.report and not load_runs(out):
+        raise UsageError(f"--report: no run files in {os.path.join(out, 'runs')}")
+    owned = [os.path.relpath(p, out) for m, s in grid for p in run_paths(args, m, s)] + (
+        [] if args.shard else ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS])
+    owned = owned if training else ["benchmark.json"] if args.benchmark else []
+    full = lambda p: os.path.isfile(p) or os.path.isdir(p) and any(
+        not name.endswith(".lock") for name in os.listdir(p))
+    existing = [p for p in owned if full(os.path.join(out, p))]
     if existing and not (args.resume or args.overwrite):
-        fresh = next(f"{args.out}-{i}" for i in range(2, 1000) if not os.path.exists(f"{args.out}-{i}"))
-        raise UsageError(f"--out {args.out} already holds results: give this run a fresh folder (--out {fresh}), or "
-                         f"add --resume to continue them; --overwrite would delete {', '.join(existing[:6])}"
-                         f"{f' and {len(existing) - 6} more' if len(existing) > 6 else ''} in {args.out}")
-    if not args.overwrite:
-        return []
-    folder = os.path.join(args.out, "checkpoints")
-    if args.shard:                                            # it replaces this shard's runs only
-        paths = [run_paths(args, method, seed)[1][:-3] + ".lock" for method, seed in grid]
-    else:
-        paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".lock")] \
-            if os.path.isdir(folder) else []
-    for path in filter(os.path.exists, paths):                # nothing is deleted under another process
-        handle = lock(path)
-        if handle is None:
-            raise UsageError(f"--overwrite: {os.path.basename(path)[:-5]} is being trained into {args.out} by "
-                             f"another process: let it finish first")
+        fresh = next(f"{out}-{i}" for i in itertools.count(2) if not os.path.exists(f"{out}-{i}"))
+        more = f" and {len(existing) - 6} more" if len(existing) > 6 else ""
+        raise UsageError(f"--out {out} already holds results: give this run a fresh folder "
+                         f"(--out {fresh}), or add --resume to continue them; --overwrite would "
+                         f"delete {', '.join(existing[:6])}{more} in {out}")
+    replaced = existing if args.overwrite else []
+    lock_of = lambda m, s: run_paths(args, m, s)[1][:-3] + ".lock"
+    probe = [lock_of(*run) for run in grid] if args.shard else sorted(glob.glob(
+        os.path.join(glob.escape(out), "checkpoints", "*.lock")))
+    for path in filter(os.path.exists, probe if args.overwrite and training else []):
+        if (handle := lock(path)) is None:                     # nothing deleted under another
+            raise UsageError(f"--overwrite: {os.path.basename(path)[:-5]} is being trained "
+                             f"into {out} by another process: let it finish first")
         handle.close()
-    return existing
-
-
-def command_experiment(args, splits):
-    return {k: splits[k[:-7]][0].shape[0] if k.endswith("_images") else getattr(args, k) for k in EXPERIMENT}
-
-
-def folder_experiment(args, replaced):
-    """{source: experiment} of what --out keeps for this command: its experiment file and its run files."""
-    path = os.path.join(args.out, EXPERIMENT_FILE)
-    kept = {} if EXPERIMENT_FILE in replaced or not os.path.isfile(path) else {path: read_json(path)}
-    runs = {} if "runs" in replaced else folder_runs(args.out, {os.path.join(args.out, p) for p in replaced})
-    kept.update({p: experiment_of(r) for p, r in runs.items()})
-    return kept
-
-
-def lock(path):
-    """An exclusive lock on the file `path` (created if absent and never removed, so that every process locks the
-    same file), held until released or the process ends; None while another process holds it. Where there are no
-    locks (Windows, a file system without flock) every lock is granted."""
-    handle = open(path, "a")
-    try:
-        if fcntl:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    except OSError:
-        pass
-    return handle
-
-
-def release(locks):
-    for handle in locks:
-        handle.close()
-
-
-def lock_runs(args, grid, done):
-    """Lock every run of `grid` this command trains; a run another process has finished since joins `done` (with
-    --resume). Returns the locks; UsageError when another process trains one of them."""
-    locks = []
-    for method, seed in grid:
+    splits = load_splits(args, args.torch_device)
+    n_train = len(splits["train"][0])
+    if args.batch_size > n_train:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} "
+                         f"training images")
+    done, states = set(), {}
+    for method, seed in grid if args.resume else []:
         run_file, checkpoint = run_paths(args, method, seed)
+        fingerprint = run_fingerprint(method, with_flags(args, seed=seed), n_train)
+        if os.path.exists(run_file):
+            saved = read_json(run_file, ("name", "reference", "fingerprint"))["fingerprint"]
+            check_fingerprint(run_file, saved if isinstance(saved, dict) else {}, fingerprint)
+            done.add(run_file)
+        elif os.path.exists(checkpoint):
+            states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
+            sha = states[checkpoint].get("script_sha256")
+            if sha != SCRIPT_SHA256 and not args.any_version:
+                raise UsageError(
+                    f"checkpoint {checkpoint} was written by another version of bom_vs_beta.py "
+                    f"(SHA-256 {short_sha(sha)} there, {short_sha(SCRIPT_SHA256)} now): resume "
+                    f"with that version, add --any-version to continue it with this one, or "
+                    f"move it away to retrain")
+    experiment = {k: len(splits[k[:-7]][0]) if k.endswith("_images") else getattr(args, k)
+                  for k in EXPERIMENT}
+    path, kept = os.path.join(out, EXPERIMENT_FILE), {}
+    if training and EXPERIMENT_FILE not in replaced and os.path.isfile(path):
+        kept[path] = read_json(path)
+    if training and "runs" not in replaced:
+        skip = {os.path.join(out, p) for p in replaced}
+        kept.update({p: experiment_of(r) for p, r in folder_runs(out, skip).items()})
+    check_same({**kept, "this command": experiment})
+    try:
+        for path in (os.path.join(out, p) for p in replaced):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        for sub in ["runs", "checkpoints"] if training else [] if args.prepare else [""]:
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        if not args.prepare:
+            os.remove(tempfile.mkstemp(dir=out)[1])               # a write test
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
+    for method, seed in grid if training else []:
+        run_file = run_paths(args, method, seed)[0]
         if run_file not in done:
-            locks.append(lock(checkpoint[:-3] + ".lock"))
+            locks.append(lock(lock_of(method, seed)))
             if locks[-1] is None:
-                release(locks[:-1])
-                raise UsageError(f"{method.name}, seed {seed} is being trained into {args.out} by another process: "
-                                 f"let it finish, or give this command another --out")
-            if args.resume and os.path.exists(run_file):
+                locks.pop()
+                raise UsageError(f"{method.name}, seed {seed} is being trained into {out} by "
+                                 f"another process: let it finish, or give this command "
+                                 f"another --out")
+            if args.resume and os.path.exists(run_file):      # another process finished it
                 done.add(run_file)
-    return locks
-
+    return splits, grid, done, states, kept, experiment
 
 def claim(path, experiment):
-    """Write `experiment` to `path` unless a file is there, created whole in one step (of two processes started
-    together one writes it, the other compares); UsageError when the file there holds another experiment."""
+    """Write `experiment` to path whole in one step (a hard link), unless a file is there: then
+    compare (check_same). Of two processes started together one writes, the other compares."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
     with os.fdopen(fd, "w") as f:
         json.dump(experiment, f)
@@ -2802,53 +2193,75 @@ def claim(path, experiment):
         except OSError as e:
             if isinstance(e, FileExistsError):
                 raise
-            with open(path, "x") as f:                # a file system without hard links
+            with open(path, "x") as f:              # no hard links: created exclusively
                 json.dump(experiment, f)
     except FileExistsError:
         check_same({path: read_json(path), "this command": experiment})
     finally:
         os.remove(tmp)
 
-
-def plan_resume(args, grid, n_train):
-    """With --resume: the runs whose run file is complete (skipped) and the loaded checkpoints of the others."""
-    done, states = set(), {}
+def train_grid(args, splits, grid, done, states, kept, experiment):
+    """The estimate, the feature classifier (part of the experiment), each run not done."""
+    n = {split: len(images) for split, (images, _) in splits.items()}
+    print(f"Device: {args.torch_device} | train {n['train']}, validation {n['val']}, test "
+          f"{n['test']} images | {args.epochs} epochs | {len(grid)} runs"
+          + (" (shard {}/{})".format(*args.shard) if args.shard else "")
+          + f" | writing to {args.out}")
+    if todo := sum(run_paths(args, m, s)[0] not in done for m, s in grid):
+        print(f"Estimated wall time of the {todo} run(s) to train: "
+              f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
+    tools = evaluation_tools(splits, args)
+    experiment = dict(experiment, classifier=tools[2]["classifier_sha256"][:12])
+    source = "this command (pass --cache-dir the folder's feature classifier)"
+    check_same({**kept, source: experiment})
+    claim(os.path.join(args.out, EXPERIMENT_FILE), experiment)
     for method, seed in grid:
         run_file, checkpoint = run_paths(args, method, seed)
-        fingerprint = run_fingerprint(method, with_flags(args, seed=seed), n_train)
-        if args.resume and os.path.exists(run_file):
-            saved = read_json(run_file, ("name", "reference", "fingerprint"))["fingerprint"]
-            check_fingerprint(run_file, saved if isinstance(saved, dict) else {}, fingerprint)
-            done.add(run_file)
-        elif args.resume and os.path.exists(checkpoint):
-            states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
-            written_by = states[checkpoint].get("script_sha256")
-            if written_by != SCRIPT_SHA256 and not args.any_version:
-                raise UsageError(f"checkpoint {checkpoint} was written by another version of bom_vs_beta.py (SHA-256 "
-                                 f"{short_sha(written_by)} there, {short_sha(SCRIPT_SHA256)} now): resume with that "
-                                 f"version, add --any-version to continue it with this one, or move it away to retrain")
-    return done, states
+        if run_file in done:
+            print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
+        else:
+            run_one(method, seed, splits, args, tools, states.get(checkpoint))
 
+def run_config(args, splits):
+    """A run file's config: the flags but the knobs (the run's own are its settings)."""
+    skip = {dest for _, dest, _, _ in knob_flags()} | {"method_specs", "torch_device", "argv"}
+    return dict({k: v for k, v in vars(args).items() if k not in skip},
+                device=str(args.torch_device), machine=machine_name(args.torch_device),
+                torch=torch.__version__,
+                **{f"{s}_images": len(splits[s][0]) for s in ("train", "val", "test")})
 
-def prepare_out(args, replaced):
-    """Create --out (and runs/, checkpoints/) after removing what --overwrite replaces; UsageError if unwritable."""
-    try:
-        for name in replaced:
-            path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if args.prepare:
-            return
-        for sub in ([] if args.benchmark or args.report else ["runs", "checkpoints"]):
-            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-        os.makedirs(args.out, exist_ok=True)
-        os.remove(tempfile.mkstemp(dir=args.out)[1])          # a write test
-    except OSError as e:
-        raise UsageError(f"--out {args.out} is not writable ({e.strerror})") from None
+def run_one(method, seed, splits, args, tools, resume_from):
+    """Train one (method, seed), evaluate it on validation and test, write its run file."""
+    run_args, (run_file, checkpoint) = with_flags(args, seed=seed), run_paths(args, method, seed)
+    print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
+    run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
+    (classifier, references, reference), ok = tools, run["status"] != "diverged"
+    start = time.time()
+    metrics = evaluate_run(run["model"], splits, classifier, references, args, seed) if ok else {}
+    images = {"images": figure_images(run["model"], splits["test"][0])} if ok else {}
+    eval_seconds, test = time.time() - start, metrics.get("test", {})
+    print("  test: " + ", ".join(f"{label} {fmt(test.get(k, math.nan), digits)}"
+                                 for k, (label, digits, _) in METRICS.items())
+          + f" ({run['status']}; trained {run['train_seconds']:.1f} s, evaluated "
+          f"{eval_seconds:.1f} s)")
+    resumed = resume_from.get("script_sha256") if resume_from else SCRIPT_SHA256
+    write_json(run_file, {
+        "name": method.name, "kind": method.kind, "variant": bool(getattr(method, "variant", ())),
+        "seed": seed, "script_sha256": SCRIPT_SHA256,
+        **({} if resumed == SCRIPT_SHA256 else {"resumed_from_script_sha256": resumed}),
+        "settings": method.settings(),
+        "fingerprint": run_fingerprint(method, run_args, len(splits["train"][0])),
+        "config": dict(run_config(run_args, splits), **method.config()), "status": run["status"],
+        "diverged_at": run["diverged_at"], "train_seconds": run["train_seconds"],
+        "eval_seconds": eval_seconds, "reference": reference, **metrics,
+        "history": run["history"],
+        "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}, **images})
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM's notice before pre-emption, kill's default), handled like Ctrl-C."""
 
-def short_sha(sha):
-    return sha[:12] if sha else "not recorded"
-
+def terminate(signum, frame):
+    raise Terminated
 
 def resume_command(args):
     argv = [a for a in args.argv if a not in ("--overwrite", "--resume")] + ["--resume"]
@@ -2856,139 +2269,45 @@ def resume_command(args):
         return f"main({argv!r})"
     return " ".join(["python", "bom_vs_beta.py"] + [shlex.quote(a) for a in argv])
 
-
-def run_config(args, splits):
-    """The flags of a run file's config: every flag but the methods' knobs (the run's own are its settings)."""
-    knobs = {dest for _, dest, _, _ in knob_flags()}
-    config = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv", *knobs)}
-    config.update(device=str(args.torch_device), machine=machine_name(args.torch_device), torch=torch.__version__,
-                  train_images=splits["train"][0].shape[0],
-                  val_images=splits["val"][0].shape[0], test_images=splits["test"][0].shape[0])
-    return config
-
-
-def run_one(method, seed, splits, args, evaluation_tools, resume_from):
-    """Train one (method, seed), evaluate it on validation and test, and write its run file."""
-    run_args = with_flags(args, seed=seed)
-    run_file, checkpoint = run_paths(args, method, seed)
-    print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
-    run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
-    classifier, references, reference = evaluation_tools
-    start = time.time()
-    metrics = {} if run["status"] == "diverged" else evaluate_run(run["model"], splits, classifier, references,
-                                                                   args, seed)
-    images = {} if run["status"] == "diverged" else {"images": figure_images(run["model"], splits["test"][0])}
-    resumed_by = resume_from.get("script_sha256") if resume_from else SCRIPT_SHA256
-    eval_seconds = time.time() - start
-    test = metrics.get("test", {})
-    print("  test: " + ", ".join(f"{METRICS[k][0]} {fmt(test.get(k, float('nan')), METRICS[k][1])}" for k in METRICS)
-          + f" ({run['status']}; trained {run['train_seconds']:.1f} s, evaluated {eval_seconds:.1f} s)")
-    write_json(run_file, {"name": method.name, "kind": method.kind, "variant": bool(getattr(method, "variant", ())),
-                          "seed": seed, "script_sha256": SCRIPT_SHA256,
-                          **({} if resumed_by == SCRIPT_SHA256 else {"resumed_from_script_sha256": resumed_by}),
-                          "settings": method.settings(),
-                          "fingerprint": run_fingerprint(method, run_args, splits["train"][0].shape[0]),
-                          "config": dict(run_config(run_args, splits), **method.config()),
-                          "status": run["status"], "diverged_at": run["diverged_at"],
-                          "train_seconds": run["train_seconds"], "eval_seconds": eval_seconds, "reference": reference,
-                          **metrics,
-                          "history": run["history"],
-                          "curve": {"columns": ["epoch", "mse", "kl", "sharp"], "values": run["curve"]}, **images})
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM sends before pre-empting a job, and kill's default), handled like Ctrl-C."""
-
-
-def terminate(signum, frame):
-    raise Terminated
-
-
-def evaluation_tools(splits, args):
-    """What every run's evaluation shares: the feature classifier, the features of the real validation
-    and test images, and the reference values (data sharpness, classifier accuracy)."""
-    classifier, accuracy, weights_sha256 = get_classifier(splits, args)
-    references = {split: classify(classifier, splits[split][0])[0] for split in ("val", "test")
-                  if splits[split][0].shape[0]}
-    return classifier, references, {"test_data_sharpness": data_sharpness(splits["test"][0]),
-                                    "classifier_test_accuracy": accuracy, "classifier_sha256": weights_sha256}
-
-
 def main(argv=None):
-    """Run the comparison (or one shard of it, or --report, or --benchmark); returns the summary (or the
-    benchmark report). Bad input exits with status 2 before anything is written; Ctrl-C (status 130) and SIGTERM
-    (143) keep every completed epoch."""
+    """The comparison, a shard of it, --report, --prepare or --benchmark: returns the summary (or
+    benchmark). Bad input exits 2 before anything is written; Ctrl-C (130), SIGTERM (143) keep
+    every completed epoch."""
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     args, locks = None, []
     try:
         args = parse_args(argv)
-        grid = run_grid(args)
-        replaced = check_out(args, grid)
-        splits = load_splits(args, args.torch_device)
-        n_train = splits["train"][0].shape[0]
-        if args.batch_size > n_train:
-            raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_train} training images")
-        done, resume_states = plan_resume(args, grid, n_train)
-        running = not (args.report or args.prepare or args.benchmark)
-        kept = folder_experiment(args, replaced) if running else {}
-        experiment = command_experiment(args, splits)
-        check_same({**kept, "this command": experiment})
-        prepare_out(args, replaced)
-        locks = lock_runs(args, grid, done) if running else []
-        return run(args, splits, grid, done, resume_states, kept, experiment)
+        splits, grid, done, states, kept, experiment = plan_out(args, locks)
+        if args.torch_device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if args.benchmark:
+            return run_benchmark(args, splits)
+        if args.prepare:
+            _, accuracy, sha = get_classifier(splits, args)
+            return print(f"Feature classifier ready: {accuracy:.2%} test accuracy, weights "
+                         f"sha256 {sha[:16]}")
+        if not args.report:
+            train_grid(args, splits, grid, done, states, kept, experiment)
+        if args.shard:
+            return print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, "
+                         f"rebuild the report with:\n  python bom_vs_beta.py --report --out "
+                         f"{shlex.quote(args.out)} --data-dir {shlex.quote(args.data_dir)}")
+        return build_report(args, splits)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         training = args is not None and not (args.report or args.prepare or args.benchmark)
         print(f"\n{'Terminated' if isinstance(e, Terminated) else 'Interrupted'}." + (
-            f" Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; resume with:\n  "
-            f"{resume_command(args)}" if training else ""), file=sys.stderr)
+            f" Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; "
+            f"resume with:\n  {resume_command(args)}" if training else ""), file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     finally:
-        release(locks)
+        for handle in locks:
+            handle.close()
         if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_sigterm is None else on_sigterm)
-
-
-def run(args, splits, grid, done, resume_states, kept, experiment):
-    """What main does once every check has passed: a benchmark, the classifier, the runs, the report."""
-    if args.torch_device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.benchmark:
-        return run_benchmark(args, splits)
-    if args.prepare:
-        _, accuracy, weights_sha256 = get_classifier(splits, args)
-        print(f"Feature classifier ready: {accuracy:.2%} test accuracy, weights sha256 {weights_sha256[:16]}")
-        return None
-    if not args.report:
-        todo = sum(run_paths(args, method, seed)[0] not in done for method, seed in grid)
-        n = {split: images.shape[0] for split, (images, _) in splits.items()}
-        print(f"Device: {args.torch_device} | train {n['train']}, validation {n['val']}, test {n['test']} images | "
-              f"{args.epochs} epochs | {len(grid)} runs"
-              + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else "") + f" | writing to {args.out}")
-        if todo:
-            print(f"Estimated wall time of the {todo} run(s) to train: "
-                  f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
-        tools = evaluation_tools(splits, args)
-        # the feature classifier is part of the experiment (FDs compare under one only): the folder's, or a new one
-        experiment = dict(experiment, classifier=tools[2]["classifier_sha256"][:12])
-        check_same({**kept, "this command (pass --cache-dir the folder's feature classifier)": experiment})
-        claim(os.path.join(args.out, EXPERIMENT_FILE), experiment)
-        for method, seed in grid:
-            run_file, checkpoint = run_paths(args, method, seed)
-            if run_file in done:
-                print(f"  {method.name}, seed {seed}: finished earlier, kept from {run_file}")
-                continue
-            run_one(method, seed, splits, args, tools, resume_states.get(checkpoint))
-        if args.shard:
-            print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, rebuild the report with:\n"
-                  f"  python bom_vs_beta.py --report --out {shlex.quote(args.out)} --data-dir "
-                  f"{shlex.quote(args.data_dir)}")
-            return None
-    return build_report(args, splits)
-
+            signal.signal(signal.SIGTERM, on_sigterm if on_sigterm is not None else signal.SIG_DFL)
 
 if __name__ == "__main__":
     main()
