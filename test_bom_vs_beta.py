@@ -1112,6 +1112,14 @@ def rows_of(md, title):
     part = md.split("## " + title)[1].split("\n## ")[0]
     return {row.split(" | ")[0][2:]: row for row in part.splitlines() if row.startswith("| ")}
 
+def test_a_folder_without_validation_metrics_still_gets_every_table():
+    """--val-size 0: no β is chosen and no best of k drawn, yet summary.md is whole."""
+    records = front_records()
+    for r in records:
+        del r["val"]
+    summary, md = summary_md(records)
+    assert summary["criteria"] == {} and "## Test metrics" in md and "## Verdict" in md
+
 def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed():
     gone = [dict(fake_run("bom_gone", "bom", seed, {}, {}, {"kl_targets": [50.0, 80.0, 150.0]}),
                  status="diverged") for seed in SEED_SCALE]
@@ -1902,6 +1910,11 @@ def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
               "Where each method lands", "What tuning buys", "Test metrics"]
     assert sorted(titles, key=lambda title: md.index("## " + title)) == titles
     assert "| bom | " in md.split("## What tuning buys")[0]
+
+def test_run_paths_take_the_out_folder_verbatim():
+    paths = bvb.run_paths(types.SimpleNamespace(out="r{x}"), bvb.BetaVAE(0.1), 2)
+    assert paths == (os.path.join("r{x}", "runs", "beta_0.1_seed2.json"),
+                     os.path.join("r{x}", "checkpoints", "beta_0.1_seed2.pt"))
 
 # ---------------------------------------- benchmark
 
