@@ -60,7 +60,6 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 # ---------------------------------------- config
-
 DEFAULT_METHODS = "beta:0.0001,beta:0.001,beta:0.01,beta:0.1,bom"
 IMAGE_SIZE = 64                 # MNIST's 28x28 digits are resized to 64x64 (bilinear)
 IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -99,7 +98,6 @@ class UsageError(Exception):
     """Bad input: one line on stderr, exit status 2, nothing written."""
 
 # ---------------------------------------- data
-
 def load_mnist(data_dir, train):
     """One MNIST file pair: uint8 digits (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's
     Resize(64)), and their labels."""
@@ -154,7 +152,6 @@ def batches(images, batch_size, generator=None):
         yield as_float(images[idx])
 
 # ---------------------------------------- model
-
 def down(c_in, c_out):
     return [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
@@ -194,7 +191,6 @@ def new_model(latent_dim, device, lr):
     return model, torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 # ---------------------------------------- metrics
-
 def sharpness(images):
     """Per image: (mean |x[i, j+1] − x[i, j]| + mean |x[i+1, j] − x[i, j]|) / 2."""
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean((1, 2, 3))
@@ -219,7 +215,6 @@ def forward_metrics(model, x, amp=False):
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
 
 # ---------------------------------------- BOM's scores, calibration and squeeze
-
 BOTTLENECKS = ("mse", "kl", "sharp")
 
 def constraint_scores(mse, kl, sharp, c):
@@ -570,7 +565,6 @@ def make_method(spec, args):
     return METHOD_CLASSES[kind].from_args(args, value)
 
 # ---------------------------------------- the training loop
-
 def seed_everything(seed):
     """Every random source: python, numpy, torch (CPU and GPU)."""
     random.seed(seed)
@@ -684,7 +678,6 @@ def epoch_line(name, row, epochs):
     return text
 
 # ---------------------------------------- evaluation
-
 def data_sharpness(images):
     """The images' own mean sharpness: a reconstruction sharper than this is noise, not detail."""
     return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / images.shape[0]
@@ -875,7 +868,6 @@ def evaluate_run(model, splits, classifier, references, args, seed):
                                      desc)
     return out
 # ---------------------------------------- report
-
 def fmt(value, digits):
     ok = value is not None and math.isfinite(value)
     return f"{value:.{digits}f}" if ok else "n/a"
