@@ -381,13 +381,12 @@ class BOMVAE(Method):
                                  f"{', '.join(BOMVAE.ABLATIONS)}, one at most) nor a knob "
                                  f"({', '.join(BOMVAE.KNOBS)}, once each) given as <knob>=<value>")
             kind = type(BOMVAE.KNOBS[knob][0])
-            try:
-                knobs[knob] = kind(value)
-            except ValueError:
-                knobs[knob] = math.nan
-            if not (knobs[knob] >= 1 if kind is int else math.isfinite(knobs[knob]) and knobs[knob] > 0):
+            try:                                    # the rule of the knob's own flag
+                knobs[knob] = number(kind, 1 if kind is int else None)(value)
+            except (ValueError, argparse.ArgumentTypeError):
                 need = "an integer >= 1" if kind is int else "a finite number > 0"
-                raise UsageError(f"--methods: BOM's {knob} must be {need}, got '{value}' in 'bom:{text}'")
+                raise UsageError(f"--methods: BOM's {knob} must be {need}, got '{value}' in 'bom:{text}'") \
+                    from None
         return ablation, knobs
 
     @staticmethod
@@ -2097,7 +2096,8 @@ def plan_out(args, locks):
     training, out = not (args.report or args.prepare or args.benchmark), args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
-    if args.report and not load_runs(out):
+    runs = os.path.join(out, "runs")          # --report reads (and checks) them once, in build_report
+    if args.report and not (os.path.isdir(runs) and any(f.endswith(".json") for f in os.listdir(runs))):
         raise UsageError(f"--report: no run files in {os.path.join(out, 'runs')}")
     owned = [os.path.relpath(p, out) for m, s in grid for p in run_paths(args, m, s)] + (
         [] if args.shard else ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS])
