@@ -19,7 +19,6 @@ import argparse
 import base64
 import collections
 import contextlib
-import csv
 import functools
 import glob
 import hashlib
@@ -639,8 +638,6 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             run["status"] = "diverged"
             print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch} at step "
                   f"{run['diverged_at']['step']}; the comparison goes on without it")
-            if checkpoint:
-                mark_diverged(checkpoint, run, fingerprint)
             break
         steps, per_step = int(steps), torch.stack(step_metrics).cpu()
         mse, kl, sharp = per_step.mean(0).tolist()
@@ -743,30 +740,23 @@ def default_cache_dir():
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(home, "bom_vs_beta")
 
-def cached_classifier(splits, args):
-    """Where the feature classifier for these training images is cached, the fingerprint it carries, and
-    the classifier cached there when it loads and matches (None otherwise: absent or corrupt)."""
-    train_x, train_y = splits["classifier"]
+def get_classifier(splits, args):
+    """The FDs' feature network: trained once (seeded) on the whole training split, whatever
+    --train-subset, and cached in --cache-dir under a fingerprint of those images and its settings
+    (a cache that does not load or match is retrained). Returns it, its test accuracy and the
+    SHA-256 of its weights."""
+    (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
     fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
     path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
+    classifier = DigitClassifier().to(train_x.device)
     try:
         state = torch.load(path, map_location=train_x.device, weights_only=True)
-        classifier = DigitClassifier().to(train_x.device)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError("another classifier")
         classifier.load_state_dict(state["model"])
-        return path, fingerprint, classifier if state["fingerprint"] == fingerprint else None
-    except Exception:
-        return path, fingerprint, None
-
-def get_classifier(splits, args):
-    """The FDs' feature network: trained once (seeded) on the whole training split, whatever --train-subset,
-    and cached in --cache-dir under a fingerprint of those images and its settings (a cache that does not
-    load or match is retrained). Returns it, its test accuracy and the SHA-256 of its weights."""
-    (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
-    path, fingerprint, classifier = cached_classifier(splits, args)
-    if classifier is not None:
         print(f"Feature classifier: loaded from {path}")
-    else:
+    except Exception:                                 # absent, corrupt or of other images
         torch.manual_seed(0)
         classifier = DigitClassifier().to(train_x.device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_LR)
@@ -884,7 +874,7 @@ TUNING_CRITERIA = ("iwae_nll", "fd_prior", "mse")
 TARGET_TOLERANCE = 0.3  # a run reached its own target within ±30%
 ALPHA = 0.05  # a finding: Holm-adjusted p < ALPHA over its table
 POSITIONS = ("above", "on", "below", "outside", "undetermined", "diverged")
-REPORT_PATHS = ("summary.json", "summary.csv", "summary.md", "tuning_cost.png",
+REPORT_PATHS = ("summary.json", "summary.md", "tuning_cost.png",
                 "rate_distortion.png", "training_comparison.png",
                 "reconstructions_comparison.png", "samples_comparison.png")
 # what makes runs comparable: one folder holds one experiment
@@ -1259,7 +1249,6 @@ def bom_diagnosis(methods, data_sharp, baseline):
         "kl_optimum": mean(m, lambda h: last(h, "kl_optimum")),
         "kl_target": m["settings"]["kl_targets"][1], "sharp_ceiling_over_data": mean(
             m, lambda h: last(h, "sharp_ceiling") or NAN) / data_sharp,
-        "test_sharp_over_data": m["test"]["sharp"]["mean"] / data_sharp,
         "worst_share": {k: mean(m, share(k)) for k in BOTTLENECKS}}
         for m in judged(methods) if m["kind"] == "bom"}} or {}
 
@@ -1339,6 +1328,7 @@ def landing_lines(choices, methods, latent_dim):
                   f"reached / target (last epoch, ±{TARGET_TOLERANCE:.0%})"], rows) + note
 
 def tuning_lines(t):
+    """Per method and criterion: its test value, k* of each β grid, the finding at k = n."""
     labels = [g for g in t["grids"] if g[0] == "β"]
     vs = lambda k, x, star=False: show(
         x, 2 if FRONT[k] == "ratio" else METRICS[k][1], FRONT[k], star)
@@ -1346,21 +1336,17 @@ def tuning_lines(t):
         f"not within its {x['n']}" if x["k"] is None else f"{x['k']} of {x['n']}"
     ) + f": {vs(k, x['at'])}" or "n/a"
     word = {"better": "better", "worse": "worse", "undetermined": "one seed"}
-    cell = lambda g, k, i: i < len(t["curves"][g][k]["k"]) and show(t["curves"][g][k]["k"][i], METRICS[k][1])
-    curves = [[g, i + 1, *(cell(g, k, i) or "" for k in TUNING_CRITERIA)]
-              for g, names in t["grids"].items() for i in range(len(names))]
     rows = [[n, METRICS[k][0], show(x["test"], METRICS[k][1]),
              *(k_star(k, x["k_star"][g]) for g in labels), vs(k, x["at_n"]["per_seed"], True)
              + " → " + word.get(x["at_n"]["finding"], "n.d.")]
             for n, row in t["methods"].items() for k, x in row.items()]
     return t["grids"] and table(
-        ["grid", "k", *(f"by {METRICS[k][0]}" for k in TUNING_CRITERIA)], curves) + [
-        "", "k*: the smallest k whose best of k beats the method (a BOM grid: its "
-        "tuned best), with the method against it; `→ better/worse` at k = n when the "
-        "β each seed's and the seed mean's validation choose agree (README, \"What "
-        "tuning buys\").", ""] + table(
         ["method", "chosen and reported by", "its test value",
-         *(f"k* of {g}" for g in labels), "at k = n"], rows)
+         *(f"k* of {g}" for g in labels), "at k = n"], rows) + [
+        "", "k*: the smallest k whose expected best of k random settings (tuning_cost.png) "
+        "beats the method (a BOM grid: its tuned best), with the method against it; "
+        "`→ better/worse` at k = n when the β each seed's and the seed mean's validation "
+        "choose agree (README, \"What tuning buys\")."]
 
 def test_lines(methods, ref):
     data = ref["test_data_sharpness"]
@@ -1429,13 +1415,13 @@ def summary_markdown(s, methods, figures):
           f"{c['test_images']} test images, IWAE with {c['iw_samples']} samples, device "
           f"{c['device']}, torch {c['torch']}. How each number is computed: README, "
           f"\"How the verdict is computed\"."]
-    md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[3:5] if f in figures]
+    md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[2:4] if f in figures]
     for title, lines in (
             ("Verdict: each method against the β-VAE rate–distortion front",
              verdict_lines(s["front"], methods)), ("Where each method lands without tuning",
              landing_lines(s["criteria"], methods, c["latent_dim"])),
-            ("What tuning buys: expected best of k random settings, mean [95% "
-             "interval] over seeds", tuning_lines(s["tuning_cost"])),
+            ("What tuning buys: how many random β-VAE runs beat each method",
+             tuning_lines(s["tuning_cost"])),
             ("Test metrics (mean [95% interval] over seeds)", test_lines(methods, s["reference"])),
             ("BOM and its ablations (seed means, last training epoch)",
              bom_lines(s["bom_diagnosis"])),
@@ -1541,9 +1527,8 @@ def plot_rate_distortion(methods, front, path):
     finish(fig, path, (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
     return labels[1]
 
-RATIO_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 7, 10, 20, 30, 50)
-
 def forest(ax, front, key, styles):
+    """Each method's ratio to the front at its rate, with its interval; 1 dashed."""
     for y, (name, row) in enumerate(front.items()):
         if row[key]["n"]:
             dot(ax, row[key]["mean"], y, styles[name], row[key], ms=8, capsize=3)
@@ -1553,15 +1538,12 @@ def forest(ax, front, key, styles):
                     color="dimgrey", transform=ax.get_yaxis_transform())
     ends = [r[key][f] for r in front.values() for f in ("low", "high", "mean")]
     ends = [v for v in ends if math.isfinite(v)] + [1.0]
-    lo, hi, ticks = min(ends) / 1.1, max(ends) * 1.1, [1.0]
-    for t in sorted(RATIO_TICKS, key=lambda t: abs(math.log(t))):  # outward from 1
-        if lo <= t <= hi and all(abs(math.log(t / k)) >= math.log(hi / lo) / 9
-                                 for k in ticks):  # a ninth of the span apart
-            ticks.append(t)
+    ticks = {1.0, *(float(f"{v:.2g}") for v in (min(ends), max(ends)))}
     ax.axvline(1.0, color="black", lw=1, ls="--")
     ax.set_xscale("log")
-    ax.set(ylim=(len(front) - 0.5, -0.5), xticks=ticks, title=f"{METRICS[key][0]} "
-           "/ β front's at the same KL\n(1 = on it; 95% interval)")
+    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(min(ends) / 1.1, max(ends) * 1.1),
+           xticks=sorted(ticks), title=f"{METRICS[key][0]} / β front's at the same KL\n"
+           "(1 = on it; 95% interval)")
     ax.set_yticks(range(len(front)), list(front), fontsize=8)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -1619,7 +1601,7 @@ def plot_images(records, test_images, out):
                      "Samples from the prior (same z for all models)", fontsize=14)
         finish(fig, os.path.join(out, f"{what}_comparison.png"),
                (0, 0, 1, 1 - 0.6 / fig.get_figheight()))
-    return set(REPORT_PATHS[6:]) if shown else set()
+    return set(REPORT_PATHS[5:]) if shown else set()
 
 def build_report(args, splits):
     """summary.json, .csv, .md and the figures, from the run files alone."""
@@ -1627,19 +1609,13 @@ def build_report(args, splits):
     s, methods = summarize(records, args.select_by)
     path = lambda name: os.path.join(args.out, name)
     write_json(path("summary.json"), s)
-    text = io.StringIO()  # summary.csv: one row per (method, seed), nan as ""
-    writer = csv.DictWriter(text, fieldnames=list(s["runs"][0]))
-    writer.writeheader()
-    writer.writerows({k: "" if v is None or isinstance(v, float) and not math.isfinite(v)
-                      else v for k, v in r.items()} for r in s["runs"])
-    write_text(path("summary.csv"), text.getvalue())
     drawn = {f for f in REPORT_PATHS if os.path.isfile(path(f))} if args.no_plots else ()
     write_text(path("summary.md"), summary_markdown(s, methods, drawn))  # numbers first
     if not args.no_plots:
         sharp = s["reference"]["test_data_sharpness"]
         plot_training(records, methods, sharp, path("training_comparison.png"))
         plot_rate_distortion(methods, s["front"], path("rate_distortion.png"))
-        drawn = {*REPORT_PATHS[4:6], *plot_images(records, splits["test"][0], args.out)}
+        drawn = {*REPORT_PATHS[3:5], *plot_images(records, splits["test"][0], args.out)}
         if s["tuning_cost"]["grids"]:
             plot_tuning_cost(s["tuning_cost"], methods, path("tuning_cost.png"))
             drawn.add("tuning_cost.png")
@@ -1874,15 +1850,14 @@ def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
 
 def restore_checkpoint(state, run, optimizer, method, order):
     run.update({k: state[k] for k in RUN_STATE})
-    if "model" in state:              # a run diverged in its first epoch has no good weights
-        run["model"].load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        torch.set_rng_state(state["rng"]["torch"])
-        order.set_state(state["rng"]["order"])
-        device = next(run["model"].parameters()).device
-        if gpu_module(device) and device.type in state["rng"]:
-            gpu_module(device).set_rng_state(state["rng"][device.type])
+    run["model"].load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method"])
+    torch.set_rng_state(state["rng"]["torch"])
+    order.set_state(state["rng"]["order"])
+    device = next(run["model"].parameters()).device
+    if gpu_module(device) and device.type in state["rng"]:
+        gpu_module(device).set_rng_state(state["rng"][device.type])
 
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -1906,13 +1881,6 @@ def check_fingerprint(path, saved, fingerprint):
         raise UsageError(f"{path} was written with other settings ({'; '.join(differs)}): "
                          f"use a fresh --out for these settings")
 
-def mark_diverged(path, run, fingerprint):
-    """Record the divergence in the checkpoint, keeping its last good weights."""
-    state = torch.load(path, "cpu", weights_only=True) if os.path.exists(path) else {}
-    state.update(fingerprint=fingerprint, script_sha256=SCRIPT_SHA256, finished=True,
-                 **{k: run[k] for k in RUN_STATE})
-    save_checkpoint(path, state)
-
 def short_sha(sha):
     return sha[:12] if sha else "not recorded"
 
@@ -1931,12 +1899,6 @@ def lock(path):
 
 # ---------------------------------------- benchmark
 BENCHMARK_STEPS, BENCHMARK_REPEATS = 50, 3     # timed steps per repeat; repeats (median)
-NOTEBOOK, CEILING = "notebook pipeline (reference)", "compute ceiling"
-
-def sync(device):
-    """Wait for the GPU's queue before reading the clock (CUDA and MPS are asynchronous)."""
-    if gpu_module(device):
-        gpu_module(device).synchronize()
 
 def machine_name(device):
     if device.type == "cuda":
@@ -1946,52 +1908,6 @@ def machine_name(device):
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":")[1].strip() for l in f if l.startswith("model name")), cpu)
     return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-
-def time_steps(step, device, steps, repeats):
-    """Seconds per step() in `repeats` blocks of `steps` calls, after 3 warm-up calls."""
-    seconds = []
-    for block in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps if block else 3):
-            step()
-        sync(device)
-        seconds.append((time.perf_counter() - start) / steps)
-    return seconds[1:]
-
-def time_notebook_pipeline(args, device):
-    """The notebook's pipeline: a DataLoader doing PIL Resize(64) + ToTensor (2 workers), a β-VAE
-    step on the plain model and the notebook's nine .item() calls per step."""
-    resize = transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor()])
-    data = datasets.MNIST(args.data_dir, train=True, transform=resize)
-    data = Subset(data, range(min(args.train_subset or len(data), len(data))))
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=2)
-    seed_everything(args.seeds[0])
-    model = VAE(args.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loader, history = itertools.chain.from_iterable(itertools.repeat(loader)), []
-
-    def step():
-        optimizer.zero_grad()
-        mse, kl, sharp, _ = forward_metrics(model, next(loader)[0].to(device))
-        loss = mse.mean() + 1e-3 * kl.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        means = (loss, mse.mean(), kl.mean())    # epoch lists, step history, progress bar
-        history.append([t.item() for t in (*means, *means[1:], sharp.mean(), *means)])
-    return time_steps(step, device, BENCHMARK_STEPS, BENCHMARK_REPEATS)
-
-def time_compute_ceiling(images, args):
-    """Forward, backward, clip and Adam on one resident batch: the model's own speed."""
-    seed_everything(args.seeds[0])
-    model, optimizer = new_model(args.latent_dim, images.device, args.lr)
-    x = as_float(images[:args.batch_size])
-
-    def step():
-        mse, kl, _, _ = forward_metrics(model, x, args.amp)
-        optimizer_step(optimizer, model, mse.mean() + 1e-3 * kl.mean(), None)
-    return time_steps(step, images.device, BENCHMARK_STEPS, BENCHMARK_REPEATS)
 
 def time_training(spec, images, args, steps, repeats):
     """Seconds per step of train_run: one epoch of `steps` batches, after a warm-up."""
@@ -2011,70 +1927,50 @@ def time_evaluation(splits, args, n=500):
     classifier = DigitClassifier().to(device)
     features = {s: classify(classifier, small[s][0])[0] for s in ("val", "test") if len(small[s][0])}
     model = new_model(args.latent_dim, device, args.lr)[0]
-    sync(device)
+    if gpu_module(device):                  # CUDA and MPS are asynchronous
+        gpu_module(device).synchronize()
     start = time.perf_counter()
-    evaluate_run(model, small, classifier, features, args, args.seeds[0])
-    sync(device)
+    evaluate_run(model, small, classifier, features, args, args.seeds[0])   # ends in .item()
     size = lambda s: len(s["test"][0]) + len(s["val"][0]) * bool(args.val_size)
     return (time.perf_counter() - start) * size(splits) / size(small)
-
-def time_classifier(splits):
-    """Seconds to train the feature classifier, from 3 timed steps."""
-    x, y = (t[:CLASSIFIER_BATCH] for t in splits["classifier"])
-    classifier = DigitClassifier().to(x.device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_LR)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(classifier(as_float(x)), y).backward()
-        optimizer.step()
-    n = len(splits["classifier"][0])
-    return time_steps(step, x.device, 3, 1)[0] * CLASSIFIER_EPOCHS * math.ceil(n / CLASSIFIER_BATCH)
 
 def wall_time(step_seconds, eval_seconds, steps):
     """Σ over runs of seconds per step · steps per run + eval_seconds."""
     return sum(seconds * steps + eval_seconds for seconds in step_seconds)
 
 def estimate_wall_time(splits, args, runs):
-    """wall_time of `runs` β-VAE runs (3 timed steps, 32 images evaluated), plus the feature
-    classifier's training when the cache lacks it."""
+    """wall_time of `runs` β-VAE runs from 3 timed steps and 32 images evaluated."""
     images = splits["train"][0]
     step = time_training(("beta", 1e-3), images, args, 3, 1)[0]
-    cached = cached_classifier(splits, args)[2] is not None
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    seconds = wall_time([step] * runs, time_evaluation(splits, args, 32), steps)
-    return seconds + (0 if cached else time_classifier(splits))
+    return wall_time([step] * runs, time_evaluation(splits, args, 32), steps)
 
 def run_benchmark(args, splits):
-    """ms/step, images/s, speed against the notebook's pipeline and the compute ceiling of each
-    method, and the comparison's wall time: printed and written to benchmark.json."""
+    """Median ms/step and images/s of each method's training step, and the comparison's wall
+    time: printed and written to benchmark.json."""
     images, device = splits["train"][0], splits["train"][0].device
-    names, machine = [make_method(s, args).name for s in args.method_specs], machine_name(device)
+    machine, names = machine_name(device), [make_method(s, args).name for s in args.method_specs]
     print(f"Benchmark on {machine} ({device}), torch {torch.__version__}, batch "
           f"{args.batch_size}, median of {BENCHMARK_REPEATS} x {BENCHMARK_STEPS} steps")
-    timings = {NOTEBOOK: time_notebook_pipeline(args, device),
-               CEILING: time_compute_ceiling(images, args)}
-    for name, spec in zip(names, args.method_specs):
-        timings[name] = time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
+    timings = {name: time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
+               for name, spec in zip(names, args.method_specs)}
     eval_seconds = time_evaluation(splits, args)
-    median = {name: statistics.median(t) for name, t in timings.items()}
-    rows = {name: {"ms_per_step": 1000 * m, "images_per_s": args.batch_size / m,
-                   "vs_notebook": median[NOTEBOOK] / m, "vs_ceiling": median[CEILING] / m,
-                   "repeats_ms": [1000 * t for t in timings[name]]} for name, m in median.items()}
-    print(f"{'path':<30} {'ms/step':>9} {'images/s':>9} {'vs notebook':>11} {'vs ceiling':>11}")
+    rows = {name: {"ms_per_step": 1000 * statistics.median(t),
+                   "images_per_s": args.batch_size / statistics.median(t),
+                   "repeats_ms": [1000 * x for x in t]} for name, t in timings.items()}
+    print(f"{'method':<30} {'ms/step':>9} {'images/s':>9}")
     for name, r in rows.items():
-        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f} "
-              f"{r['vs_notebook']:>10.2f}x {r['vs_ceiling']:>10.0%}")
-    runs, steps = names * len(args.seeds), args.epochs * math.ceil(len(images) / args.batch_size)
-    estimate = wall_time([median[name] for name in runs], eval_seconds, steps)
-    notebook = wall_time([median[NOTEBOOK]] * len(runs), 0, steps)
+        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f}")
+    steps = args.epochs * math.ceil(len(images) / args.batch_size)
+    estimate = wall_time([r["ms_per_step"] / 1000 for r in rows.values()] * len(args.seeds),
+                         eval_seconds, steps)
     print(f"Estimated wall time of this comparison ({len(names)} methods x {len(args.seeds)} "
           f"seed(s), {steps} steps and {eval_seconds:.0f} s of evaluation per run): "
-          f"{estimate / 60:.1f} min; the notebook's pipeline would train {notebook / 60:.1f} min")
+          f"{estimate / 60:.1f} min")
     flags = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
     report = {"machine": machine, "device": str(device), "torch": torch.__version__,
-              "flags": flags, "paths": rows, "eval_seconds_per_run": eval_seconds,
-              "estimated_comparison_seconds": estimate, "notebook_pipeline_training_seconds": notebook}
+              "flags": flags, "methods": rows, "eval_seconds_per_run": eval_seconds,
+              "estimated_comparison_seconds": estimate}
     write_json(os.path.join(args.out, "benchmark.json"), report)
     return report
 
@@ -2174,23 +2070,13 @@ def plan_out(args, locks):
     return splits, grid, done, states, kept, experiment
 
 def claim(path, experiment):
-    """Write `experiment` to path whole in one step (a hard link), unless a file is there: then
-    compare (check_same). Of two processes started together one writes, the other compares."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(experiment, f)
+    """Write `experiment` to path unless a file is there; then compare (check_same). The file is
+    created exclusively: of two processes started together one writes, the other compares."""
     try:
-        try:
-            os.link(tmp, path)
-        except OSError as e:
-            if isinstance(e, FileExistsError):
-                raise
-            with open(path, "x") as f:              # no hard links: created exclusively
-                json.dump(experiment, f)
+        with open(path, "x") as f:
+            json.dump(experiment, f)
     except FileExistsError:
         check_same({path: read_json(path), "this command": experiment})
-    finally:
-        os.remove(tmp)
 
 def train_grid(args, splits, grid, done, states, kept, experiment):
     """The estimate, the feature classifier (part of the experiment), each run not done."""
