@@ -53,8 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
@@ -303,12 +302,6 @@ class Method:
 
     def end_epoch(self, epoch, sums):
         return {key: sums[key] / sums["batches"] for key in self.logged}
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = dict(state)
 
     def config(self):
         return {"method": self.kind}
@@ -1846,13 +1839,13 @@ def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
         rng[device.type] = gpu_module(device).get_rng_state()
     return {"fingerprint": fingerprint, "script_sha256": SCRIPT_SHA256, "finished": finished,
             **{k: run[k] for k in RUN_STATE}, "model": run["model"].state_dict(),
-            "optimizer": optimizer.state_dict(), "method": method.state_dict(), "rng": rng}
+            "optimizer": optimizer.state_dict(), "method": dict(method.state), "rng": rng}
 
 def restore_checkpoint(state, run, optimizer, method, order):
     run.update({k: state[k] for k in RUN_STATE})
     run["model"].load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    method.load_state_dict(state["method"])
+    method.state = dict(state["method"])
     torch.set_rng_state(state["rng"]["torch"])
     order.set_state(state["rng"]["order"])
     device = next(run["model"].parameters()).device
