@@ -1053,22 +1053,20 @@ def criteria(methods, select_by):
     return out
 
 def front_at(runs, kl, key):
-    """One seed's β front at rate `kl`, linear in log KL (and in log `key` for a
-    ratio): (value, the bracketing β runs' values, names); None outside their rates."""
-    ratio = FRONT[key] == "ratio"
-    points = sorted((math.log(k), v, r["name"]) for k, v, r in (
-        (metric(r, "test", "kl"), metric(r, "test", key), r) for r in runs)
-        if k > 0 and math.isfinite(v) and (v > 0 or not ratio))
-    if len(points) < 2 or not (math.isfinite(kl) and kl > 0) or not (
-            points[0][0] <= math.log(kl) <= points[-1][0]):
+    """One seed's β front at rate `kl`, linear in log KL (and in log `key` for a ratio):
+    (value, the bracketing β runs' values, names); None outside their rates."""
+    log = FRONT[key] == "ratio"
+    points = sorted((math.log(k), v, r["name"]) for r in runs
+                    for k, v in [(metric(r, "test", "kl"), metric(r, "test", key))]
+                    if k > 0 and math.isfinite(v) and (v > 0 or not log))
+    x = math.log(kl) if kl > 0 else NAN                  # nan: no rate
+    pair = next(((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0]), None)
+    if pair is None:
         return None
-    x = math.log(kl)
-    (x0, y0, n0), (x1, y1, n1) = next(
-        (a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0])
+    (x0, y0, n0), (x1, y1, n1) = pair
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-    if ratio:
-        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1), (n0, n1)
-    return (1 - w) * y0 + w * y1, (y0, y1), (n0, n1)
+    to, back = (math.log, math.exp) if log else (float, float)
+    return back((1 - w) * to(y0) + w * to(y1)), (y0, y1), (n0, n1)
 
 def matched_rate(methods, names=None):
     """`names` (default: judged) against the β front at their own KL, paired by
