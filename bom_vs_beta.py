@@ -1853,8 +1853,9 @@ def restore_checkpoint(state, run, optimizer, method, order):
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-def load_checkpoint(path, fingerprint):
-    """A checkpoint as data only (weights_only: it runs no code), of these settings."""
+def load_checkpoint(path, fingerprint, any_version=False):
+    """A checkpoint as data only (weights_only: it runs no code), of these settings and, unless
+    any_version, of this script."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["fingerprint"]
@@ -1862,6 +1863,11 @@ def load_checkpoint(path, fingerprint):
         raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): move it "
                          f"away to retrain that run, or use a fresh --out") from None
     check_fingerprint(path, saved, fingerprint)
+    if (sha := state.get("script_sha256")) != SCRIPT_SHA256 and not any_version:
+        raise UsageError(f"checkpoint {path} was written by another version of bom_vs_beta.py "
+                         f"(SHA-256 {short_sha(sha)} there, {short_sha(SCRIPT_SHA256)} now): resume "
+                         f"with that version, add --any-version to continue it with this one, or "
+                         f"move it away to retrain")
     return state
 
 def check_fingerprint(path, saved, fingerprint):
@@ -1974,21 +1980,22 @@ def run_paths(args, method, seed):
             os.path.join(args.out, "checkpoints", name + ".pt"))
 
 def plan_out(args, locks):
-    """Check --out and plan the runs, refusing (UsageError) before anything is written; loads the
-    data once the checks that need none pass, then removes what --overwrite replaces, creates the
-    folders and locks the runs to train (into `locks`). Returns the splits, the (method, seed)
-    grid, the run files kept, {checkpoint: state}, the folder's experiments, this command's."""
+    """Check --out and plan the runs, refusing (UsageError) before anything is written; then remove
+    what --overwrite replaces, create the folders and lock the runs to train (into `locks`).
+    Returns the splits, the (method, seed) grid, the run files done, {checkpoint: state}, the
+    folder's experiments and this command's."""
     grid = [(make_method(spec, args), seed) for seed in args.seeds for spec in args.method_specs]
     grid = grid[args.shard[0] - 1::args.shard[1]] if args.shard else grid
     training, out = not (args.report or args.prepare or args.benchmark), args.out
+    here = lambda *parts: glob.glob(os.path.join(glob.escape(out), *parts))
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
-    runs = os.path.join(out, "runs")          # --report reads (and checks) them once, in build_report
-    if args.report and not (os.path.isdir(runs) and any(f.endswith(".json") for f in os.listdir(runs))):
+    if args.report and not here("runs", "*.json"):  # read (and checked) once, in build_report
         raise UsageError(f"--report: no run files in {os.path.join(out, 'runs')}")
-    owned = [os.path.relpath(p, out) for m, s in grid for p in run_paths(args, m, s)] + (
-        [] if args.shard else ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS])
-    owned = owned if training else ["benchmark.json"] if args.benchmark else []
+    owned = ["benchmark.json"] * args.benchmark
+    if training:
+        owned = [os.path.relpath(p, out) for m, s in grid for p in run_paths(args, m, s)]
+        owned += [] if args.shard else ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
     full = lambda p: os.path.isfile(p) or os.path.isdir(p) and any(
         not name.endswith(".lock") for name in os.listdir(p))
     existing = [p for p in owned if full(os.path.join(out, p))]
@@ -2000,8 +2007,7 @@ def plan_out(args, locks):
                          f"delete {', '.join(existing[:6])}{more} in {out}")
     replaced = existing if args.overwrite else []
     lock_of = lambda m, s: run_paths(args, m, s)[1][:-3] + ".lock"
-    probe = [lock_of(*run) for run in grid] if args.shard else sorted(glob.glob(
-        os.path.join(glob.escape(out), "checkpoints", "*.lock")))
+    probe = [lock_of(*run) for run in grid] if args.shard else sorted(here("checkpoints", "*.lock"))
     for path in filter(os.path.exists, probe if args.overwrite and training else []):
         if (handle := lock(path)) is None:                     # nothing deleted under another
             raise UsageError(f"--overwrite: {os.path.basename(path)[:-5]} is being trained "
@@ -2021,14 +2027,7 @@ def plan_out(args, locks):
             check_fingerprint(run_file, saved if isinstance(saved, dict) else {}, fingerprint)
             done.add(run_file)
         elif os.path.exists(checkpoint):
-            states[checkpoint] = load_checkpoint(checkpoint, fingerprint)
-            sha = states[checkpoint].get("script_sha256")
-            if sha != SCRIPT_SHA256 and not args.any_version:
-                raise UsageError(
-                    f"checkpoint {checkpoint} was written by another version of bom_vs_beta.py "
-                    f"(SHA-256 {short_sha(sha)} there, {short_sha(SCRIPT_SHA256)} now): resume "
-                    f"with that version, add --any-version to continue it with this one, or "
-                    f"move it away to retrain")
+            states[checkpoint] = load_checkpoint(checkpoint, fingerprint, args.any_version)
     experiment = {k: len(splits[k[:-7]][0]) if k.endswith("_images") else getattr(args, k)
                   for k in EXPERIMENT}
     path, kept = os.path.join(out, EXPERIMENT_FILE), {}
@@ -2050,12 +2049,11 @@ def plan_out(args, locks):
     for method, seed in grid if training else []:
         run_file = run_paths(args, method, seed)[0]
         if run_file not in done:
-            locks.append(lock(lock_of(method, seed)))
-            if locks[-1] is None:
-                locks.pop()
+            if (handle := lock(lock_of(method, seed))) is None:
                 raise UsageError(f"{method.name}, seed {seed} is being trained into {out} by "
                                  f"another process: let it finish, or give this command "
                                  f"another --out")
+            locks.append(handle)
             if args.resume and os.path.exists(run_file):      # another process finished it
                 done.add(run_file)
     return splits, grid, done, states, kept, experiment
