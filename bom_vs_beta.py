@@ -1059,7 +1059,7 @@ def front_at(runs, kl, key):
     points = sorted((math.log(k), v, r["name"]) for r in runs
                     for k, v in [(metric(r, "test", "kl"), metric(r, "test", key))]
                     if k > 0 and math.isfinite(v) and (v > 0 or not log))
-    x = math.log(kl) if kl > 0 else NAN                  # nan: no rate
+    x = math.log(kl) if 0 < kl < math.inf else NAN       # nan: no rate
     pair = next(((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0]), None)
     if pair is None:
         return None
@@ -1595,7 +1595,7 @@ def plot_images(records, test_images, out):
     return set(REPORT_PATHS[5:]) if shown else set()
 
 def build_report(args, splits):
-    """summary.json, .csv, .md and the figures, from the run files alone."""
+    """summary.json, summary.md and the figures, from the run files alone."""
     records = load_runs(args.out)
     s, methods = summarize(records, args.select_by)
     path = lambda name: os.path.join(args.out, name)
@@ -1841,6 +1841,8 @@ def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
 
 def restore_checkpoint(state, run, optimizer, method, order):
     run.update({k: state[k] for k in RUN_STATE})
+    if "model" not in state:   # an older version's record of a run diverged in its first epoch
+        return
     run["model"].load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     method.state = dict(state["method"])
@@ -2059,13 +2061,23 @@ def plan_out(args, locks):
     return splits, grid, done, states, kept, experiment
 
 def claim(path, experiment):
-    """Write `experiment` to path unless a file is there; then compare (check_same). The file is
-    created exclusively: of two processes started together one writes, the other compares."""
+    """Write `experiment` to path whole in one step (a hard link), unless a file is there: then
+    compare (check_same). Of two processes started together one writes, the other compares."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(experiment, f)
     try:
-        with open(path, "x") as f:
-            json.dump(experiment, f)
+        try:
+            os.link(tmp, path)
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            with open(path, "x") as f:              # no hard links: created exclusively
+                json.dump(experiment, f)
     except FileExistsError:
         check_same({path: read_json(path), "this command": experiment})
+    finally:
+        os.remove(tmp)
 
 def train_grid(args, splits, grid, done, states, kept, experiment):
     """The estimate, the feature classifier (part of the experiment), each run not done."""

@@ -1096,6 +1096,10 @@ def test_the_front_is_interpolated_in_log_kl_and_never_extrapolated():
     assert bvb.front_at(betas, 10.0, "fd_prior")[0] == approx(400.0)  # an end is inside
     assert bvb.front_at(betas, 9.9, "mse") is None and bvb.front_at(betas, 201.0, "mse") is None
     assert bvb.front_at(betas[:1], 10.0, "mse") is None  # one β run: no front
+    for kl in (0.0, -1.0, math.nan, math.inf):           # no rate to place
+        assert bvb.front_at(betas, kl, "mse") is None, kl
+    collapsed = [dict(betas[0], test=dict(betas[0]["test"], kl=math.inf))] + betas[1:]
+    assert bvb.front_at(collapsed, math.inf, "mse") is None
 
 CONFIG = {"epochs": 1, "train_images": 1, "val_images": 1, "test_images": 1, "iw_samples": 1,
           "device": "cpu", "torch": "x", "latent_dim": 128}
@@ -1956,6 +1960,7 @@ def test_benchmark_report_arithmetic_from_known_timings(tmp_path, monkeypatch):
 def test_the_benchmark_waits_for_a_gpu_queue_before_reading_the_clock(monkeypatch):
     assert bvb.gpu_module(torch.device("cpu")) is None
     assert bvb.gpu_module(torch.device("mps")) is torch.mps
+    assert bvb.gpu_module(torch.device("cuda")) is torch.cuda
     events = []
     queue = types.SimpleNamespace(synchronize=lambda: events.append("synchronize"))
     monkeypatch.setattr(bvb, "gpu_module", lambda device: queue)
