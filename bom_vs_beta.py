@@ -742,11 +742,11 @@ def get_classifier(splits, args):
     fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
     path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
-    classifier = DigitClassifier().to(train_x.device)
     try:
         state = torch.load(path, map_location=train_x.device, weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise ValueError("another classifier")
+        classifier = DigitClassifier().to(train_x.device)
         classifier.load_state_dict(state["model"])
         print(f"Feature classifier: loaded from {path}")
     except Exception:                                 # absent, corrupt or of other images
