@@ -476,7 +476,7 @@ def test_beta_sigma_vae_and_free_bits_losses_at_hand_points():
     assert sigma2 == approx(math.exp(2 * log_sigma), rel=1e-5)
     assert sigma2 == approx(mse.mean().item(), rel=0.02)   # the soft clip's pull at log σ ≈ −0.9
     normal = torch.distributions.Normal(x_recon, math.sqrt(sigma2))
-    assert loss.item() == approx(-normal.log_prob(x).sum() / 3 + 6.0, rel=1e-5)
+    assert loss.item() == approx(-normal.log_prob(x).sum().item() / 3 + 6.0, rel=1e-5)
     _, sigma2 = bvb.gaussian_nll(torch.tensor([1e-12, 1e-12]))   # log σ would be −13.8
     assert 0.5 * math.log(sigma2.item()) == approx(-6.0, abs=1e-3)
     _, sigma2 = bvb.gaussian_nll(torch.tensor([0.5, 0.7]))       # far above the clip
