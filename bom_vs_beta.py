@@ -48,7 +48,7 @@ except ImportError:
     fcntl = None
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -101,16 +101,22 @@ def load_mnist(data_dir, train):
     Resize(64)), and their labels."""
     raw = os.path.join(data_dir, "MNIST", "raw")
     present = all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_RAW_FILES)
+    made, folder = [], os.path.abspath(raw)        # the folders a download would create
+    while not os.path.isdir(folder):
+        made, folder = made + [folder], os.path.dirname(folder)
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
+        for folder in made:                  # the download's empty folders go; nothing else
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         where = os.path.abspath(raw)
         if present:
             raise UsageError(f"could not read MNIST from {where}: {e}".replace("\n", " ")) from None
-        raise UsageError(f"MNIST not found in {where} and could not be downloaded: put the four raw files "
-                         f"there ({', '.join(MNIST_RAW_FILES)}) or point --data-dir at their parent folder") \
-            from None
+        raise UsageError(f"MNIST not found in {where} and could not be downloaded: put the four raw "
+                         f"files ({', '.join(MNIST_RAW_FILES)}) in DIR/MNIST/raw/ and pass "
+                         f"--data-dir DIR") from None
     images = TF.resize(ds.data.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
                        interpolation=InterpolationMode.BILINEAR, antialias=True)
     return images, ds.targets
@@ -946,8 +952,11 @@ def read_json(path, needed=()):
         record = None
     if isinstance(record, dict) and set(needed) <= record.keys():
         return record
-    raise UsageError(f"{path} is unreadable: move it away (a run file's run is then "
-                     f"trained again), or use a fresh --out")
+    if os.path.basename(path) == EXPERIMENT_FILE:
+        then = "the next command writes it again from its own settings"
+    else:
+        then = "its run is then trained again"
+    raise UsageError(f"{path} is unreadable: move it away ({then}), or use a fresh --out")
 
 def folder_runs(out, skip=()):
     """{path: record} of the run files in --out/runs but `skip`."""
@@ -1422,8 +1431,9 @@ def summary_markdown(s, methods, figures):
     return "\n".join(md) + "\n"
 
 def styles_of(methods):
-    """(colour, marker): the β sweep a ramp of squares, each judged method its own."""
-    ramp = plt.cm.viridis(np.linspace(0, 0.85, len(betas(methods))))
+    """(colour, marker): the β sweep a ramp of squares (turbo: neighbours differ in hue), each
+    judged method its own."""
+    ramp = plt.cm.turbo(np.linspace(0.05, 0.95, len(betas(methods))))
     tab = plt.cm.tab10.colors
     return {**{m["name"]: (tuple(x), "s") for m, x in zip(betas(methods), ramp)},
             **{m["name"]: (tab[i % 10], "o^vDPX*<>hp"[i % 11])
@@ -1461,12 +1471,13 @@ def plot_training(records, methods, data_sharp, path):
                     lw=1 if beta else 1.5, marker=None if beta else marker, ms=5,
                     markevery=max(1, n // 6), mec="black", mew=0.5,
                     label=f"{name} (n={len(group)})")
-    axes[2].axhline(data_sharp, color="black", ls="--", lw=1, label="data's sharpness")
-    titles = ("MSE (↓ better, log)", "KL (nats, log)", "Sharpness (data = dashed)")
+    axes[2].axhline(data_sharp, color="black", ls=":", lw=1.5, label="data's sharpness")
+    titles = ("MSE (↓ better, log)", "KL (nats, log)", "Sharpness (log; the data's: dotted)")
     for ax, title in zip(axes, titles):
-        ax.set(title=title, xlabel="epoch", yscale="log" if ax != axes[2] else "linear")
+        ax.set(title=title, xlabel="epoch", yscale="log")
+    fig.suptitle("Training curves, seed mean: β-VAE solid, other methods dashed with markers")
     fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
-    finish(fig, path, (0, 0, 0.86, 1))
+    finish(fig, path, (0, 0, 0.86, 0.95))
 
 def plot_rate_distortion(methods, front, path):
     """Test MSE against test KL: each seed's β front (thin), their mean (bold),
@@ -1491,32 +1502,73 @@ def plot_rate_distortion(methods, front, path):
     left = min(rates, default=0) / 2
     if rates:
         ax.set_xlim(left, max(rates) * 1.6)
-    if means:
-        ax.plot(*list(zip(*means))[:2], "k-s", ms=6, label="β-VAE front (seed mean)")
+    if means:      # over the methods' markers, small: a method on a β point hides neither
+        ax.plot(*list(zip(*means))[:2], "k-s", ms=4.5, lw=1.2, zorder=5,
+                label="β-VAE front (seed mean)")
     beyond = [p for p in means if p[0] < left]
     if beyond:
         ax.annotate("◂ " + ", ".join(f"β={b} (KL {kl:.2g})" for kl, _, b in beyond),
                     (left, beyond[0][1]), xytext=(3, 6), textcoords="offset points", fontsize=8)
-    for kl, mse, b in (p for p in means if p not in beyond):
-        ax.annotate(f"β={b}", (kl, mse), xytext=(-4, -4), textcoords="offset points",
-                    ha="right", va="top", fontsize=8)
     placed = []
     for name, (x, y) in points.items():
         near = sum(abs(math.log(x["mean"] / px)) < 0.1 and abs(math.log(y["mean"] / py))
                    < 0.1 for px, py in placed)
-        placed.append((x["mean"], y["mean"]))
-        dot(ax, x["mean"] * 1.06 ** near, y["mean"], styles[name], x, y, ms=9, capsize=3,
-            label=name + " (nudged)" * bool(near))
+        placed.append((x["mean"] * 1.06 ** near, y["mean"]))
+        label = name
+        if near:
+            label += " (nudged)"
+        dot(ax, *placed[-1], styles[name], x, y, ms=9, capsize=3, label=label)
     ax.set(xscale="log", yscale="log", xlabel="rate: test KL (nats, log)",
            ylabel="distortion: test MSE (log, ↓ better)", title="Rate–distortion: "
            "geometric mean and 95% interval over seeds; thin: each seed's β front")
     ax.grid(True, which="both", alpha=0.3)
     labels = ax.get_legend_handles_labels()
     fig.legend(*labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
-    for ax, key in zip(axes[0][1:], ("mse", "fd_prior")):
-        forest(ax, front, key, styles)
-    finish(fig, path, (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
+    for forest_ax, key in zip(axes[0][1:], ("mse", "fd_prior")):
+        forest(forest_ax, front, key, styles)
+    rect = (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1)
+    fig.tight_layout(rect=rect)                 # the final layout, for the labels' places
+    shown = [p for p in means if p not in beyond]
+    label_clear(ax, [p[:2] for p in shown], [f"β={p[2]}" for p in shown],
+                placed + [p[:2] for p in means])
+    finish(fig, path, rect)
     return labels[1]
+
+def label_clear(ax, points, texts, markers, size=8):
+    """Each text beside its point, at the first of four corners whose box (estimated from the
+    font size) covers the fewest markers and labels placed before."""
+    k, boxes = ax.figure.dpi / 72, []
+    ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())        # frozen: display places are final
+    centres = ax.transData.transform(markers)
+    for (x, y), text in zip(points, texts):
+        px, py = ax.transData.transform((x, y))
+        w, h, r = 0.6 * size * len(text) * k, 1.2 * size * k, 5 * k
+        best = None
+        for sx, sy in ((-1, -1), (1, 1), (1, -1), (-1, 1)):
+            x0 = px + sx * 4 * k - w * (sx < 0)
+            y0 = py + sy * 4 * k - h * (sy < 0)
+            box = (x0, y0, x0 + w, y0 + h)
+            hits = sum(x0 - r < cx < x0 + w + r and y0 - r < cy < y0 + h + r
+                       and (abs(cx - px) > 1 or abs(cy - py) > 1) for cx, cy in centres)
+            hits += sum(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                        for b in boxes)
+            if best is None or hits < best[0]:
+                best = (hits, sx, sy, box)
+        _, sx, sy, box = best
+        boxes.append(box)
+        ax.annotate(text, (x, y), xytext=(4 * sx, 4 * sy), textcoords="offset points",
+                    ha="right" if sx < 0 else "left", va="top" if sy < 0 else "bottom",
+                    fontsize=size)
+
+RATIO_TICKS = (0.1, 0.2, 0.5, 0.8, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+
+def stretch_near_one(ratio):
+    """A ratio axis linear in ln ratio within about ±10% and logarithmic in it far out, so 0.9x,
+    1x and 1.1x stay apart whatever the largest ratio is."""
+    return np.arcsinh(5 * np.log(np.clip(ratio, 1e-12, None)))
+
+def unstretch(y):
+    return np.exp(np.sinh(y) / 5)
 
 def forest(ax, front, key, styles):
     """Each method's ratio to the front at its rate, with its interval; 1 dashed."""
@@ -1528,44 +1580,71 @@ def forest(ax, front, key, styles):
                     else "outside the β runs' rates", va="center", fontsize=8,
                     color="dimgrey", transform=ax.get_yaxis_transform())
     ends = [r[key][f] for r in front.values() for f in ("low", "high", "mean")]
-    ends = [v for v in ends if math.isfinite(v)] + [1.0]
-    ticks = {1.0, *(float(f"{v:.2g}") for v in (min(ends), max(ends)))}
+    ends = [v for v in ends if math.isfinite(v) and v > 0] + [0.9, 1.1]
+    low, high = min(ends) / 1.05, max(ends) * 1.05
     ax.axvline(1.0, color="black", lw=1, ls="--")
-    ax.set_xscale("log")
-    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(min(ends) / 1.1, max(ends) * 1.1),
-           xticks=sorted(ticks), title=f"{METRICS[key][0]} / β front's at the same KL\n"
-           "(1 = on it; 95% interval)")
+    ax.set_xscale("function", functions=(stretch_near_one, unstretch))
+    span, ticks = stretch_near_one(high) - stretch_near_one(low), [0.9, 1, 1.1]
+    for v in RATIO_TICKS:                       # others where they leave room for a label
+        if low <= v <= high and all(abs(stretch_near_one(v) - stretch_near_one(u)) > span / 9
+                                    for u in ticks):
+            ticks.append(v)
+    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(low, high), xticks=ticks,
+           xlabel="scale: fine near 1x, compressed far from it",
+           title=f"{METRICS[key][0]} / β front's at the same KL\n(1 = on it; 95% interval)")
     ax.set_yticks(range(len(front)), list(front), fontsize=8)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.tick_params(axis="x", labelsize=8)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.grid(True, axis="x", alpha=0.3)
 
 def plot_tuning_cost(t, methods, path):
-    fig, axes = plt.subplots(1, len(TUNING_CRITERIA), figsize=(15, 4.8))
+    """Per criterion the best-of-k curves of each grid; beside them a strip with each other
+    method's test value (k = 1), a slot each so that none hides another, on the same y axis."""
+    n = len(TUNING_CRITERIA)
+    fig, axes = plt.subplots(1, 2 * n, figsize=(17, 4.8), width_ratios=[1, 3] * n)
     styles = styles_of(methods)
-    for ax, key in zip(axes, TUNING_CRITERIA):
+    single = [name for name in t["methods"] if name in styles]
+    clipped = False
+    for strip, ax, key in zip(axes[::2], axes[1::2], TUNING_CRITERIA):
+        strip.sharey(ax)
         for i, g in enumerate(t["grids"]):
             cells = t["curves"][g][key]["k"]
             k, (mean, low, high) = range(1, len(cells) + 1), (
                 [c[f] for c in cells] for f in ("mean", "low", "high"))
             color = ("black", "grey")[i] if i < 2 else styles[g.split(",")[0]][0]
-            ax.plot(k, mean, marker="o", ms=3, color=color, ls="--" if i == 1 else "-", label=g)
+            ax.plot(k, mean, marker="o", ms=3, color=color, ls="--" if i == 1 else "-",
+                    label=f"{g} ({len(t['grids'][g])} settings run in every seed)")
             ax.fill_between(k, low, high, color=color, alpha=0.15, lw=0)
-        single = [n for n in t["methods"] if n in styles]
-        for j, name in enumerate(single):  # side by side where they coincide
-            c = t["methods"][name][key]["test"]
-            dot(ax, 1 + 0.06 * (j - (len(single) - 1) / 2), c["mean"], styles[name],
-                yerr=c, ms=7, capsize=2, label=name)
+        log = key != "iwae_nll"
+        for a in (strip, ax):
+            a.set_yscale("log" if log else "linear")
+        cells = [t["methods"][name][key]["test"] for name in single]
+        for j, (name, c) in enumerate(zip(single, cells)):
+            under = log and c["low"] <= 0       # a positive metric's interval reaching 0
+            shown = dict(c, low=c["mean"]) if under else c
+            dot(strip, j, c["mean"], styles[name], yerr=shown, ms=7, capsize=2, label=name)
+        bottom = strip.get_ylim()[0]
+        for j, c in enumerate(cells):
+            if log and c["low"] <= 0:
+                strip.plot([j, j], [bottom, c["mean"]], color=styles[single[j]][0])
+                strip.plot(j, bottom, "v", color=styles[single[j]][0], clip_on=False)
+                clipped = True
+        strip.set(ylim=(bottom, strip.get_ylim()[1]), xlim=(-0.7, len(single) - 0.3),
+                  xticks=[], xlabel="other methods", facecolor="0.96")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         label = METRICS[key][0]
-        ax.set(yscale="linear" if key == "iwae_nll" else "log",
-               xlabel="k: settings tried, the best on validation kept")
-        ax.set_title(f"test {label} (↓ better), chosen by validation {label}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    labels = axes[0].get_legend_handles_labels()
-    fig.legend(*labels, loc="lower center", ncol=min(len(labels[1]), 6), fontsize=8, frameon=False)
-    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% "
-                 "interval over seeds); one run of each other method at k = 1")
-    finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 6), 1, 0.94))
+        ax.set(xlabel="k: settings tried, the best on validation kept")
+        ax.set_title(f"test {label} (↓ better) of the best on validation", fontsize=10)
+        for a in (strip, ax):
+            a.grid(True, which="both", alpha=0.3)
+    labels = [a + b for a, b in zip(axes[1].get_legend_handles_labels(),
+                                    axes[0].get_legend_handles_labels())]
+    fig.legend(*labels, loc="lower center", ncol=min(len(labels[1]), 5), fontsize=8, frameon=False)
+    note = "; ▼ at the axis: an interval that reaches 0 (too few seeds)" if clipped else ""
+    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% interval "
+                 f"over seeds), beside one run of each other method{note}")
+    finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 5), 1, 0.94))
 
 def plot_images(records, test_images, out):
     """Per method (first seed) its reconstructions of the first 8 test images and
@@ -1624,17 +1703,29 @@ OUT_NAME = ("epochs=e", "methods", "batch_size", "lr", "latent_dim", "train_subs
             "test_subset=test", "knobs", "bom_sensitivity", "seeds=s", "val_size=val",
             "iw_samples=iw", "amp")
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends each flag's default, as argparse does, where there is one."""
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):        # "argument --lr: must be ..." -> "--lr must be ..."
         raise UsageError(re.sub(r"^argument (\S+): (?=must)", r"\1 ", message))
 
-def number(kind, low=None):
-    """An argparse type: an int >= low, or (low None) a finite number > 0."""
+def number(kind, low=None, high=None):
+    """An argparse type: an int in [low, high], or (low None) a finite number > 0."""
     def check(text):
         value = kind(text)
-        if value < low if low is not None else not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError("must be " + (f">= {low}" if low is not None else
-                                             "a finite number > 0") + f", got {value}")
+        if low is None:
+            bad, rule = not (math.isfinite(value) and value > 0), "a finite number > 0"
+        elif high is None:
+            bad, rule = value < low, f">= {low}"
+        else:
+            bad, rule = not low <= value <= high, f"between {low} and {high}"
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
         return value
     check.__name__ = kind.__name__               # argparse: "invalid int value"
     return check
@@ -1646,33 +1737,37 @@ def shard(text):
     return int(k), int(n)
 
 def build_parser():
-    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST at 64x64.")
+    p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST at 64x64.",
+                       formatter_class=Defaults)
     add, one, zero, real = p.add_argument, number(int, 1), number(int, 0), number(float)
-    add("--epochs", type=one, default=20, help="epochs per run (notebook: 20)")
+    add("--epochs", type=one, default=20, help="epochs per run (the notebook's)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
     add("--methods", default=DEFAULT_METHODS, help="comma list: beta:<β>, bom, geco, controlvae, sigma_vae, "
         "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), bom:[<ablation>+]<knob>=<value>"
         "[+...]; 'ablations': the three; 'all': β 1e-7..3e-3, 1e-2, 0.1 and every other method")
-    add("--batch-size", type=one, default=64, help="(notebook: 64)")
-    add("--lr", type=real, default=1e-3, help="Adam's (notebook: 1e-3)")
-    add("--latent-dim", type=one, default=128, help="(notebook: 128)")
+    add("--batch-size", type=one, default=64, help="training batch (the notebook's)")
+    add("--lr", type=real, default=1e-3, help="Adam's learning rate (the notebook's)")
+    add("--latent-dim", type=one, default=128, help="latent dimensions (the notebook's)")
     add("--data-dir", default="./data", help="holds MNIST/raw/ (downloaded if missing)")
-    add("--out", help="results folder (default: results/<changed flags> or default)")
+    add("--out", help="results folder (default: results/<the changed flags>, or results/default)")
     add("--cache-dir", default=default_cache_dir(), help="feature classifier cache")
-    add("--train-subset", type=zero, default=0, help="train on the first N images")
-    add("--test-subset", type=zero, default=0, help="test on the first N images")
+    add("--train-subset", type=zero, default=0, help="train on the first N images (0: all)")
+    add("--test-subset", type=zero, default=0, help="test on the first N images (0: all)")
     for flag, _, default, text in knob_flags():
         add(flag, type=one if isinstance(default, int) else real, default=default, help=text)
     grid = ", ".join(f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items())
     add("--bom-sensitivity", nargs="?", const="bom", metavar="ITEM",
         help=f"also run ITEM's (default bom) knob grid: {grid}")
-    add("--seeds", type=int, nargs="+", default=[0], help="each method once per seed")
+    add("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0],
+        help="each method once per seed")
     add("--val-size", type=zero, default=5000, help="held out to choose β (0: none)")
     add("--iw-samples", type=one, default=50, help="importance samples, IWAE NLL")
     add("--select-by", default="iwae_nll", choices=SELECTABLE, help="chooses β")
     add("--shard", type=shard, help="K/N: the K-th of N slices of the runs")
     add("--report", action="store_true", help="rebuild the report from --out")
-    add("--quick", action="store_true", help=f"smoke test: {QUICK}")
+    add("--quick", action="store_true", help="smoke test: {epochs} epochs, {train_subset} training, "
+        "{val_size} validation, {test_subset} test images, {iw_samples} importance "
+        "samples (flags given win)".format(**QUICK))
     add("--prepare", action="store_true", help="cache the feature classifier only")
     add("--no-plots", action="store_true", help="no figures")
     add("--resume", action="store_true", help="continue the runs in --out (finished ones are kept)")
@@ -1885,8 +1980,11 @@ def short_sha(sha):
 
 def lock(path):
     """The file's exclusive lock till closed or exit; None while another process holds it;
-    granted where there is no flock. The file stays: every process locks the same one."""
+    granted where there is no flock. The file stays: every process locks the same one
+    (`created`: this call made it)."""
+    created = not os.path.exists(path)
     handle = open(path, "a")
+    handle.created = created
     try:
         if fcntl:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1992,6 +2090,9 @@ def plan_out(args, locks):
     here = lambda *parts: glob.glob(os.path.join(glob.escape(out), *parts))
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
+    if args.resume and not os.path.isdir(out):
+        raise UsageError(f"--resume: --out {out} does not exist, so there is nothing to resume "
+                         f"(check the flags that name it, or run without --resume)")
     if args.report and not here("runs", "*.json"):  # read (and checked) once, in build_report
         raise UsageError(f"--report: no run files in {os.path.join(out, 'runs')}")
     owned = ["benchmark.json"] * args.benchmark
@@ -2052,10 +2153,18 @@ def plan_out(args, locks):
         run_file = run_paths(args, method, seed)[0]
         if run_file not in done:
             if (handle := lock(lock_of(method, seed))) is None:
+                other = {}                              # the holder's settings, once written
+                with contextlib.suppress(OSError, ValueError):
+                    with open(lock_of(method, seed)) as f:
+                        other = json.load(f)
+                check_same({"the process training it": other, "this command": experiment})
                 raise UsageError(f"{method.name}, seed {seed} is being trained into {out} by "
-                                 f"another process: let it finish, or give this command "
-                                 f"another --out")
+                                 f"another process with these settings: let it finish, or give "
+                                 f"this command another --out")
             locks.append(handle)
+            handle.truncate(0)                          # what a second process compares with
+            json.dump(experiment, handle)
+            handle.flush()
             if args.resume and os.path.exists(run_file):      # another process finished it
                 done.add(run_file)
     return splits, grid, done, states, kept, experiment
@@ -2154,9 +2263,11 @@ def main(argv=None):
     every completed epoch."""
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    args, locks = None, []
+    args, locks, made = None, [], []
     try:
         args = parse_args(argv)
+        made = [p for p in (os.path.join(args.out, "checkpoints"), os.path.join(args.out, "runs"),
+                            args.out) if not os.path.isdir(p)]
         splits, grid, done, states, kept, experiment = plan_out(args, locks)
         if args.torch_device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -2174,6 +2285,12 @@ def main(argv=None):
                          f"{shlex.quote(args.out)} --data-dir {shlex.quote(args.data_dir)}")
         return build_report(args, splits)
     except UsageError as e:
+        for path in [h.name for h in locks if h.created] + made:    # nothing left behind
+            with contextlib.suppress(OSError):
+                if path in made:
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:

@@ -64,6 +64,12 @@ def data_dir(tmp_path_factory):
 
 CACHE = tempfile.mkdtemp(prefix="bom_vs_beta_classifiers_")
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_cache():
+    """The session's classifier cache is the one thing written outside tmp_path: it goes."""
+    yield
+    shutil.rmtree(CACHE, ignore_errors=True)
+
 def run_args(data_dir, out, *extra):
     """Tiny real runs: 80 training, 16 validation, 40 test images, 3 importance samples; the
     feature classifier cached for the session in CACHE, not in the user's cache."""
@@ -1239,7 +1245,66 @@ def test_the_answer_figures_draw_one_distinct_marker_per_method_at_the_set_size(
     methods = bvb.aggregate(tuning_records())
     tuning = bvb.tuning_cost(methods, bvb.criteria(methods, "iwae_nll"))
     bvb.plot_tuning_cost(tuning, methods, str(tmp_path / "tuning_cost.png"))
-    assert_sized(tmp_path / "tuning_cost.png", 4.8, 15)
+    assert_sized(tmp_path / "tuning_cost.png", 4.8, 17)
+
+def drawn_figure(monkeypatch, plot, *args):
+    """The figure `plot` hands to finish, kept open to be read."""
+    figures = []
+    monkeypatch.setattr(bvb, "finish", lambda fig, path, rect=None: figures.append(fig))
+    plot(*args, "unused.png")
+    return figures[0]
+
+def test_figures_keep_every_method_visible_and_every_interval_readable(monkeypatch):
+    # neighbouring β values differ in colour (RGB distance), not only the ends of the ramp
+    sweep = bvb.aggregate([dict(r, name=f"beta_{b:g}", settings={"beta": b}) for b in
+                           bvb.ALL_BETAS for r in front_records()[:1]])
+    colours = [bvb.styles_of(sweep)[m["name"]][0][:3] for m in bvb.betas(sweep)]
+    assert min(np.linalg.norm(np.diff(colours, axis=0), axis=1)) > 0.2
+    # the ratio axis: 0.9x, 1x, 1.1x ticked and a seventh of the axis apart at 77x
+    assert bvb.stretch_near_one(1.0) == 0 and bvb.unstretch(bvb.stretch_near_one(1.1)) == approx(1.1)
+    front = {"bom": {"mse": {"n": 2, "mean": 12.0, "low": 1.9, "high": 76.5}, "position": "on"},
+             "geco": {"mse": {"n": 2, "mean": 1.0, "low": 0.92, "high": 1.17}, "position": "on"}}
+    fig, ax = bvb.plt.subplots()
+    bvb.forest(ax, front, "mse", {"bom": ("C0", "o"), "geco": ("C1", "D")})
+    ticks = list(ax.get_xticks())
+    assert {0.9, 1, 1.1} <= set(ticks) and max(ticks) <= 76.5 * 1.05
+    place = ax.transData.transform([(0.9, 0), (1.1, 0)])[:, 0]
+    assert place[1] - place[0] > ax.bbox.width / 7
+    bvb.plt.close(fig)
+    # tuning cost: each other method in a slot of its own; an interval reaching 0 on a log
+    # axis stops at the axis with a ▼; k ticks are integers
+    methods = bvb.aggregate(tuning_records())
+    tuning = bvb.tuning_cost(methods, bvb.criteria(methods, "iwae_nll"))
+    name = next(iter(n for n in tuning["methods"] if n in bvb.styles_of(methods)))
+    tuning["methods"][name]["mse"]["test"].update(n=2, mean=0.01, low=-0.01, high=0.03)
+    fig = drawn_figure(monkeypatch, bvb.plot_tuning_cost, tuning, methods)
+    strips, curves = fig.axes[::2], fig.axes[1::2]
+    for strip in strips:
+        slots = [line.get_xdata()[0] for line in strip.lines if line.get_clip_on()
+                 and line.get_marker() not in ("None", "_", "")]
+        assert len(slots) == len(set(slots)) >= 2
+    mse_strip = strips[bvb.TUNING_CRITERIA.index("mse")]
+    assert [(line.get_marker(), line.get_ydata()[0]) for line in mse_strip.lines
+            if not line.get_clip_on()] == [("v", mse_strip.get_ylim()[0])]
+    assert "▼" in fig._suptitle.get_text()
+    assert all(float(k).is_integer() for ax in curves for k in ax.get_xticks())
+    # training: the sharpness panel on a log scale, the data's line dotted unlike any method's
+    curve = {"values": [[0, 0.1, 5.0, 0.2], [1, 0.01, 50.0, 0.03]]}
+    records = [dict(r, curve=curve) for r in front_records()]
+    fig = drawn_figure(monkeypatch, bvb.plot_training, records, bvb.aggregate(records), 0.03)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log"] * 3
+    assert fig.axes[2].lines[-1].get_linestyle() == ":"
+
+def test_beta_labels_go_to_the_corner_that_covers_no_marker():
+    fig, ax = bvb.plt.subplots()
+    ax.set(xscale="log", yscale="log", xlim=(1, 1000), ylim=(1e-3, 1e-1))
+    point, below_left = (30, 1e-2), (25, 0.8e-2)   # a method's marker where the label would go
+    bvb.label_clear(ax, [point], ["β=1e-05"], [point, below_left])
+    text = ax.texts[0]
+    assert (text.get_ha(), text.get_va()) == ("left", "bottom")
+    bvb.label_clear(ax, [(300, 1e-3 * 3)], ["β=3e-07"], [(300, 1e-3 * 3)])   # nothing near
+    assert (ax.texts[1].get_ha(), ax.texts[1].get_va()) == ("right", "top")
+    bvb.plt.close(fig)
 
 def test_a_one_run_folder_draws_its_point_and_summary_md_links_only_figures_there(
         shared_out, small_out, tmp_path):
@@ -1476,6 +1541,8 @@ KNOB_ZERO = [([flag, "0"], f"{flag} must be " + (">= 1" if isinstance(default, i
     (["--val-size", "96"], "--val-size 96 leaves no training images"),
     (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
     (["--seeds", "0", "0"], "a seed is listed twice"),
+    *[(["--seeds", v], "--seeds must be between 0 and 4294967295") for v in ("-1", "4294967296")],
+    (["--resume"], "does not exist, so there is nothing to resume"),
     *[(["--shard", v], "--shard must be K/N") for v in ("3/2", "0/2")],
     (["--shard", "1/2", "--report"], "separate modes"),
     (["--resume", "--overwrite"], "choose one"),
@@ -1507,6 +1574,33 @@ def test_an_unusable_out_is_one_line_and_leaves_everything_as_it_was(
     before = tree(tmp_path)
     assert message in refused(run_args(data_dir, tmp_path / out, *flags), capsys)
     assert tree(tmp_path) == before
+
+def test_a_failed_data_load_leaves_no_folder_and_names_the_folder_to_pass(
+        tmp_path, monkeypatch, capsys):
+    def offline(self):  # as torchvision's does: the folder first, then the download
+        os.makedirs(self.raw_folder, exist_ok=True)
+        raise RuntimeError("no download in this test")
+    monkeypatch.setattr(datasets.MNIST, "download", offline)
+    (tmp_path / "mine").mkdir()
+    before = tree(tmp_path)
+    for data in ("mine", "typo/deeper"):
+        err = refused(run_args(str(tmp_path / data), tmp_path / "out"), capsys)
+        assert err.endswith("in DIR/MNIST/raw/ and pass --data-dir DIR")
+        assert os.path.join(str(tmp_path / data), "MNIST", "raw") in err
+        assert tree(tmp_path) == before
+
+def test_help_shows_every_default_in_argparse_s_form(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ")[1]
+    assert exit_info.value.code == 0 and "{" not in text.split("--quick")[-1].split("--")[0]
+    for flag, default in (("--iw-samples", "50"), ("--val-size", "5000"), ("--seeds", "[0]"),
+                          ("--data-dir", "./data"), ("--select-by", "iwae_nll"),
+                          ("--geco-tolerance", "0.01"), ("--controlvae-ki", "0.0001"),
+                          ("--freebits-lambda", "0.25"), ("--train-subset", "0"),
+                          ("--cache-dir", bvb.default_cache_dir())):
+        help_of = re.search(re.escape(flag) + r" [A-Z_{]((?! --).)*", text).group(0)
+        assert help_of.endswith(f"(default: {default})"), help_of
 
 def test_amp_is_refused_where_bf16_is_not_native_or_autocast_fails(monkeypatch):
     bvb.check_amp(CPU)
@@ -1764,6 +1858,19 @@ def test_a_second_process_on_a_folder_in_use_is_refused_at_its_start_but_a_shard
     assert sorted(os.listdir(out / "runs")) == ["beta_0.1_seed0.json"]
     assert bvb.lock(str(out / "checkpoints" / "beta_0.001_seed0.lock")) is None  # the first's
     locks[0].close()
+    # two processes started together, before either wrote experiment.json: the lock names
+    # the settings of the process that holds it
+    other = tmp_path / "other"
+    locks = []
+    bvb.plan_out(bvb.parse_args(run_args(data_dir, other, *one)), locks)
+    before = tree(other)
+    assert "(epochs 1 in the one, 2 in the other)" in refused(
+        run_args(data_dir, other, *one, "--epochs", "2"), capsys)
+    assert "another process with these settings: let it finish" in refused(
+        run_args(data_dir, other, *one), capsys)
+    assert tree(other) == before
+    for handle in locks:
+        handle.close()
     # the feature classifier is part of the experiment
     experiment = load(out / "experiment.json")
     (out / "experiment.json").write_text(json.dumps(dict(experiment, classifier="0" * 12)))
