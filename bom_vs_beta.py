@@ -446,10 +446,11 @@ class BOMVAE(Method):
         return dict(super().config(), calibration=self.state["calibration"])
 
 class GECO(Method):
-    """GECO (Rezende & Viola 2018), its reference code's update: minimize KL subject to a summed squared
-    error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance, loss = mean KL + λ·C; then
-    C_ma = m_t / (1 − α^t), m_t = α·m_{t−1} + (1 − α)·C (m_0 = 0), λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10),
-    r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1."""
+    """GECO (Rezende & Viola 2018, Algorithm 1, as the genesis code writes it): minimize KL subject to a
+    summed squared error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance, loss =
+    mean KL + λ·C; then C_ma = C on the first step, α·C_ma + (1 − α)·C after it; λ ← clamp(λ·exp(r·C_ma),
+    1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1. (genesis puts
+    β = 1/λ on the KL: the same λ path.)"""
 
     kind, label = "geco", "GECO"
     KNOBS = {
@@ -457,7 +458,7 @@ class GECO(Method):
         "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)"),
         "speedup": (10.0, "the rate is this many times larger while the constraint is met (reference: 10)"),
     }
-    FIXED = {"alpha": 0.99, "lambda_range": [1e-10, 1e10]}      # the reference code's
+    FIXED = {"alpha": 0.99, "lambda_range": [1e-10, 1e10], "ma_start": "first C"}  # genesis' code
     RATE = "MSE tolerance {tolerance:g}"
     TARGETS = (("training MSE", ("mse",), ("tolerance",)),)
     STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}
@@ -467,9 +468,12 @@ class GECO(Method):
         k, s, alpha = self.knobs, self.state, self.FIXED["alpha"]
         constraint = IMAGE_PIXELS * (mse.mean() - k["tolerance"])
         lam, c = s["lambda"].to(mse.device), constraint.detach()
+        if s["steps"] == 0:
+            s["ma"] = c
+        else:
+            s["ma"] = alpha * s["ma"].to(mse.device) + (1 - alpha) * c
         s["steps"] += 1
-        s["ma"] = alpha * s["ma"].to(mse.device) + (1 - alpha) * c
-        c_ma = s["ma"] / (1 - alpha ** s["steps"])
+        c_ma = s["ma"]
         rate = torch.where(c_ma > 0, k["rate"], k["rate"] * k["speedup"])
         s["lambda"] = (lam * torch.exp(rate * c_ma)).clamp(*self.FIXED["lambda_range"])
         return kl.mean() + lam * constraint, None, {"lambda": lam, "constraint": c}

@@ -498,29 +498,38 @@ def test_beta_sigma_vae_and_free_bits_losses_at_hand_points():
     assert kl_dims.grad[:, 1:].flatten().tolist() == approx([0.5] * 4)
 
 def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
+    """The paper's Algorithm 1 and genesis' code: C_ma starts at the first step's C."""
     geco = bvb.GECO(tolerance=0.01, rate=1e-4, speedup=10.0)
     kl, s = torch.tensor([30.0, 50.0]), geco.state
     step = lambda mse: geco.batch_loss(torch.tensor([mse, mse]), kl, None, None)
     loss, _, logs = step(0.02)                               # C = D·(0.02 − 0.01) = 40.96
     assert loss.item() == approx(40.0 + 40.96) and logs["lambda"].item() == 1.0
-    assert float(s["lambda"]) == approx(math.exp(1e-4 * 40.96))   # C_ma = C at step 1
-    step(0.005)                                              # C = −20.48
-    c_ma = (0.99 * 0.01 * 40.96 + 0.01 * -20.48) / (1 - 0.99 ** 2)   # m_2/(1 − α²) = 9.93
-    assert float(s["lambda"]) == approx(math.exp(1e-4 * (40.96 + c_ma)), rel=1e-5)
+    lam1 = math.exp(1e-4 * 40.96)                            # C_ma = C at step 1
+    assert float(s["lambda"]) == approx(lam1)
+    loss, _, logs = step(0.005)                              # C = −20.48
+    assert loss.item() == approx(40.0 + lam1 * -20.48, rel=1e-6)
+    c_ma2 = 0.99 * 40.96 + 0.01 * -20.48                     # 40.3456 > 0: still violated
+    lam2 = lam1 * math.exp(1e-4 * c_ma2)
+    assert float(s["ma"]) == approx(c_ma2) and float(s["lambda"]) == approx(lam2, rel=1e-6)
+    step(0.005)
+    c_ma3 = 0.99 * c_ma2 + 0.01 * -20.48                     # 39.737344
+    assert float(s["lambda"]) == approx(lam2 * math.exp(1e-4 * c_ma3), rel=1e-6)
     for _ in range(300):
         step(0.005)
     before, m = float(s["lambda"]), float(s["ma"])
     step(0.005)
-    c_ma = (0.99 * m + 0.01 * -20.48) / (1 - 0.99 ** 303)   # < 0: met, 10x the rate
-    assert c_ma < 0 and s["steps"] == 303
+    c_ma = 0.99 * m + 0.01 * -20.48                          # < 0: met, 10x the rate
+    assert c_ma < 0 and s["steps"] == 304
     assert float(s["lambda"]) == approx(before * math.exp(10 * 1e-4 * c_ma), rel=1e-5)
     assert 1e-10 < float(s["lambda"]) < before
-    assert bvb.GECO.FIXED == {"alpha": 0.99, "lambda_range": [1e-10, 1e10]}
+    assert bvb.GECO.FIXED == {"alpha": 0.99, "lambda_range": [1e-10, 1e10], "ma_start": "first C"}
 
 def test_geco_settles_lambda_and_meets_its_constraint_on_a_toy_problem():
     # x̂ = θ·1, target 1: MSE = (1 − θ)²; 'KL' = 50·θ² pulls θ to 0. The least KL with
     # MSE ≤ 0.01 is at θ = 0.9, λ* = 100·0.9 / (2·D·0.1) (stationarity of KL + λ·D·(MSE − tol))
-    theta = torch.zeros((), requires_grad=True)
+    # θ starts at 0.8 (MSE 0.04): C_ma, which starts at the first C, then leaves the start
+    # behind within the 3,000 steps (from θ = 0, C = 4055, it takes about 6,000)
+    theta = torch.tensor(0.8, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=0.02)
     geco = bvb.GECO(tolerance=0.01, rate=2e-5, speedup=10.0)
     lams, mses = [], []
