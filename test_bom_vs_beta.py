@@ -1050,7 +1050,7 @@ def test_a_stalled_setting_stays_in_its_tuning_grid_and_out_of_the_kl_slope():
     slopes = [math.log(120.0 * (1 + seed / 10) / 60.0) / math.log(2) for seed in SEED_SCALE]
     assert g["kl_slope"]["n"] == 3 and g["kl_slope"]["mean"] == approx(statistics.fmean(slopes))
     md = "\n".join(bvb.knob_lines(grids))
-    assert "; stalled |" in md and "; stalled, left out: bom_kl_scale=4." in md
+    assert "; stalled) |" in md and "; stalled, left out: bom_kl_scale=4." in md
 
 def test_the_finding_at_k_n_is_robust_only_when_mean_and_per_seed_choices_agree_after_holm():
     # beta_0.001 wins validation on the seed mean (10 vs 10.33), seed 0 alone
@@ -1150,22 +1150,25 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed():
     assert bom["mse"]["mean"] == approx((1.9 * 2.1 * 2.0) ** (1 / 3))
     assert bom["between"] == freebits["between"] == ["beta_0.0001 – beta_1e-05"]
     assert [bom["per_seed"][s]["mse"] for s in SEED_SCALE] == approx([1.9, 2.1, 2.0])
-    assert geco["position"] == "on" and geco["mse"]["low"] < 1 < geco["mse"]["high"]
+    assert (geco["position"], geco["why"]) == ("n.d.", "3 seeds")  # 0.9 to 1.1: not shown within
+    assert geco["mse"]["low"] < 1 < geco["mse"]["high"] and geco["equivalent"]["p_holm"] > 0.05
     assert sigma["mse"]["mean"] == approx((0.45 * 0.55 * 0.5) ** (1 / 3))
     # 0.8x the front at KL 100 is 0.0045: below the chord, above the β run at KL 200 (0.004)
-    assert control["mse"]["p_holm"] < 0.05 and control["interpolation_only"]
+    assert control["mse"]["p_holm"] < 0.05 and control["position"] == "n.d."
+    assert control["why"] == "3 seeds; off the front only by the interpolation"
     assert bom["iwae_nll"]["mean"] == approx(10.0) and bom["fd_prior"]["mean"] == approx(0.5)
     assert freebits["seeds_outside"] == [1, 2] and freebits["mse"]["n"] == 1
     assert front["bom_gone"]["mse"]["n"] == 0
-    # one Holm family: every cell of the table, not each row's three
+    # one Holm family: every cell of the table and each equivalence test, not each row's own
     cells = [row[key] for row in front.values() for key in bvb.FRONT]
+    cells += [row["equivalent"] for row in front.values()]
     assert [c["p_holm"] for c in cells] == approx(holm_of([c["p"] for c in cells]), nan_ok=True)
     assert control["mse"]["p_holm"] > holm_of([control[key]["p"] for key in bvb.FRONT])[0]
     summary, md = summary_md(records)
     rows = rows_of(md, "Verdict")  # one table sorted by position, no bullet list
-    positions = {"bom_like": "above", "geco": "on", "controlvae": "on (off it only by the "
-                 "interpolation)", "sigma_vae": "below", "freebits": "outside",
-                 "bom_gone": "diverged"}
+    positions = {"bom_like": "above", "sigma_vae": "below", "geco": "n.d. (3 seeds)",
+                 "controlvae": "n.d. (3 seeds; off the front only by the interpolation)",
+                 "freebits": "outside", "bom_gone": "diverged"}
     assert list(rows)[2:] == list(positions) and "\n- " not in md.split("## Where")[0]
     assert all(rows[n].endswith(f"| {p} |") for n, p in positions.items())
     assert "| 2.00x [" in rows["bom_like"] and "| 0.80x [" in rows["controlvae"]
@@ -1176,6 +1179,81 @@ def test_each_method_is_on_above_below_or_outside_the_front_paired_by_seed():
     assert "| 33.33x [33.33, 33.33] |" in rows_of(md, "Test metrics")["bom_like"]
     _, md = summary_md([r for r in records if r["seed"] != 2])  # two seeds: their values too
     assert "| 2.00x [1.06, 3.77] (seeds: 1.90x, 2.10x) |" in rows_of(md, "Verdict")["bom_like"]
+
+def verdict_of(ratios, above=False, below=False):
+    """position() of one method alone in its table, from its seeds' MSE ratios to the front."""
+    row = {"mse": bvb.interval(ratios, True), "past": {"above": above, "below": below},
+           "equivalent": {"p": bvb.equivalence_p([math.log(r) for r in ratios])},
+           "diverged": False, "seeds_outside": []}
+    bvb.holm([row["mse"], row["equivalent"]])
+    return bvb.position(row), row
+
+def test_comparable_is_an_equivalence_test_and_n_d_says_why():
+    # 1.05x, tight: the ratio differs from 1, yet no seed is past both β runs: comparable
+    (word, why), row = verdict_of([1.04, 1.05, 1.06, 1.05])
+    assert (word, why) == ("on, ±10%", "") and row["mse"]["p_holm"] < 0.05
+    # 1.08x [1.01, 1.16] over 4 seeds: its 90% interval reaches past 1.1: not distinguishable
+    logs = [math.log(1.08) + d for d in (-0.05, -0.02, 0.02, 0.05)]
+    (word, why), row = verdict_of([math.exp(x) for x in logs])
+    assert (round(row["mse"]["low"], 2), round(row["mse"]["high"], 2)) == (1.01, 1.16)
+    assert (word, why) == ("n.d.", "4 seeds")
+    # TOST at hand: t = (ln 1.1 − mean)/se, p = P(T ≥ t) with 3 dof; the 90% interval's end
+    se = statistics.stdev(logs) / 2
+    t = (math.log(1.1) - statistics.fmean(logs)) / se
+    assert row["equivalent"]["p"] == approx(0.5 - bvb.t_mass(t, 3), rel=1e-9)
+    assert math.exp(statistics.fmean(logs) + bvb.t_quantile(3, 0.95) * se) > 1.1
+    # the notebook's BOM at full size: 13.93x and 10.41x, both seeds above both β runs
+    (word, why), _ = verdict_of([13.93, 10.41], above=True)
+    assert (word, why) == ("n.d.", "2 seeds; every seed above both β runs")
+    # a Holm finding with every seed past both runs: above (below)
+    assert verdict_of([2.0, 2.1, 1.9, 2.05], above=True)[0] == ("above", "")
+    assert verdict_of([0.5, 0.52, 0.49, 0.5], below=True)[0] == ("below", "")
+    assert verdict_of([2.0, 2.1, 1.9, 2.05])[0] == (
+        "n.d.", "4 seeds; off the front only by the interpolation")
+    assert verdict_of([1.3])[0] == ("undetermined", "")
+
+def test_no_interval_of_a_positive_quantity_reaches_zero():
+    two = bvb.interval([0.0150, 0.0110], positive=True)      # t with 1 dof: 0.013 ± 0.025
+    assert math.isnan(two["low"]) and two["seed_values"] == [0.0150, 0.0110]
+    assert bvb.show(two, 4) == "0.0130 (seeds: 0.0150, 0.0110)"
+    wide = bvb.interval([1.0, 30.0, 2.0], positive=True)     # 11 ± 40: withheld too
+    assert math.isnan(wide["high"]) and len(wide["seed_values"]) == 3
+    kept = bvb.interval([1.0, 1.2, 1.1], positive=True)
+    assert kept["low"] > 0 and "seed_values" not in kept
+    signed = bvb.interval([-3.0, 5.0])                        # a difference keeps its interval
+    assert signed["low"] < 0 < signed["high"]
+    records = [r for r in front_records() if r["seed"] != 2]
+    _, md = summary_md(records)
+    for row in rows_of(md, "Test metrics").values():   # MSE, KL, FD prior, seconds: seeds' values
+        cells = row.split(" | ")
+        if cells[1] == "2":
+            assert all("[" not in cells[i] and "(seeds: " in cells[i] for i in (3, 4, 10, 12))
+    assert "| 0.0312 (seeds: 0.0250, 0.0375) |" in rows_of(md, "Test metrics")["beta_0.001"]
+
+def test_a_bisection_on_log_beta_counts_the_runs_to_land_near_a_rate():
+    # log KL linear in log β: KL = 100 at β = 1e-4, 10 at 1e-2 (one decade of KL per two of β)
+    curve, bracket = [(1e-4, 100.0), (1e-2, 10.0)], (1e-4, 1e-2)
+    # target 40: first run at β = 1e-3 (KL 31.6), then 10^-3.5 (56.2), then 10^-3.25 (42.2)
+    assert bvb.bisection_runs(curve, 40.0, math.log(42.2 / 40) + 1e-3, bracket) == 3
+    assert bvb.bisection_runs(curve, 40.0, math.log(40 / 31.6) + 1e-3, bracket) == 1
+    assert bvb.bisection_runs(curve, 500.0, 0.1, bracket) is None       # past the sweep's end
+    assert bvb.bisection_runs(curve, 40.0, 0.0, bracket) is None        # never exactly
+    assert bvb.bisection_runs(curve, 40.0, 0.3, (1e-7, 0.1)) is None    # a run past its β runs
+    # on runs: each seed's β runs' last training epochs give its curve; ControlVAE (set point
+    # 80) ends its training at KL 100 in seed 0 and 64 in seed 1
+    runs = [fake_run(f"beta_{b:g}", "beta", seed, {}, {}, history=[{"kl": kl}])
+            for seed in (0, 1) for b, kl in curve]
+    runs += [fake_run("controlvae", "controlvae", seed, {}, {}, {"kl_target": 80.0, "kp": 0.01,
+                      "ki": 1e-4, "beta_range": [0.0, 1.0]}, [{"kl": kl}])
+             for seed, kl in ((0, 100.0), (1, 82.0))]
+    runs += [fake_run("sigma_vae", "sigma_vae", 0, {}, {}, {}, [{"kl": 300.0}])]  # no set rate
+    targeting = bvb.rate_targeting(bvb.aggregate(runs))
+    assert list(targeting) == ["controlvae"]
+    seeds = targeting["controlvae"]
+    assert [seeds[s]["reached_over_target"] for s in (0, 1)] == approx([1.25, 1.025])
+    # seed 0, within ln 1.25: β = 1e-3 (31.6) no, 10^-3.5 (56.2) no, 10^-3.75 (75.0) yes;
+    # seed 1 landed within ±10%: the same (75.0 is within 10% of 80, 56.2 is not)
+    assert [seeds[s]["bisection_runs"] for s in (0, 1)] == [3, 3]
 
 def test_beta_is_chosen_on_validation_never_on_test_and_within_a_grid_when_asked():
     records = []
@@ -1254,7 +1332,7 @@ def test_the_answer_figures_draw_one_distinct_marker_per_method_at_the_set_size(
     methods = bvb.aggregate(tuning_records())
     tuning = bvb.tuning_cost(methods, bvb.criteria(methods, "iwae_nll"))
     bvb.plot_tuning_cost(tuning, methods, str(tmp_path / "tuning_cost.png"))
-    assert_sized(tmp_path / "tuning_cost.png", 4.8, 17)
+    assert_sized(tmp_path / "tuning_cost.png", 4.8, 12)
 
 def drawn_figure(monkeypatch, plot, *args):
     """The figure `plot` hands to finish, kept open to be read."""
@@ -1271,8 +1349,8 @@ def test_figures_keep_every_method_visible_and_every_interval_readable(monkeypat
     assert min(np.linalg.norm(np.diff(colours, axis=0), axis=1)) > 0.2
     # the ratio axis: 0.9x, 1x, 1.1x ticked and a seventh of the axis apart at 77x
     assert bvb.stretch_near_one(1.0) == 0 and bvb.unstretch(bvb.stretch_near_one(1.1)) == approx(1.1)
-    front = {"bom": {"mse": {"n": 2, "mean": 12.0, "low": 1.9, "high": 76.5}, "position": "on"},
-             "geco": {"mse": {"n": 2, "mean": 1.0, "low": 0.92, "high": 1.17}, "position": "on"}}
+    front = {"bom": {"mse": {"n": 2, "mean": 12.0, "low": 1.9, "high": 76.5}, "position": "n.d."},
+             "geco": {"mse": {"n": 2, "mean": 1.0, "low": 0.92, "high": 1.17}, "position": "n.d."}}
     fig, ax = bvb.plt.subplots()
     bvb.forest(ax, front, "mse", {"bom": ("C0", "o"), "geco": ("C1", "D")})
     ticks = list(ax.get_xticks())
@@ -1280,22 +1358,22 @@ def test_figures_keep_every_method_visible_and_every_interval_readable(monkeypat
     place = ax.transData.transform([(0.9, 0), (1.1, 0)])[:, 0]
     assert place[1] - place[0] > ax.bbox.width / 7
     bvb.plt.close(fig)
-    # tuning cost: each other method in a slot of its own; an interval reaching 0 on a log
-    # axis stops at the axis with a ▼; k ticks are integers
+    # tuning cost: each other method in a slot of its own, each seed's value where its
+    # interval is withheld; k ticks are integers
     methods = bvb.aggregate(tuning_records())
     tuning = bvb.tuning_cost(methods, bvb.criteria(methods, "iwae_nll"))
     name = next(iter(n for n in tuning["methods"] if n in bvb.styles_of(methods)))
-    tuning["methods"][name]["mse"]["test"].update(n=2, mean=0.01, low=-0.01, high=0.03)
+    tuning["methods"][name]["fd_prior"]["test"] = bvb.interval([50.0, 200.0], positive=True)
     fig = drawn_figure(monkeypatch, bvb.plot_tuning_cost, tuning, methods)
     strips, curves = fig.axes[::2], fig.axes[1::2]
     for strip in strips:
-        slots = [line.get_xdata()[0] for line in strip.lines if line.get_clip_on()
-                 and line.get_marker() not in ("None", "_", "")]
+        slots = [line.get_xdata()[0] for line in strip.lines
+                 if line.get_marker() not in ("None", "_", "") and line.get_mfc() != "none"]
         assert len(slots) == len(set(slots)) >= 2
-    mse_strip = strips[bvb.TUNING_CRITERIA.index("mse")]
-    assert [(line.get_marker(), line.get_ydata()[0]) for line in mse_strip.lines
-            if not line.get_clip_on()] == [("v", mse_strip.get_ylim()[0])]
-    assert "▼" in fig._suptitle.get_text()
+    fd_strip = strips[bvb.TUNING_CRITERIA.index("fd_prior")]
+    assert [list(line.get_ydata()) for line in fd_strip.lines if line.get_mfc() == "none"] == [
+        [50.0, 200.0]]
+    assert "dotted curves: each seed's" in fig._suptitle.get_text()
     assert all(float(k).is_integer() for ax in curves for k in ax.get_xticks())
     # training: the sharpness panel on a log scale, the data's line dotted unlike any method's
     curve = {"values": [[0, 0.1, 5.0, 0.2], [1, 0.01, 50.0, 0.03]]}
@@ -1433,10 +1511,10 @@ def test_ablations_and_a_knob_grid_train_in_the_loop_and_are_judged(data_dir, tm
     assert grid["kl_slope"]["mean"] == approx(statistics.linear_regression(*zip(*points))[0])
     # the grid is tuned like β: its best of k over its 9 settings, on validation
     assert sorted(summary["tuning_cost"]["grids"]["bom_sharp=off, tuned"]) == sorted(settings)
-    tuned = summary["tuning_cost"]["curves"]["bom_sharp=off, tuned"]["mse"]["per_seed"][0]
-    best = min((runs[n] for n in settings), key=lambda r: r["val"]["mse"])
-    assert len(tuned) == 9 and tuned[-1] == best["test"]["mse"]
-    assert tuned[0] == approx(statistics.fmean(runs[n]["test"]["mse"] for n in settings))
+    tuned = summary["tuning_cost"]["curves"]["bom_sharp=off, tuned"]["fd_prior"]["per_seed"][0]
+    best = min((runs[n] for n in settings), key=lambda r: r["val"]["fd_prior"])
+    assert len(tuned) == 9 and tuned[-1] == best["test"]["fd_prior"]
+    assert tuned[0] == approx(statistics.fmean(runs[n]["test"]["fd_prior"] for n in settings))
     assert "### bom_sharp=off and its knob settings" in md
     assert "| bom_sharp=off_kl_scale=2 | kl_scale 2 | 20 | " in md
 
@@ -1550,6 +1628,7 @@ KNOB_ZERO = [([flag, "0"], f"{flag} must be " + (">= 1" if isinstance(default, i
     (["--val-size", "96"], "--val-size 96 leaves no training images"),
     (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
     (["--seeds", "0", "0"], "a seed is listed twice"),
+    (["--methods", "beta:0.001,beta:0.0010000001"], "two items name the same run, beta_0.001"),
     *[(["--seeds", v], "--seeds must be between 0 and 4294967295") for v in ("-1", "4294967296")],
     (["--resume"], "does not exist, so there is nothing to resume"),
     *[(["--shard", v], "--shard must be K/N") for v in ("3/2", "0/2")],
@@ -1880,12 +1959,38 @@ def test_a_second_process_on_a_folder_in_use_is_refused_at_its_start_but_a_shard
     assert tree(other) == before
     for handle in locks:
         handle.close()
+    # a command refused on its second run lets go of its first, the lock file it made removed
+    third = tmp_path / "third"
+    locks = []
+    bvb.plan_out(bvb.parse_args(run_args(data_dir, third, *one, "--shard", "2/2")), locks)
+    held = (third / "checkpoints" / "beta_0.1_seed0.lock").read_bytes()
+    refused(run_args(data_dir, third, *one), capsys)
+    assert sorted(os.listdir(third / "checkpoints")) == ["beta_0.1_seed0.lock"]
+    assert (third / "checkpoints" / "beta_0.1_seed0.lock").read_bytes() == held
+    assert bvb.lock(str(third / "checkpoints" / "beta_0.1_seed0.lock")) is None   # still held
+    locks[0].close()
     # the feature classifier is part of the experiment
     experiment = load(out / "experiment.json")
     (out / "experiment.json").write_text(json.dumps(dict(experiment, classifier="0" * 12)))
     err = refused(run_args(data_dir, out, *one, "--shard", "1/2"), capsys)
     assert "(classifier '000000000000' in the one" in err
     assert sorted(os.listdir(out / "runs")) == ["beta_0.1_seed0.json"]
+
+def test_a_lock_on_a_file_removed_meanwhile_is_taken_again_on_the_file_there(
+        tmp_path, monkeypatch):
+    path, flock, calls = tmp_path / "run.lock", bvb.fcntl.flock, []
+    path.write_text("")
+
+    def removed_first(handle, how):  # a refused process removes the file it had made
+        calls.append(os.fstat(handle.fileno()).st_ino)
+        if len(calls) == 1:
+            path.unlink()
+        flock(handle, how)
+    monkeypatch.setattr(bvb.fcntl, "flock", removed_first)
+    handle = bvb.lock(str(path))
+    assert len(calls) == 2 and path.exists() and handle.created
+    assert os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    handle.close()
 
 def test_without_flock_or_hard_links_runs_go_on_unlocked(data_dir, tmp_path, monkeypatch):
     """A file system without flock (Lustre without -o flock) or hard links (exFAT, some
@@ -1960,6 +2065,14 @@ def test_an_unreadable_run_file_is_one_line_under_resume_and_report_and_changes_
     for mode in (["--no-plots", "--resume"], ["--report"]):
         assert str(run_file) in refused(run_args(data_dir, out, *SHARED, *mode), capsys)
         assert tree(tmp_path) == before
+    if garbage.startswith(b"{"):   # an object: a readable experiment.json
+        return
+    run_file.write_bytes((shared_out / "runs" / run_file.name).read_bytes())
+    (out / "experiment.json").write_bytes(garbage)       # its own advice, not a run file's
+    before = tree(tmp_path)
+    err = refused(run_args(data_dir, out, *SHARED, "--no-plots", "--resume"), capsys)
+    assert "experiment.json is unreadable" in err and "writes it again" in err
+    assert "trained again" not in err and tree(tmp_path) == before
 
 def test_a_finished_checkpoint_of_another_version_is_refused_unless_asked_then_reevaluated(
         shared_out, data_dir, tmp_path, capsys):
