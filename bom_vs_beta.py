@@ -1288,9 +1288,9 @@ def rate_targeting(methods):
         for seed, checks in m["targets"].items():
             for what, reached, target in checks:
                 if what == "training KL" and target and reached > 0:
-                    curve = [(b["settings"]["beta"], run["history"][-1]["kl"])
-                             for b in betas(methods) for s, run in by_seed(b).items()
-                             if s == seed and run["history"]]
+                    runs = [(b["settings"]["beta"], by_seed(b).get(seed)) for b in betas(methods)]
+                    curve = [(beta, run["history"][-1]["kl"]) for beta, run in runs
+                             if run and run["history"]]
                     within = max(abs(math.log(reached / target)), math.log(MARGIN))
                     seeds[seed] = {"reached_over_target": reached / target,
                                    "bisection_runs": bisection_runs(
