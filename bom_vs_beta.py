@@ -49,7 +49,7 @@ except ImportError:
     fcntl = None
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -862,8 +862,9 @@ def evaluate_run(model, splits, classifier, references, args, seed):
     return out
 # ---------------------------------------- report
 def fmt(value, digits):
-    ok = value is not None and math.isfinite(value)
-    return f"{value:.{digits}f}" if ok else "n/a"
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 # key: (label, digits, direction: +1 higher is better, −1 lower, 0 neither)
 METRICS = {"mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
@@ -878,9 +879,8 @@ FRONT = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
 TUNING_CRITERIA = ("iwae_nll", "fd_prior")
 BISECTION_LIMIT = 20    # β runs a simulated bisection may spend
 TARGET_TOLERANCE = 0.3  # a run reached its own target within ±30%
-ALPHA = 0.05  # a finding: Holm-adjusted p < ALPHA over its table
-# "comparable": an MSE within ±10% of the β front's at the same rate (README: why 10%)
-MARGIN = 1.1
+ALPHA = 0.05            # a finding: Holm-adjusted p < ALPHA over its table
+MARGIN = 1.1            # "comparable": within ±10% of the front's MSE (README: why 10%)
 POSITIONS = ("above", "on, ±10%", "below", "n.d.", "outside", "undetermined", "diverged")
 # metrics > 0 on their own scale: no interval of theirs may reach 0
 POSITIVE = ("mse", "kl", "sharp", "fd_recon", "fd_prior")
@@ -896,7 +896,9 @@ def t_mass(t, dof, n=2000):
     """∫₀ᵗ of the Student-t density: Simpson's rule in θ = arctan x."""
     c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2))
     c /= math.sqrt(dof * math.pi)
-    f = lambda th: c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
+
+    def f(th):
+        return c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
     h = math.atan(t) / n
     inner = sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
     return h / 3 * (f(0) + f(n * h) + inner)
@@ -909,7 +911,10 @@ def t_quantile(dof, p=0.975):
         hi *= 2
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_mass(mid, dof) < p - 0.5 else (lo, mid)
+        if t_mass(mid, dof) < p - 0.5:
+            lo = mid
+        else:
+            hi = mid
     return (lo + hi) / 2
 
 def interval(values, ratio=False, positive=False):
@@ -921,10 +926,15 @@ def interval(values, ratio=False, positive=False):
     n, back = len(xs), math.exp if ratio else float
     mean = statistics.fmean(xs) if n else NAN
     sd = statistics.stdev(xs) if n > 1 else NAN
-    p = NAN if n < 2 else float(mean == 0) if sd == 0 else max(
-        0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    if n < 2:
+        p = NAN
+    elif sd == 0:
+        p = float(mean == 0)
+    else:
+        p = max(0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(n)), n - 1))
     half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else NAN
-    cell = {"mean": back(mean), "low": back(mean - half), "high": back(mean + half), "p": p, "n": n}
+    cell = {"mean": back(mean), "low": back(mean - half), "high": back(mean + half),
+            "p": p, "n": n}
     if positive and n > 1 and (n < 3 or not cell["low"] > 0):
         cell.update(low=NAN, high=NAN, seed_values=[back(x) for x in xs])
     return cell
@@ -952,27 +962,29 @@ def holm(cells):
         running = max(running, min(1.0, (len(finite) - j) * p))
         cells[i]["p_holm"] = running
 
-def finding(cell, direction, null=0.0):
-    if cell["n"] < 2:
-        return "undetermined"
-    if not cell["p_holm"] < ALPHA:
-        return "not distinguishable"
-    return "better" if direction * (cell["mean"] - null) > 0 else "worse"
-
 def versus(key, a, b):
-    return a / b if FRONT[key] == "ratio" else a - b
+    """A method's value against the front's (or tuned β-VAE's): a ratio or a difference."""
+    if FRONT[key] == "ratio":
+        return a / b
+    return a - b
 
 def show(cell, digits, kind=None, star=False, seeds=()):
-    """'1.2 [1.0, 1.4]', '1.05x [0.97, 1.14]', '+8.5 [−2.1, +3.7]'; `*`; two seeds' values, or
-    each seed's where the interval is withheld."""
-    one = lambda v: f"{v:{'+' * (kind == 'difference')}.{digits}f}"
-    text = one(cell["mean"]) + "x" * (kind == "ratio") if cell["n"] else "n/a"
+    """'1.2 [1.0, 1.4]', '1.05x [0.97, 1.14]', '+8.5 [−2.1, +3.7]'; `*`: a finding; two seeds'
+    values, or each seed's where the interval is withheld."""
+    sign = "+" if kind == "difference" else ""
+    unit = "x" if kind == "ratio" else ""
+
+    def one(v):
+        return f"{v:{sign}.{digits}f}"
+    text = one(cell["mean"]) + unit if cell["n"] else "n/a"
     if math.isfinite(cell["low"]):
         text += f" [{one(cell['low'])}, {one(cell['high'])}]"
-    text += "*" * (star and cell["p_holm"] < ALPHA)
+    if star and cell["p_holm"] < ALPHA:
+        text += "*"
     seeds = cell.get("seed_values") or seeds
-    listed_seeds = f" (seeds: {', '.join(one(v) + 'x' * (kind == 'ratio') for v in seeds)})"
-    return text + listed_seeds * (len(seeds) == 2 or "seed_values" in cell)
+    if len(seeds) == 2 or "seed_values" in cell:
+        text += " (seeds: " + ", ".join(one(v) + unit for v in seeds) + ")"
+    return text
 
 def read_json(path, needed=()):
     """The JSON object in `path` with the keys `needed`."""
@@ -983,10 +995,9 @@ def read_json(path, needed=()):
         record = None
     if isinstance(record, dict) and set(needed) <= record.keys():
         return record
+    then = "its run is then trained again"
     if os.path.basename(path) == EXPERIMENT_FILE:
         then = "the next command writes it again from its own settings"
-    else:
-        then = "its run is then trained again"
     raise UsageError(f"{path} is unreadable: move it away ({then}), or use a fresh --out")
 
 def folder_runs(out, skip=()):
@@ -999,9 +1010,11 @@ def folder_runs(out, skip=()):
 def experiment_of(record):
     """EXPERIMENT's settings of a run file, and its classifier."""
     config = record.get("config", {})
+    settings = {k: config[k] for k in EXPERIMENT if k in config}
     sha = record["reference"].get("classifier_sha256")
-    return dict({k: config[k] for k in EXPERIMENT if k in config},
-                **({"classifier": sha[:12]} if sha else {}))
+    if sha:
+        settings["classifier"] = sha[:12]
+    return settings
 
 def check_same(experiments):
     """{source: settings}: UsageError naming two that differ."""
@@ -1015,99 +1028,117 @@ def check_same(experiments):
                     f"{first!r} in the one, {value!r} in the other): one folder "
                     f"holds one experiment; use a fresh --out")
 
+def run_order(r):
+    """β-VAE by β, then the methods in METHOD_CLASSES' order, knob settings last; by seed."""
+    if r["kind"] == "beta":
+        return (0, r["settings"]["beta"], ""), r["seed"]
+    kind = list(METHOD_CLASSES).index(r["kind"])
+    return (1 + bool(r["variant"]), kind, r["name"]), r["seed"]
+
 def load_runs(out):
     """The run files (one experiment), by method and seed."""
     runs = folder_runs(out)
     check_same({path: experiment_of(r) for path, r in runs.items()})
-    order = lambda r: (
-        (0, r["settings"]["beta"], "") if r["kind"] == "beta" else
-        (1 + bool(r["variant"]), TUNING_FREE.index(r["kind"]), r["name"]))
-    return sorted(runs.values(), key=lambda r: (order(r), r["seed"]))
+    return sorted(runs.values(), key=run_order)
 
 def metric(run, split, key):
-    ok = run is not None and run["status"] != "diverged"
-    value = run.get(split, {}).get(key) if ok else None
+    """A run's value, nan when it is missing or the run diverged."""
+    if run is None or run["status"] == "diverged":
+        return NAN
+    value = run.get(split, {}).get(key)
     return NAN if value is None else value
 
 def by_seed(m):
     """{seed: run} of m's runs that did not diverge."""
     return {r["seed"]: r for r in m["runs"] if r["status"] != "diverged"}
 
-def betas(methods, grid=None):
-    return [m for m in methods.values() if m["kind"] == "beta"
-            and (grid is None or m["settings"]["beta"] in grid)]
+def betas(methods):
+    return [m for m in methods.values() if m["kind"] == "beta"]
 
 def judged(methods):
     """Every method but the β-VAEs and BOM's knob settings."""
     return [m for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
 
 def aggregate(records):
-    """Per method: its runs, intervals, own targets (last epoch), idle seeds."""
+    """Per method: its runs, test and validation intervals over seeds, its own targets (last
+    training epoch) and the seeds where its mechanism idled."""
     methods = {}
     for r in records:
         first = {k: r[k] for k in ("name", "kind", "variant", "settings")}
         methods.setdefault(r["name"], dict(first, runs=[]))["runs"].append(r)
     for m in methods.values():
-        ok, cls = by_seed(m).values(), METHOD_CLASSES[m["kind"]]
-        checks = {r["seed"]: r["history"] and cls.targets(r["settings"], r["history"][-1])
-                  or [] for r in ok}
-        m.update({s: {k: interval([metric(r, s, k) for r in ok], positive=k in POSITIVE)
-                      for k in METRICS}
-                  for s in ("test", "val")})
-        m.update(
-            seeds=[r["seed"] for r in m["runs"]], statuses=sorted({r["status"] for r in m["runs"]}),
-            train_seconds=interval([r["train_seconds"] for r in m["runs"]], positive=True),
-            runs_to_choose=len(betas(methods)) if m["kind"] == "beta" else 1,
-            targets=checks, missed_target=[s for s, c in checks.items() if any(
-                t is not None and not abs(v / t - 1) <= TARGET_TOLERANCE for _, v, t in c)],
-            idle=[r["seed"] for r in ok if r["history"] and cls.idle(r["history"])])
+        ok, cls = list(by_seed(m).values()), METHOD_CLASSES[m["kind"]]
+        for split in ("test", "val"):
+            m[split] = {k: interval([metric(r, split, k) for r in ok], positive=k in POSITIVE)
+                        for k in METRICS}
+        trained = [r for r in ok if r["history"]]
+        checks = {r["seed"]: [] for r in ok}
+        for r in trained:
+            checks[r["seed"]] = cls.targets(r["settings"], r["history"][-1])
+        missed = [s for s, c in checks.items()
+                  if any(t is not None and not abs(v / t - 1) <= TARGET_TOLERANCE
+                         for _, v, t in c)]
+        m.update(seeds=[r["seed"] for r in m["runs"]],
+                 statuses=sorted({r["status"] for r in m["runs"]}),
+                 train_seconds=interval([r["train_seconds"] for r in m["runs"]], positive=True),
+                 runs_to_choose=len(betas(methods)) if m["kind"] == "beta" else 1,
+                 targets=checks, missed_target=missed,
+                 idle=[r["seed"] for r in trained if cls.idle(r["history"])])
     return methods
 
-def choose(methods, key, grid=None, seed=None):
+def choose(methods, key, seed=None):
     """The β best by validation `key`: by the seed mean (no run diverged), or in `seed`."""
-    value = lambda m: METRICS[key][2] * (
-        m["val"][key]["mean"] if seed is None else metric(by_seed(m).get(seed), "val", key))
-    pool = [m for m in betas(methods, grid) if math.isfinite(value(m))
-            and (seed is not None or "diverged" not in m["statuses"])]
-    return max(pool, key=value)["name"] if pool else None
-
-def notebook_sweep(methods):
-    return 0 < len(betas(methods, NOTEBOOK_BETAS)) == len(betas(methods))
+    best, best_value = None, -math.inf
+    for m in betas(methods):
+        if seed is None:
+            if "diverged" in m["statuses"]:
+                continue
+            value = m["val"][key]["mean"]
+        else:
+            value = metric(by_seed(m).get(seed), "val", key)
+        value *= METRICS[key][2]
+        if math.isfinite(value) and value > best_value:
+            best, best_value = m["name"], value
+    return best
 
 def criteria(methods, select_by):
-    """The declared β choices on validation, by the seed mean and per seed."""
-    out, ways = {}, [(key, None) for key in (select_by, *TUNING_CRITERIA, "mse")]
-    ways += [(select_by, NOTEBOOK_BETAS)] * (not notebook_sweep(methods))
-    for key, grid in ways:
-        label = key + "_notebook_grid" * bool(grid)
-        beta = choose(methods, key, grid)
-        if not beta or label in out:
+    """The β validation chooses by each declared criterion: by the seed mean and per seed, and
+    whether it is an end of the sweep (a β beyond it may do better)."""
+    swept = sorted(m["settings"]["beta"] for m in betas(methods))
+    ends = {swept[0]: "smallest", swept[-1]: "largest"} if len(swept) > 1 else {}
+    seeds = sorted({s for m in betas(methods) for s in by_seed(m)})
+    out = {}
+    for key in dict.fromkeys((select_by, *TUNING_CRITERIA, "mse")):
+        beta = choose(methods, key)
+        if not beta:
             continue
-        seeds = sorted({s for m in betas(methods, grid) for s in by_seed(m)})
-        per_seed = {s: b for s in seeds if (b := choose(methods, key, grid, s))}
-        swept = sorted(m["settings"]["beta"] for m in betas(methods, grid))
-        ends = {swept[0]: "smallest", swept[-1]: "largest"} if len(swept) > 1 else {}
-        edge = lambda name: ends.get(methods[name]["settings"]["beta"])
-        out[label] = {"metric": key, "grid": grid and list(grid), "beta": beta,
-                      "per_seed": per_seed, "edge": edge(beta), "kl": methods[beta]["test"]["kl"],
-                      "seeds_at_edge": [s for s, b in per_seed.items() if edge(b)]}
+        per_seed = {s: choose(methods, key, s) for s in seeds}
+        per_seed = {s: b for s, b in per_seed.items() if b}
+        at_edge = [s for s, b in per_seed.items() if methods[b]["settings"]["beta"] in ends]
+        out[key] = {"metric": key, "beta": beta, "per_seed": per_seed,
+                    "edge": ends.get(methods[beta]["settings"]["beta"]),
+                    "kl": methods[beta]["test"]["kl"], "seeds_at_edge": at_edge}
     return out
 
 def front_at(runs, kl, key):
     """One seed's β front at rate `kl`, linear in log KL (and in log `key` for a ratio):
     (value, the bracketing β runs' values, names); None outside their rates."""
     log = FRONT[key] == "ratio"
-    points = sorted((math.log(k), v, r["name"]) for r in runs
-                    for k, v in [(metric(r, "test", "kl"), metric(r, "test", key))]
-                    if k > 0 and math.isfinite(v) and (v > 0 or not log))
+    points = []
+    for r in runs:
+        k, v = metric(r, "test", "kl"), metric(r, "test", key)
+        if k > 0 and math.isfinite(v) and (v > 0 or not log):
+            points.append((math.log(k), v, r["name"]))
+    points.sort()
     x = math.log(kl) if 0 < kl < math.inf else NAN       # nan: no rate
-    pair = next(((a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0]), None)
-    if pair is None:
+    pairs = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0]]
+    if not pairs:
         return None
-    (x0, y0, n0), (x1, y1, n1) = pair
+    (x0, y0, n0), (x1, y1, n1) = pairs[0]
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
-    to, back = (math.log, math.exp) if log else (float, float)
-    return back((1 - w) * to(y0) + w * to(y1)), (y0, y1), (n0, n1)
+    if log:
+        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1), (n0, n1)
+    return (1 - w) * y0 + w * y1, (y0, y1), (n0, n1)
 
 def matched_rate(methods, names=None):
     """`names` (default: judged) against the β front at their own KL, paired by seed: an
@@ -1126,18 +1157,17 @@ def matched_rate(methods, names=None):
             if at["mse"] is None:
                 outside.append(seed)
                 continue
-            per_seed[seed] = {k: versus(k, metric(r, "test", k), at[k][0])
-                              if at[k] else NAN for k in FRONT}
+            per_seed[seed] = {k: versus(k, metric(r, "test", k), at[k][0]) if at[k] else NAN
+                              for k in FRONT}
             between.add(" – ".join(at["mse"][2]))
             past["above"] &= mse > max(at["mse"][1])
             past["below"] &= mse < min(at["mse"][1])
         cells = {k: interval([v[k] for v in per_seed.values()], kind == "ratio")
                  for k, kind in FRONT.items()}
         logs = [math.log(v["mse"]) for v in per_seed.values() if v["mse"] > 0]
-        equivalent = {"p": equivalence_p(logs)}
         rows[name] = dict(seeds_outside=outside, per_seed=per_seed, past=past,
                           between=sorted(between), diverged=not by_seed(methods[name]),
-                          equivalent=equivalent, **cells)
+                          equivalent={"p": equivalence_p(logs)}, **cells)
     holm([row[k] for row in rows.values() for k in FRONT]
          + [row["equivalent"] for row in rows.values()])
     for row in rows.values():
@@ -1182,7 +1212,27 @@ def best_of_k(pool):
     return [sum(t * math.comb(n - 1 - i, k - 1) for i, t in enumerate(ranked))
             / math.comb(n, k) for k in range(1, n + 1)]
 
+def tuning_grids(methods):
+    """{label: names}: the β sweep, and each BOM with its knob settings; of each, the settings
+    that ran every seed any of them did and never diverged (a stalled one stays)."""
+    grids = {"β-VAE": [m["name"] for m in betas(methods)]}
+    for base in judged(methods):
+        if base["kind"] == "bom":
+            ablation = base["settings"].get("ablation")
+            grids[f"{base['name']}, tuned"] = [base["name"]] + [
+                m["name"] for m in methods.values() if m["kind"] == "bom"
+                and m["variant"] and m["settings"].get("ablation") == ablation]
+    out = {}
+    for g, names in grids.items():
+        seeds = set().union(*(methods[n]["seeds"] for n in names))
+        names = [n for n in names if "diverged" not in methods[n]["statuses"]
+                 and set(methods[n]["seeds"]) >= seeds]
+        if len(names) > 1:
+            out[g] = names
+    return out
+
 def grid_curves(group, key):
+    """{seed: best_of_k over the group's settings} by `key` (validation chooses, test reports)."""
     runs, curves = [by_seed(m) for m in group], {}
     for seed in sorted(set.intersection(*(set(m["seeds"]) for m in group))):
         pool = [(METRICS[key][2] * metric(r.get(seed), "val", key),
@@ -1190,69 +1240,53 @@ def grid_curves(group, key):
         curves[seed] = best_of_k([p for p in pool if math.isfinite(p[0] + p[1])])
     return curves
 
-def tuning_grids(methods):
-    """{label: names} of the β sweep, the notebook's grid, each BOM with its knobs:
-    the settings that ran every seed any did, none diverged (a stalled one stays)."""
-    grids = {"β-VAE": [m["name"] for m in betas(methods)], "β-VAE, notebook grid":
-             [m["name"] for m in betas(methods, NOTEBOOK_BETAS)]}
-    for base in (m for m in judged(methods) if m["kind"] == "bom"):
-        ablation = base["settings"].get("ablation")
-        grids[f"{base['name']}, tuned"] = [base["name"]] + [
-            m["name"] for m in methods.values() if m["kind"] == "bom"
-            and m["variant"] and m["settings"].get("ablation") == ablation]
-    seeds = lambda names: set().union(*(methods[n]["seeds"] for n in names))
-    full = {g: [n for n in names if "diverged" not in methods[n]["statuses"]
-                and set(methods[n]["seeds"]) >= seeds(names)] for g, names in grids.items()}
-    return {g: names for g, names in full.items() if len(names) > 1 and not (
-        g == "β-VAE, notebook grid" and names == full["β-VAE"])}
+def compare(key, a, b):
+    """Interval over the seeds in both {seed: value} of `versus` a and b."""
+    return interval([versus(key, a[s], b[s]) for s in a if s in b], FRONT[key] == "ratio")
 
-def tuning_cost(methods, choices):
-    """Best-of-k curves per grid; per method (a BOM grid: its tuned best) and
-    criterion its test value, k* of each β grid (the first k whose best beats it
-    on the seed mean, paired) and at k = n against the β each seed's and the mean's
-    validation chooses (two Holm families; a finding when both agree)."""
+def k_star(key, own, curves):
+    """The first k whose expected best of k random β beats the method on the mean over seeds,
+    paired by seed (None: not within the sweep's n), and the comparison there (or at n)."""
+    n = min((len(curves[s]) for s in own if s in curves), default=0)
+    at = [compare(key, own, {s: curves[s][k] for s in own if s in curves}) for k in range(n)]
+    null = float(FRONT[key] == "ratio")
+    better = [k for k in range(n) if METRICS[key][2] * (at[k]["mean"] - null) < 0]
+    k = better[0] if better else None
+    if not at:
+        return {"k": None, "n": n, "at": None}
+    return {"k": None if k is None else k + 1, "n": n, "at": at[n - 1 if k is None else k]}
+
+def tuning_cost(methods):
+    """What tuning buys: each grid's expected best of k per seed and over seeds; per method (a
+    BOM grid: its tuned best) and criterion its test value and k* of the β sweep."""
     grids = tuning_grids(methods)
-    curves = {g: {k: grid_curves([methods[n] for n in names], k)
-                  for k in TUNING_CRITERIA} for g, names in grids.items()}
-    test = lambda m, k: {s: metric(r, "test", k) for s, r in by_seed(m).items()}
-    own = {m["name"]: {k: test(m, k) for k in TUNING_CRITERIA} for m in judged(methods)}
-    own.update({g: {k: {s: c[-1] for s, c in curves[g][k].items() if c}
-                    for k in TUNING_CRITERIA} for g in grids if g[0] != "β"})
-    compare = lambda key, a, b: interval(
-        [versus(key, a[s], b[s]) for s in a if s in b], FRONT[key] == "ratio")
-    rows, families = {}, {"mean": [], "per_seed": []}
+    curves = {g: {k: grid_curves([methods[n] for n in names], k) for k in TUNING_CRITERIA}
+              for g, names in grids.items()}
+    own = {}
+    for m in judged(methods):
+        own[m["name"]] = {k: {s: metric(r, "test", k) for s, r in by_seed(m).items()}
+                          for k in TUNING_CRITERIA}
+    for g in grids:
+        if g != "β-VAE":
+            own[g] = {k: {s: c[-1] for s, c in curves[g][k].items() if c}
+                      for k in TUNING_CRITERIA}
+    rows = {}
     for name, values in own.items():
-        for key in TUNING_CRITERIA:
-            v, null = values[key], float(FRONT[key] == "ratio")
-            cell = rows.setdefault(name, {})[key] = {
-                "test": interval(list(v.values()), positive=key in POSITIVE), "k_star": {}}
-            for g in (g for g in grids if g[0] == "β"):
-                c = curves[g][key]
-                n = min((len(c[s]) for s in v if s in c), default=0)
-                at = [compare(key, v, {s: c[s][k] for s in v if s in c}) for k in range(n)]
-                k = next((k for k in range(n) if METRICS[key][2] * (
-                    at[k]["mean"] - null) < 0), None)
-                cell["k_star"][g] = {"k": None if k is None else k + 1, "n": n,
-                                     "at": at[-1 if k is None else k] if at else None}
-            beta = choices.get(key, {}).get("beta")
-            best = curves.get("β-VAE", {}).get(key, {}).items()
-            cell["at_n"] = {
-                "beta": beta, "per_seed": compare(key, v, {s: c[-1] for s, c in best if c}),
-                "mean": compare(key, v, test(methods[beta], key) if beta else {})}
-            for how in families:
-                families[how].append(cell["at_n"][how])
-    for family in families.values():
-        holm(family)
-    for row in rows.values():
-        for key, c in row.items():
-            null = float(FRONT[key] == "ratio")
-            words = {finding(c["at_n"][h], METRICS[key][2], null) for h in families}
-            c["at_n"]["finding"] = len(words) == 1 and words.pop() or "not distinguishable"
-    over_seeds = lambda c, key: [interval([v[k] for v in c.values()], positive=key in POSITIVE)
-                                 for k in range(min(map(len, c.values()), default=0))]
-    return {"grids": grids, "methods": rows, "curves": {g: {
-        key: {"per_seed": c, "k": over_seeds(c, key)} for key, c in per_key.items()}
-        for g, per_key in curves.items()}}
+        rows[name] = {}
+        for key, v in values.items():
+            cell = {"test": interval(list(v.values()), positive=key in POSITIVE), "k_star": {}}
+            if "β-VAE" in grids:
+                cell["k_star"]["β-VAE"] = k_star(key, v, curves["β-VAE"][key])
+            rows[name][key] = cell
+    over_seeds = {}
+    for g, per_key in curves.items():
+        over_seeds[g] = {}
+        for key, c in per_key.items():
+            n = min(map(len, c.values()), default=0)
+            k = [interval([v[i] for v in c.values()], positive=key in POSITIVE)
+                 for i in range(n)]
+            over_seeds[g][key] = {"per_seed": c, "k": k}
+    return {"grids": grids, "methods": rows, "curves": over_seeds}
 
 def bisection_runs(curve, target, within, bracket):
     """How many β-VAE runs a bisection on log β spends to land its training KL within `within`
@@ -1264,10 +1298,10 @@ def bisection_runs(curve, target, within, bracket):
     lo, hi, goal = math.log(bracket[0]), math.log(bracket[1]), math.log(target)
     for runs in range(1, BISECTION_LIMIT + 1):
         mid = (lo + hi) / 2
-        pair = next(((a, b) for a, b in zip(points, points[1:]) if a[0] <= mid <= b[0]), None)
-        if pair is None:
+        pairs = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= mid <= b[0]]
+        if not pairs:
             return None
-        (x0, y0), (x1, y1) = pair
+        (x0, y0), (x1, y1) = pairs[0]
         y = y0 + (y1 - y0) * (mid - x0) / (x1 - x0)
         if abs(y - goal) <= within:
             return runs
@@ -1287,14 +1321,16 @@ def rate_targeting(methods):
         seeds = {}
         for seed, checks in m["targets"].items():
             for what, reached, target in checks:
-                if what == "training KL" and target and reached > 0:
-                    runs = [(b["settings"]["beta"], by_seed(b).get(seed)) for b in betas(methods)]
-                    curve = [(beta, run["history"][-1]["kl"]) for beta, run in runs
-                             if run and run["history"]]
-                    within = max(abs(math.log(reached / target)), math.log(MARGIN))
-                    seeds[seed] = {"reached_over_target": reached / target,
-                                   "bisection_runs": bisection_runs(
-                                       curve, target, within, (min(sweep), max(sweep)))}
+                if what != "training KL" or not target or not reached > 0:
+                    continue
+                curve = []
+                for b in betas(methods):
+                    run = by_seed(b).get(seed)
+                    if run and run["history"]:
+                        curve.append((b["settings"]["beta"], run["history"][-1]["kl"]))
+                within = max(abs(math.log(reached / target)), math.log(MARGIN))
+                runs = bisection_runs(curve, target, within, (min(sweep), max(sweep)))
+                seeds[seed] = {"reached_over_target": reached / target, "bisection_runs": runs}
         if seeds:
             out[m["name"]] = seeds
     return out
@@ -1304,19 +1340,20 @@ def knob_grids(methods, grids):
     d log kl_scale by least squares per seed over the settings changing kl_scale
     alone that trained every epoch, over seeds (1: as β-VAE's rate follows β)."""
     out = {}
-    for label, names in ((g, names) for g, names in grids.items() if g[0] != "β"):
+    for label, names in grids.items():
+        if label == "β-VAE":
+            continue
         base = next(methods[n] for n in names if not methods[n]["variant"])
-        changes = {n: {k: v for k, v in methods[n]["settings"].items()
-                       if k in BOMVAE.KNOBS and v != base["settings"][k]} for n in names}
-        rows = {n: dict(row, changes=changes[n], kl=methods[n]["test"]["kl"],
-                        statuses=methods[n]["statuses"],
-                        kl_target=methods[n]["settings"]["kl_targets"][1])
-                for n, row in matched_rate(methods, names).items()}
-        points = {}
-        for n in names:
-            if set(changes[n]) <= {"kl_scale"} and methods[n]["statuses"] == ["ok"]:
-                x = math.log(methods[n]["settings"]["kl_scale"])
-                for seed, r in by_seed(methods[n]).items():
+        rows, points = matched_rate(methods, names), {}
+        for n, row in rows.items():
+            m = methods[n]
+            row["changes"] = {k: v for k, v in m["settings"].items()
+                              if k in BOMVAE.KNOBS and v != base["settings"][k]}
+            row.update(kl=m["test"]["kl"], statuses=m["statuses"],
+                       kl_target=m["settings"]["kl_targets"][1])
+            if set(row["changes"]) <= {"kl_scale"} and m["statuses"] == ["ok"]:
+                x = math.log(m["settings"]["kl_scale"])
+                for seed, r in by_seed(m).items():
                     y = math.log(max(metric(r, "test", "kl"), 1e-12))
                     points.setdefault(seed, []).append((x, y))
         slopes = [statistics.linear_regression(*zip(*p))[0]
@@ -1324,61 +1361,83 @@ def knob_grids(methods, grids):
         out[label] = {"base": base["name"], "settings": rows, "kl_slope": interval(slopes)}
     return out
 
+def balanced_score(m, split):
+    """The notebook's score: 1/(MSE + 0.001)·1/(|KL − 100| + 10)·sharpness, of seed means."""
+    x = m[split]
+    return 1.0 / (x["mse"]["mean"] + 0.001) * 1.0 / (
+        abs(x["kl"]["mean"] - 100) + 10) * x["sharp"]["mean"]
+
 def notebook_analysis(methods, choices):
-    """The β best by MSE and by 1/(MSE + 0.001)·1/(|KL − 100| + 10)·sharpness."""
+    """The notebook's own analysis: the β best by validation MSE and by its balanced score."""
     if "mse" not in choices:
         return {}
-    score = lambda m, s: 1.0 / (m[s]["mse"]["mean"] + 0.001) * 1.0 / (
-        abs(m[s]["kl"]["mean"] - 100) + 10) * m[s]["sharp"]["mean"]
     best, bom = methods[choices["mse"]["beta"]], methods.get("bom")
-    balanced = max((m for m in betas(methods) if "diverged" not in m["statuses"]),
-                   key=lambda m: score(m, "val"))
+    kept = [m for m in betas(methods) if "diverged" not in m["statuses"]]
+    balanced = max(kept, key=lambda m: balanced_score(m, "val"))
     out = {"best_by_mse": best["name"], "best_test_mse": best["test"]["mse"]["mean"],
-           "best_by_balanced": balanced["name"], "best_balanced_test": score(balanced, "test")}
+           "best_by_balanced": balanced["name"],
+           "best_balanced_test": balanced_score(balanced, "test")}
     if bom and math.isfinite(bom["test"]["mse"]["mean"]):
-        out.update(bom_test_mse=bom["test"]["mse"]["mean"], bom_balanced_test=score(bom, "test"))
+        out.update(bom_test_mse=bom["test"]["mse"]["mean"],
+                   bom_balanced_test=balanced_score(bom, "test"))
     return out
 
 def bom_diagnosis(methods, data_sharp, baseline):
-    """Per BOM, seed means: squeezes, constraints, worst-score shares (last epoch)."""
-    def mean(m, value):
-        hs = [r["history"] for r in by_seed(m).values() if r["history"]]
-        return statistics.fmean(map(value, hs)) if hs else NAN
-    last = lambda h, key: h[-1]["constraints"][key]
-    share = lambda k: lambda h: h[-1]["bottleneck_counts"][k] / max(
-        sum(h[-1]["bottleneck_counts"].values()), 1)
-    return "bom" in methods and {"baseline": baseline, "methods": {m["name"]: {
-        "ablation": m["settings"].get("ablation"),
-        "squeezes": mean(m, lambda h: sum(e["squeeze_factor"] < 1 for e in h[:-1])),
-        "mse_floor_over_mse": mean(m, lambda h: last(h, "mse_floor") / h[-1]["mse"]),
-        "kl_optimum": mean(m, lambda h: last(h, "kl_optimum")),
-        "kl_target": m["settings"]["kl_targets"][1], "sharp_ceiling_over_data": mean(
-            m, lambda h: last(h, "sharp_ceiling") or NAN) / data_sharp,
-        "worst_share": {k: mean(m, share(k)) for k in BOTTLENECKS}}
-        for m in judged(methods) if m["kind"] == "bom"}} or {}
+    """Per BOM, seed means over its runs' last epochs: the squeezes it trained with, MSE floor /
+    training MSE, KL box optimum, sharpness ceiling / the data's, each score's share of worst."""
+    if "bom" not in methods:
+        return {}
+    out = {}
+    for m in judged(methods):
+        if m["kind"] != "bom":
+            continue
+        rows = []
+        for r in by_seed(m).values():
+            h = r["history"]
+            if not h:
+                continue
+            c, counts = h[-1]["constraints"], h[-1]["bottleneck_counts"]
+            total = max(sum(counts.values()), 1)
+            rows.append(dict({k: counts[k] / total for k in BOTTLENECKS},
+                             squeezes=sum(e["squeeze_factor"] < 1 for e in h[:-1]),
+                             floor=c["mse_floor"] / h[-1]["mse"], optimum=c["kl_optimum"],
+                             ceiling=c["sharp_ceiling"] or NAN))
+        mean = {k: statistics.fmean(row[k] for row in rows) if rows else NAN
+                for k in ("squeezes", "floor", "optimum", "ceiling", *BOTTLENECKS)}
+        out[m["name"]] = {
+            "ablation": m["settings"].get("ablation"), "squeezes": mean["squeezes"],
+            "mse_floor_over_mse": mean["floor"], "kl_optimum": mean["optimum"],
+            "kl_target": m["settings"]["kl_targets"][1],
+            "sharp_ceiling_over_data": mean["ceiling"] / data_sharp,
+            "worst_share": {k: mean[k] for k in BOTTLENECKS}}
+    return {"baseline": baseline, "methods": out}
 
 def summarize(records, select_by):
+    """summary.json: every run's metrics, each method's intervals, and each analysis."""
     methods, ref = aggregate(records), records[0]["reference"]
     choices = criteria(methods, select_by)
-    tuning = tuning_cost(methods, choices)
-    runs = [dict(method=r["name"], seed=r["seed"], status=r["status"],
-                 train_seconds=r["train_seconds"], **{
-                     f"{s}_{k}": metric(r, s, k) for s in ("test", "val") for k in METRICS})
-            for r in records]
+    tuning = tuning_cost(methods)
+    runs = []
+    for r in records:
+        row = {"method": r["name"], "seed": r["seed"], "status": r["status"],
+               "train_seconds": r["train_seconds"]}
+        for s in ("test", "val"):
+            row.update({f"{s}_{k}": metric(r, s, k) for k in METRICS})
+        runs.append(row)
     runs.append(dict(dict.fromkeys(runs[0]), method="data", status="reference",
                      test_sharp=ref["test_data_sharpness"]))
-    seeds = sorted({r["seed"] for r in records})
     versions = collections.Counter(r.get("script_sha256") for r in records)
-    return {"config": dict(records[0]["config"], seeds=seeds), "reference": ref,
-            "runs": runs, "methods": {n: {k: v for k, v in m.items() if k not in (
-                "name", "settings", "runs")} for n, m in methods.items()},
-            "script_versions": dict(versions), "select_by": select_by,
-            "front": matched_rate(methods), "criteria": choices, "tuning_cost": tuning,
-            "rate_targeting": rate_targeting(methods),
-            "knob_grids": knob_grids(methods, tuning["grids"]),
-            "analysis": notebook_analysis(methods, choices),
-            "bom_diagnosis": bom_diagnosis(methods, ref["test_data_sharpness"], choices.get(
-                select_by, {}).get("beta"))}, methods
+    kept = {n: {k: v for k, v in m.items() if k not in ("name", "settings", "runs")}
+            for n, m in methods.items()}
+    baseline = choices.get(select_by, {}).get("beta")
+    s = {"config": dict(records[0]["config"], seeds=sorted({r["seed"] for r in records})),
+         "reference": ref, "runs": runs, "methods": kept, "script_versions": dict(versions),
+         "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
+         "tuning_cost": tuning, "rate_targeting": rate_targeting(methods),
+         "knob_grids": knob_grids(methods, tuning["grids"]),
+         "analysis": notebook_analysis(methods, choices),
+         "bom_diagnosis": bom_diagnosis(methods, ref["test_data_sharpness"], baseline)}
+    return s, methods
 
 def table(header, rows):
     rows = [header, ["---"] * len(header), *rows]
@@ -1387,84 +1446,101 @@ def table(header, rows):
 def listed(seeds):
     return ", ".join(map(str, seeds))
 
-def on_front(r, two=True, statuses=()):
-    """A row's MSE, FD prior and IWAE NLL against the β front, and its position."""
-    cells = [show(r[k], d, FRONT[k], True, [v[k] for v in r["per_seed"].values()] * two)
-             for k, d in (("mse", 2), ("fd_prior", 2), ("iwae_nll", 1))]
-    why = "; ".join(([r["why"]] if r["why"] else []) + list(statuses))
-    return cells + [r["position"] + f" ({why})" * bool(why)]
+def also(text, why):
+    """`text (why)`, or text alone where there is no why."""
+    return f"{text} ({why})" if why else text
 
 FRONT_HEADER = ["MSE / front", "FD prior / front", "IWAE NLL − front (nats)", "position"]
 
+def on_front(r, seeds=True, statuses=()):
+    """A row's MSE, FD prior and IWAE NLL against the β front, and its position."""
+    cells = []
+    for k, digits in (("mse", 2), ("fd_prior", 2), ("iwae_nll", 1)):
+        values = [v[k] for v in r["per_seed"].values()] if seeds else []
+        cells.append(show(r[k], digits, FRONT[k], True, values))
+    why = "; ".join(([r["why"]] if r["why"] else []) + list(statuses))
+    return cells + [also(r["position"], why)]
+
 def verdict_lines(front, methods):
-    order = sorted(front.items(), key=lambda i: POSITIONS.index(i[1]["position"]))
-    outside = lambda r: f" (outside: seeds {listed(r['seeds_outside'])})"
-    return front and table(
-        ["method", "test KL (rate)", "between the β runs", "seeds inside", *FRONT_HEADER],
-        [[n, show(methods[n]["test"]["kl"], 1), "; ".join(r["between"]) or "—",
-          f"{r['mse']['n']}" + outside(r) * bool(r["seeds_outside"]), *on_front(r)]
-         for n, r in order]) + [
+    if not front:
+        return ["No verdict: it needs two β-VAE runs and a method to compare with them."]
+    rows = []
+    for n, r in sorted(front.items(), key=lambda i: POSITIONS.index(i[1]["position"])):
+        outside = f"outside: seeds {listed(r['seeds_outside'])}" if r["seeds_outside"] else ""
+        rows.append([n, show(methods[n]["test"]["kl"], 1), "; ".join(r["between"]) or "—",
+                     also(r["mse"]["n"], outside), *on_front(r)])
+    return table(["method", "test KL (rate)", "between the β runs", "seeds inside",
+                  *FRONT_HEADER], rows) + [
         "", "Ratios: geometric mean [95% interval] over seeds; `*`: Holm-adjusted p < 0.05 "
         "over the table (its ratios, differences and each method's equivalence test); above: "
         "more MSE than β-VAE at the same rate; on, ±10%: shown within ±10% of the front's MSE; "
-        "n.d.: neither shown (the rule: `position` in bom_vs_beta.py)."] or [
-        "No verdict: it needs two β-VAE runs and a method to compare with them."]
+        "n.d.: neither shown (the rule: `position` in bom_vs_beta.py)."]
 
 def landing_lines(choices, methods, latent_dim):
     rows = []
     for x in choices.values():
-        note = (f"; the {x['edge']} β swept: a {x['edge'][:-3]}er β may do better"
-                if x["edge"] else f"; seeds {listed(x['seeds_at_edge'])} chose an "
-                "end of the sweep" * bool(x["seeds_at_edge"]))
-        rows.append([f"β-VAE chosen by validation {METRICS[x['metric']][0]}"
-                     + " in the notebook's grid" * bool(x["grid"]), show(x["kl"], 1),
-                     f"{x['beta']} (each seed alone: {listed(x['per_seed'].values())}){note}", "—"])
+        if x["edge"]:
+            note = f"; the {x['edge']} β swept: a {x['edge'][:-3]}er β may do better"
+        elif x["seeds_at_edge"]:
+            note = f"; seeds {listed(x['seeds_at_edge'])} chose an end of the sweep"
+        else:
+            note = ""
+        rows.append([f"β-VAE chosen by validation {METRICS[x['metric']][0]}",
+                     show(x["kl"], 1),
+                     f"{x['beta']} (each seed alone: {listed(x['per_seed'].values())}){note}",
+                     "—"])
     for m in judged(methods):
         cls, checks = METHOD_CLASSES[m["kind"]], [c for c in m["targets"].values() if c]
-        reached = "; ".join(
-            f"{what} {listed(f'{c[i][1]:.4g}' for c in checks)}"
-            + (f" / {goal:.4g}" if goal is not None else "")
-            for i, (what, _, goal) in enumerate(checks[0] if checks else ())) or "—"
-        idle = (f"; its own mechanism acted in epoch 1 only (seeds {listed(m['idle'])}):"
-                f" trained as {cls.twin}")
-        missed = f"; MISSED (seeds {listed(m['missed_target'])})"
-        rows.append([m["name"], show(m["test"]["kl"], 1),
-                     cls.sets_rate(m["settings"], latent_dim) + idle * bool(m["idle"]),
-                     reached + missed * bool(m["missed_target"])])
-    note = ["", "The β sweep is the notebook's grid."] * notebook_sweep(methods)
+        reached = []
+        for i, (what, _, goal) in enumerate(checks[0] if checks else ()):
+            text = f"{what} {listed(f'{c[i][1]:.4g}' for c in checks)}"
+            reached.append(text if goal is None else f"{text} / {goal:.4g}")
+        reached = "; ".join(reached) or "—"
+        if m["missed_target"]:
+            reached += f"; MISSED (seeds {listed(m['missed_target'])})"
+        rate = cls.sets_rate(m["settings"], latent_dim) or "—"
+        if m["idle"]:
+            rate += (f"; its own mechanism acted in epoch 1 only (seeds {listed(m['idle'])}):"
+                     f" trained as {cls.twin}")
+        rows.append([m["name"], show(m["test"]["kl"], 1), rate, reached])
     return table(["", "test KL (rate)", "what places the rate",
-                  f"reached / target (last epoch, ±{TARGET_TOLERANCE:.0%})"], rows) + note
+                  f"reached / target (last epoch, ±{TARGET_TOLERANCE:.0%})"], rows)
 
 def tuning_lines(t):
-    """Per method and criterion: its test value, k* of each β grid, the finding at k = n."""
-    labels = [g for g in t["grids"] if g[0] == "β"]
-    vs = lambda k, x, star=False: show(
-        x, 2 if FRONT[k] == "ratio" else METRICS[k][1], FRONT[k], star)
-    k_star = lambda k, x: x["at"] and (
-        f"not within its {x['n']}" if x["k"] is None else f"{x['k']} of {x['n']}"
-    ) + f": {vs(k, x['at'])}" or "n/a"
-    word = {"better": "better", "worse": "worse", "undetermined": "one seed"}
-    rows = [[n, METRICS[k][0], show(x["test"], METRICS[k][1]),
-             *(k_star(k, x["k_star"][g]) for g in labels), vs(k, x["at_n"]["per_seed"], True)
-             + " → " + word.get(x["at_n"]["finding"], "n.d.")]
-            for n, row in t["methods"].items() for k, x in row.items()]
-    return t["grids"] and table(
-        ["method", "chosen and reported by", "its test value",
-         *(f"k* of {g}" for g in labels), "at k = n"], rows) + [
-        "", "k*: the smallest k whose expected best of k random settings (tuning_cost.png) "
-        "beats the method (a BOM grid: its tuned best), with the method against it; "
-        "`→ better/worse` at k = n when the β each seed's and the seed mean's validation "
-        "choose agree (README, \"What tuning buys\"). IWAE NLL, under a Gaussian decoder with "
-        "σ² = the model's MSE, lies a little below −ELBO = D/2·ln(2πe·MSE) + KL: it ranks much as "
-        "MSE does; FD prior is where the trade-off bites."]
+    """Per method and criterion: its test value, and k* of the β sweep with the comparison."""
+    if not t["grids"]:
+        return []
+    rows = []
+    for n, row in t["methods"].items():
+        for k, x in row.items():
+            digits = 2 if FRONT[k] == "ratio" else METRICS[k][1]
+            cells = []
+            for c in x["k_star"].values():
+                if not c["at"]:
+                    cells.append("n/a")
+                elif c["k"] is None:
+                    cells.append(f"not within its {c['n']}: {show(c['at'], digits, FRONT[k])}")
+                else:
+                    cells.append(f"{c['k']} of {c['n']}: {show(c['at'], digits, FRONT[k])}")
+            rows.append([n, METRICS[k][0], show(x["test"], METRICS[k][1]), *cells])
+    return table(["method", "chosen and reported by", "its test value", "k* of β-VAE"], rows) + [
+        "", "k*: the smallest k whose expected best of k random β (tuning_cost.png) beats the "
+        "method (a BOM grid: its tuned best), with the method against it there (README, \"What "
+        "tuning buys\"). IWAE NLL, under a Gaussian decoder with σ² = the model's MSE, lies a "
+        "little below −ELBO = D/2·ln(2πe·MSE) + KL: it ranks much as MSE does; FD prior is "
+        "where the trade-off bites."]
 
 def targeting_lines(t):
-    runs = lambda n: "n/a" if n is None else str(n)
-    return t and table(
-        ["method", "training KL / its target (per seed)", "β-VAE runs a bisection needs"],
-        [[n, ", ".join(f"{x['reached_over_target']:.2f}x" for x in seeds.values()),
-          ", ".join(runs(x["bisection_runs"]) for x in seeds.values())]
-         for n, seeds in t.items()]) + [
+    if not t:
+        return []
+    rows = []
+    for n, seeds in t.items():
+        runs = ["n/a" if x["bisection_runs"] is None else str(x["bisection_runs"])
+                for x in seeds.values()]
+        ratios = [f"{x['reached_over_target']:.2f}x" for x in seeds.values()]
+        rows.append([n, ", ".join(ratios), ", ".join(runs)])
+    return table(["method", "training KL / its target (per seed)",
+                  "β-VAE runs a bisection needs"], rows) + [
         "", "Simulated, per seed: a bisection on log β over the sweep's range, each run read off "
         "that seed's β runs (log KL linear in log β between them), until a run's training KL lies "
         "as close to the target as the method's own, or within ±10% (the curve is no finer); "
@@ -1472,64 +1548,77 @@ def targeting_lines(t):
         "\"What a set rate saves\"). It saves the search for a rate, not the choice of the rate."]
 
 def test_lines(methods, ref):
-    data = ref["test_data_sharpness"]
-    over = lambda x: dict(x, **{k: x[k] / data for k in ("mean", "low", "high")},
-                          **({"seed_values": [v / data for v in x["seed_values"]]}
-                             if "seed_values" in x else {}))
-    cells = lambda m: [show(over(x), 2, "ratio") if k == "sharp" else
-                       show(x, METRICS[k][1]) for k, x in m["test"].items()]
-    missed = lambda m: f"; missed its target (seeds {listed(m['missed_target'])})"
-    return table(
-        ["method", "seeds", "runs to choose its setting", *(
-            "sharpness / data's" if k == "sharp" else v[0] for k, v in METRICS.items()),
-         "train s", "status"], [[m["name"], len(m["seeds"]), m["runs_to_choose"], *cells(m),
-          show(m["train_seconds"], 1),
-          ", ".join(m["statuses"]) + missed(m) * bool(m["missed_target"])]
-         for m in methods.values()]) + [
+    data, rows = ref["test_data_sharpness"], []
+    for m in methods.values():
+        cells = []
+        for k, x in m["test"].items():
+            if k == "sharp":            # as a ratio to the data's own
+                x = dict(x, mean=x["mean"] / data, low=x["low"] / data, high=x["high"] / data)
+                if "seed_values" in x:
+                    x["seed_values"] = [v / data for v in x["seed_values"]]
+                cells.append(show(x, 2, "ratio"))
+            else:
+                cells.append(show(x, METRICS[k][1]))
+        status = ", ".join(m["statuses"])
+        if m["missed_target"]:
+            status += f"; missed its target (seeds {listed(m['missed_target'])})"
+        rows.append([m["name"], len(m["seeds"]), m["runs_to_choose"], *cells,
+                     show(m["train_seconds"], 1), status])
+    labels = ["sharpness / data's" if k == "sharp" else v[0] for k, v in METRICS.items()]
+    return table(["method", "seeds", "runs to choose its setting", *labels, "train s",
+                  "status"], rows) + [
         "", f"The test images' own sharpness: {data:.4f} (far above it: noise, not "
-        f"detail); the FD classifier's test accuracy: "
-        f"{ref['classifier_test_accuracy']:.2%}."]
+        f"detail); the FD classifier's test accuracy: {ref['classifier_test_accuracy']:.2%}."]
 
 def bom_lines(d):
-    return d and table(
-        ["method", "what it changes", "squeezes trained with",
-         "MSE floor / training MSE", "KL box optimum (target)",
-         "sharpness ceiling / data's", "worst score (MSE · KL · sharpness)"],
-        [[n, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"),
-          f"{r['squeezes']:.0f}", f"{r['mse_floor_over_mse']:.1f}x",
-          f"{r['kl_optimum']:.1f} ({r['kl_target']:g})",
-          f"{r['sharp_ceiling_over_data']:.2f}x".replace("nanx", "none"),
-          " · ".join(f"{r['worst_share'][k]:.0%}" for k in BOTTLENECKS)]
-         for n, r in d["methods"].items()])
+    rows = []
+    for n, r in d.get("methods", {}).items():
+        ceiling = f"{r['sharp_ceiling_over_data']:.2f}x".replace("nanx", "none")
+        rows.append([n, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"),
+                     f"{r['squeezes']:.0f}", f"{r['mse_floor_over_mse']:.1f}x",
+                     f"{r['kl_optimum']:.1f} ({r['kl_target']:g})", ceiling,
+                     " · ".join(f"{r['worst_share'][k]:.0%}" for k in BOTTLENECKS)])
+    if not rows:
+        return []
+    return table(
+        ["method", "what it changes", "squeezes trained with", "MSE floor / training MSE",
+         "KL box optimum (target)", "sharpness ceiling / data's",
+         "worst score (MSE · KL · sharpness)"], rows)
 
 def knob_lines(grids):
     md = []
     for g in grids.values():
-        s, rows = g["kl_slope"], g["settings"]
-        stalled = [n for n, r in rows.items() if r["statuses"] != ["ok"]]
-        changes = lambda r: ", ".join(f"{k} {v:g}" for k, v in r["changes"].items())
-        md += [f"### {g['base']} and its knob settings", ""] + table(
-            ["setting", "changes", "KL optimum target", "test KL", *FRONT_HEADER],
-            [[n, changes(r) or "—", f"{r['kl_target']:g}", show(r["kl"], 1),
-              *on_front(r, False, [x for x in r["statuses"] if x != "ok"])]
-             for n, r in rows.items()])
-        md += [f"\nTest KL ∝ kl_scale^s, s = {show(s, 2)} over {s['n']} seed(s) "
-               f"(1: as β-VAE's follows β; 0: not moved)" + f"; stalled, left out: "
-               f"{', '.join(stalled)}" * bool(stalled) + "."] * bool(s["n"]) + [""]
-    return md and md + ["`*`: Holm-adjusted p < 0.05 over each table."]
+        s, rows, cells = g["kl_slope"], g["settings"], []
+        for n, r in rows.items():
+            changes = ", ".join(f"{k} {v:g}" for k, v in r["changes"].items()) or "—"
+            extra = [x for x in r["statuses"] if x != "ok"]
+            cells.append([n, changes, f"{r['kl_target']:g}", show(r["kl"], 1),
+                          *on_front(r, False, extra)])
+        md += [f"### {g['base']} and its knob settings", ""]
+        md += table(["setting", "changes", "KL optimum target", "test KL", *FRONT_HEADER], cells)
+        if s["n"]:
+            stalled = [n for n, r in rows.items() if r["statuses"] != ["ok"]]
+            left_out = f"; stalled, left out: {', '.join(stalled)}" if stalled else ""
+            md.append(f"\nTest KL ∝ kl_scale^s, s = {show(s, 2)} over {s['n']} seed(s) "
+                      f"(1: as β-VAE's follows β; 0: not moved){left_out}.")
+        md.append("")
+    if not md:
+        return []
+    return md + ["`*`: Holm-adjusted p < 0.05 over each table."]
 
 def notebook_lines(a):
-    md = a and [
-        f"- Best β-VAE by validation MSE: {a['best_by_mse']} (test MSE "
-        f"{a['best_test_mse']:.4f}).",
-        f"- Best β-VAE by the notebook's balanced score on validation: "
-        f"{a['best_by_balanced']} (test score {a['best_balanced_test']:.4f})."]
+    if not a:
+        return []
+    md = [f"- Best β-VAE by validation MSE: {a['best_by_mse']} (test MSE "
+          f"{a['best_test_mse']:.4f}).",
+          f"- Best β-VAE by the notebook's balanced score on validation: "
+          f"{a['best_by_balanced']} (test score {a['best_balanced_test']:.4f})."]
     if "bom_test_mse" in a:
         change = a["bom_test_mse"] / a["best_test_mse"] - 1
-        up = a["bom_balanced_test"] > a["best_balanced_test"]
+        higher = "higher" if a["bom_balanced_test"] > a["best_balanced_test"] else "not higher"
         md.append(f"- BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({change:+.1%} vs "
                   f"{a['best_by_mse']}), balanced score {a['bom_balanced_test']:.4f} vs "
-                  f"{a['best_balanced_test']:.4f} ({'' if up else 'not '}higher).")
+                  f"{a['best_balanced_test']:.4f} ({higher}).")
     return md
 
 def summary_markdown(s, methods, figures):
@@ -1541,49 +1630,55 @@ def summary_markdown(s, methods, figures):
           f"{c['device']}, torch {c['torch']}. How each number is computed: README, "
           f"\"How the verdict is computed\"."]
     md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[2:4] if f in figures]
-    for title, lines in (
-            ("Verdict: each method against the β-VAE rate–distortion front",
-             verdict_lines(s["front"], methods)), ("Where each method lands without tuning",
-             landing_lines(s["criteria"], methods, c["latent_dim"])),
-            ("What tuning buys: how many random β-VAE runs beat each method",
-             tuning_lines(s["tuning_cost"])),
-            ("What a set rate saves: β-VAE runs to land as close to it",
-             targeting_lines(s["rate_targeting"])),
-            ("Test metrics (mean [95% interval] over seeds)", test_lines(methods, s["reference"])),
-            ("BOM and its ablations (seed means, last training epoch)",
-             bom_lines(s["bom_diagnosis"])),
-            ("BOM's knob grid on the front", knob_lines(s["knob_grids"])),
-            ("The notebook's analysis (β chosen on validation)", notebook_lines(s["analysis"]))):
-        md += ["", f"## {title}", "", *lines] if lines else []
+    sections = {
+        "Verdict: each method against the β-VAE rate–distortion front":
+            verdict_lines(s["front"], methods),
+        "Where each method lands without tuning":
+            landing_lines(s["criteria"], methods, c["latent_dim"]),
+        "What tuning buys: how many random β-VAE runs beat each method":
+            tuning_lines(s["tuning_cost"]),
+        "What a set rate saves: β-VAE runs to land as close to it":
+            targeting_lines(s["rate_targeting"]),
+        "Test metrics (mean [95% interval] over seeds)": test_lines(methods, s["reference"]),
+        "BOM and its ablations (seed means, last training epoch)":
+            bom_lines(s["bom_diagnosis"]),
+        "BOM's knob grid on the front": knob_lines(s["knob_grids"]),
+        "The notebook's analysis (β chosen on validation)": notebook_lines(s["analysis"])}
+    for title, lines in sections.items():
+        if lines:
+            md += ["", f"## {title}", "", *lines]
     return "\n".join(md) + "\n"
 
 def styles_of(methods):
     """(colour, marker): the β sweep a ramp of squares (turbo: neighbours differ in hue), each
     judged method its own."""
     ramp = plt.cm.turbo(np.linspace(0.05, 0.95, len(betas(methods))))
-    tab = plt.cm.tab10.colors
-    return {**{m["name"]: (tuple(x), "s") for m, x in zip(betas(methods), ramp)},
-            **{m["name"]: (tab[i % 10], "o^vDPX*<>hp"[i % 11])
-               for i, m in enumerate(judged(methods))}}
+    styles = {m["name"]: (tuple(x), "s") for m, x in zip(betas(methods), ramp)}
+    for i, m in enumerate(judged(methods)):
+        styles[m["name"]] = (plt.cm.tab10.colors[i % 10], "o^vDPX*<>hp"[i % 11])
+    return styles
 
 def finish(fig, path, rect=(0, 0, 1, 1)):
     fig.tight_layout(rect=rect)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    atomic_write(path, functools.partial(fig.savefig, dpi=150, format="png"))
     if "ipykernel" in sys.modules:
         plt.show()
     plt.close(fig)
 
+def error_bar(c, scale=1.0):
+    """A cell's interval as matplotlib's error bar (none where it is withheld)."""
+    if c and math.isfinite(c["low"]):
+        return [[scale * (c["mean"] - c["low"])], [scale * (c["high"] - c["mean"])]]
+    return None
+
 def dot(ax, x, y, style, xerr=None, yerr=None, **kw):
-    """A marker with its intervals as error bars (none from one seed); an x
-    interval moves with x when x is nudged."""
-    def bar(c, f=1.0):
-        if c and math.isfinite(c["low"]):
-            return [[f * (c["mean"] - c["low"])], [f * (c["high"] - c["mean"])]]
+    """A marker with its intervals as error bars; an x interval moves with x when x is nudged."""
     nudge = x / xerr["mean"] if xerr else 1.0
-    ax.errorbar(x, y, bar(yerr), bar(xerr, nudge), marker=style[1], mfc=style[0],
+    ax.errorbar(x, y, error_bar(yerr), error_bar(xerr, nudge), marker=style[1], mfc=style[0],
                 mec="black", ecolor=style[0], ls="none", **kw)
 
 def plot_training(records, methods, data_sharp, path):
+    """Seed-mean training curves of MSE, KL and sharpness per method (knob settings left out)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     curves, styles = {}, styles_of(methods)
     for r in records:
@@ -1593,101 +1688,63 @@ def plot_training(records, methods, data_sharp, path):
     for name, group in curves.items():
         n, beta = min(map(len, group)), methods[name]["kind"] == "beta"
         curve, (color, marker) = np.mean([c[:n] for c in group], axis=0), styles[name]
+        line = {"ls": "-", "lw": 1, "marker": None} if beta else {
+            "ls": "--", "lw": 1.5, "marker": marker}
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], color=color, ls="-" if beta else "--",
-                    lw=1 if beta else 1.5, marker=None if beta else marker, ms=5,
-                    markevery=max(1, n // 6), mec="black", mew=0.5,
-                    label=f"{name} (n={len(group)})")
+            ax.plot(curve[:, 0], curve[:, col], color=color, ms=5, markevery=max(1, n // 6),
+                    mec="black", mew=0.5, label=f"{name} (n={len(group)})", **line)
     axes[2].axhline(data_sharp, color="black", ls=":", lw=1.5, label="data's sharpness")
     titles = ("MSE (↓ better, log)", "KL (nats, log)", "Sharpness (log; the data's: dotted)")
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="epoch", yscale="log")
     fig.suptitle("Training curves, seed mean: β-VAE solid, other methods dashed with markers")
-    fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8,
+               frameon=False)
     finish(fig, path, (0, 0, 0.86, 0.95))
 
+def geometric(m, key):
+    return interval([metric(r, "test", key) for r in by_seed(m).values()], True)
+
 def plot_rate_distortion(methods, front, path):
-    """Test MSE against test KL: each seed's β front (thin), their mean (bold),
-    each method's geometric mean and 2-D 95% interval (nudged ×1.06^n when near n
-    drawn before); the KL axis spans the methods and uncollapsed β (the others named
-    at its edge). Beside it each method's ratios to the front (forest)."""
-    panels = 2 * any(row["mse"]["n"] for row in front.values())
+    """Test MSE against test KL: the β front (seed means, each β labelled), each method's
+    geometric mean and 2-D 95% interval (nudged ×1.06^n when near n drawn before; the legend
+    says so). Beside it each method's ratios to the front (forest). Returns the legend's labels."""
+    panels = 2 if any(row["mse"]["n"] for row in front.values()) else 0
     fig, axes = plt.subplots(1, 1 + panels, figsize=(12 + 3.5 * panels, 7),
                              width_ratios=(3, 1, 1)[:1 + panels], squeeze=False)
-    ax, styles, sweep = axes[0][0], styles_of(methods), betas(methods)
-    geo = lambda m, k: interval([metric(r, "test", k) for r in by_seed(m).values()], True)
-    for seed in {s for m in sweep for s in by_seed(m)}:
-        runs = [by_seed(m)[seed] for m in sweep if seed in by_seed(m)]
-        ax.plot(*zip(*sorted((metric(r, "test", "kl"), metric(r, "test", "mse"))
-                             for r in runs)), color="grey", lw=0.6, alpha=0.6)
-    means = [(geo(m, "kl")["mean"], geo(m, "mse")["mean"], m["name"][5:]) for m in sweep]
-    means = [p for p in means if math.isfinite(p[0] * p[1])]
-    points = {m["name"]: (geo(m, "kl"), geo(m, "mse")) for m in judged(methods)}
-    points = {n: p for n, p in points.items() if p[0]["n"] and p[1]["n"]}
-    rates = [v for x, _ in points.values() for v in (x["mean"], x["low"], x["high"])
-             if math.isfinite(v)] + [p[0] for p in means if p[0] >= 1]
-    left = min(rates, default=0) / 2
-    if rates:
-        ax.set_xlim(left, max(rates) * 1.6)
-    if means:      # over the methods' markers, small: a method on a β point hides neither
-        ax.plot(*list(zip(*means))[:2], "k-s", ms=4.5, lw=1.2, zorder=5,
+    ax, styles = axes[0][0], styles_of(methods)
+    sweep = [(geometric(m, "kl")["mean"], geometric(m, "mse")["mean"], m["name"][5:])
+             for m in betas(methods)]
+    sweep = [p for p in sweep if math.isfinite(p[0] * p[1])]
+    if sweep:      # over the methods' markers, small: a method on a β point hides neither
+        ax.plot(*list(zip(*sweep))[:2], "k-s", ms=4.5, lw=1.2, zorder=5,
                 label="β-VAE front (seed mean)")
-    beyond = [p for p in means if p[0] < left]
-    if beyond:
-        ax.annotate("◂ " + ", ".join(f"β={b} (KL {kl:.2g})" for kl, _, b in beyond),
-                    (left, beyond[0][1]), xytext=(3, 6), textcoords="offset points", fontsize=8)
+    for kl, mse, beta in sweep:
+        ax.annotate(f"β={beta}", (kl, mse), xytext=(4, 4), textcoords="offset points",
+                    fontsize=8)
     placed = []
-    for name, (x, y) in points.items():
-        near = sum(abs(math.log(x["mean"] / px)) < 0.1 and abs(math.log(y["mean"] / py))
-                   < 0.1 for px, py in placed)
+    for m in judged(methods):
+        x, y = geometric(m, "kl"), geometric(m, "mse")
+        if not (x["n"] and y["n"]):
+            continue
+        near = sum(abs(math.log(x["mean"] / px)) < 0.1 and abs(math.log(y["mean"] / py)) < 0.1
+                   for px, py in placed)
         placed.append((x["mean"] * 1.06 ** near, y["mean"]))
-        label = name
-        if near:
-            label += " (nudged)"
-        dot(ax, *placed[-1], styles[name], x, y, ms=9, capsize=3, label=label)
+        label = f"{m['name']} (nudged)" if near else m["name"]
+        dot(ax, *placed[-1], styles[m["name"]], x, y, ms=9, capsize=3, label=label)
     ax.set(xscale="log", yscale="log", xlabel="rate: test KL (nats, log)",
-           ylabel="distortion: test MSE (log, ↓ better)", title="Rate–distortion: "
-           "geometric mean and 95% interval over seeds; thin: each seed's β front")
+           ylabel="distortion: test MSE (log, ↓ better)",
+           title="Rate–distortion: geometric mean and 95% interval over seeds")
     ax.grid(True, which="both", alpha=0.3)
     labels = ax.get_legend_handles_labels()
     fig.legend(*labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
     for forest_ax, key in zip(axes[0][1:], ("mse", "fd_prior")):
         forest(forest_ax, front, key, styles)
-    rect = (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1)
-    fig.tight_layout(rect=rect)                 # the final layout, for the labels' places
-    shown = [p for p in means if p not in beyond]
-    label_clear(ax, [p[:2] for p in shown], [f"β={p[2]}" for p in shown],
-                placed + [p[:2] for p in means])
-    finish(fig, path, rect)
+    finish(fig, path, (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
     return labels[1]
 
-def label_clear(ax, points, texts, markers, size=8):
-    """Each text beside its point, at the first of four corners whose box (estimated from the
-    font size) covers the fewest markers and labels placed before."""
-    k, boxes = ax.figure.dpi / 72, []
-    ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())        # frozen: display places are final
-    centres = ax.transData.transform(markers)
-    for (x, y), text in zip(points, texts):
-        px, py = ax.transData.transform((x, y))
-        w, h, r = 0.6 * size * len(text) * k, 1.2 * size * k, 5 * k
-        best = None
-        for sx, sy in ((-1, -1), (1, 1), (1, -1), (-1, 1)):
-            x0 = px + sx * 4 * k - w * (sx < 0)
-            y0 = py + sy * 4 * k - h * (sy < 0)
-            box = (x0, y0, x0 + w, y0 + h)
-            hits = sum(x0 - r < cx < x0 + w + r and y0 - r < cy < y0 + h + r
-                       and (abs(cx - px) > 1 or abs(cy - py) > 1) for cx, cy in centres)
-            hits += sum(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
-                        for b in boxes)
-            if best is None or hits < best[0]:
-                best = (hits, sx, sy, box)
-        _, sx, sy, box = best
-        boxes.append(box)
-        ax.annotate(text, (x, y), xytext=(4 * sx, 4 * sy), textcoords="offset points",
-                    ha="right" if sx < 0 else "left", va="top" if sy < 0 else "bottom",
-                    fontsize=size)
-
-RATIO_TICKS = (0.1, 0.2, 0.5, 0.8, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+# ratio ticks on the stretched axis, each far enough from the next for its label
+RATIO_TICKS = (0.2, 0.5, 0.9, 1, 1.1, 2, 5, 10, 30, 100, 300)
 
 def stretch_near_one(ratio):
     """A ratio axis linear in ln ratio within about ±10% and logarithmic in it far out, so 0.9x,
@@ -1703,80 +1760,63 @@ def forest(ax, front, key, styles):
         if row[key]["n"]:
             dot(ax, row[key]["mean"], y, styles[name], row[key], ms=8, capsize=3)
         else:
-            ax.text(0.02, y, "every run diverged" if row["position"] == "diverged"
-                    else "outside the β runs' rates", va="center", fontsize=8,
-                    color="dimgrey", transform=ax.get_yaxis_transform())
+            ax.text(0.02, y, row["position"], va="center", fontsize=8, color="dimgrey",
+                    transform=ax.get_yaxis_transform())
     ends = [r[key][f] for r in front.values() for f in ("low", "high", "mean")]
     ends = [v for v in ends if math.isfinite(v) and v > 0] + [0.9, 1.1]
     low, high = min(ends) / 1.05, max(ends) * 1.05
     ax.axvline(1.0, color="black", lw=1, ls="--")
     ax.set_xscale("function", functions=(stretch_near_one, unstretch))
-    span, ticks = stretch_near_one(high) - stretch_near_one(low), [0.9, 1, 1.1]
-    for v in RATIO_TICKS:                       # others where they leave room for a label
-        if low <= v <= high and all(abs(stretch_near_one(v) - stretch_near_one(u)) > span / 9
-                                    for u in ticks):
-            ticks.append(v)
-    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(low, high), xticks=ticks,
+    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(low, high),
+           xticks=[v for v in RATIO_TICKS if low <= v <= high],
+           xticklabels=[f"{v:g}x" for v in RATIO_TICKS if low <= v <= high],
            xlabel="scale: fine near 1x, compressed far from it",
            title=f"{METRICS[key][0]} / β front's at the same KL\n(1: the front's own; 95% interval)")
     ax.set_yticks(range(len(front)), list(front), fontsize=8)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.tick_params(axis="x", labelsize=8)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.grid(True, axis="x", alpha=0.3)
 
 def plot_tuning_cost(t, methods, path):
-    """Per criterion the best-of-k curves of each grid; beside them a strip with each other
-    method's test value (k = 1), a slot each so that none hides another, on the same y axis."""
-    n = len(TUNING_CRITERIA)
-    fig, axes = plt.subplots(1, 2 * n, figsize=(6 * n, 4.8), width_ratios=[1, 3] * n)
+    """Per criterion the expected best of k of each grid (mean and interval over seeds; each
+    seed's curve dotted where seeds give no interval); beside it a strip with each other method's
+    test value (k = 1), a slot each so that none hides another (each seed's value hollow where
+    seeds give no interval), on the same y."""
+    fig, axes = plt.subplots(1, 4, figsize=(12, 4.8), width_ratios=[1, 3, 1, 3])
     styles = styles_of(methods)
     single = [name for name in t["methods"] if name in styles]
-    withheld = False
     for strip, ax, key in zip(axes[::2], axes[1::2], TUNING_CRITERIA):
         strip.sharey(ax)
-        for i, g in enumerate(t["grids"]):
-            cells = t["curves"][g][key]["k"]
-            k, (mean, low, high) = range(1, len(cells) + 1), (
-                [c[f] for c in cells] for f in ("mean", "low", "high"))
-            color = ("black", "grey")[i] if i < 2 else styles[g.split(",")[0]][0]
-            ax.plot(k, mean, marker="o", ms=3, color=color, ls="--" if i == 1 else "-",
-                    label=f"{g} ({len(t['grids'][g])} settings run in every seed)")
-            ax.fill_between(k, low, high, color=color, alpha=0.15, lw=0)
-            if any("seed_values" in c for c in cells):      # no band: each seed's curve
+        for g, names in t["grids"].items():
+            cells, color = t["curves"][g][key]["k"], "black"
+            if g != "β-VAE":
+                color = styles[g.split(",")[0]][0]
+            k = range(1, len(cells) + 1)
+            ax.plot(k, [c["mean"] for c in cells], marker="o", ms=3, color=color,
+                    label=f"{g} ({len(names)} settings run in every seed)")
+            ax.fill_between(k, [c["low"] for c in cells], [c["high"] for c in cells],
+                            color=color, alpha=0.15, lw=0)
+            if any("seed_values" in c for c in cells):
                 for curve in t["curves"][g][key]["per_seed"].values():
                     ax.plot(k, curve[:len(k)], color=color, lw=0.6, ls=":")
-                withheld = True
-        log = key != "iwae_nll"
-        for a in (strip, ax):
-            a.set_yscale("log" if log else "linear")
         for j, name in enumerate(single):
             c, (color, marker) = t["methods"][name][key]["test"], styles[name]
             dot(strip, j, c["mean"], styles[name], yerr=c, ms=7, capsize=2, label=name)
-            if "seed_values" in c:                 # no interval: each seed's value instead
-                strip.plot([j] * len(c["seed_values"]), c["seed_values"], marker, mec=color,
-                           mfc="none",
-                           ms=4, ls="none")
-                withheld = True
-        strip.set(xlim=(-0.7, len(single) - 0.3), xticks=[], xlabel="other methods",
-                  facecolor="0.96")
+            values = c.get("seed_values", [])
+            strip.plot([j] * len(values), values, marker, mec=color, mfc="none", ms=4, ls="none")
+        strip.set(xlim=(-0.7, len(single) - 0.3), xticks=[], xlabel="other methods")
+        ax.set(xlabel="k: settings tried, the best on validation kept",
+               title=f"test {METRICS[key][0]} (↓) of the best on validation")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        label = METRICS[key][0]
-        ax.set(xlabel="k: settings tried, the best on validation kept")
-        if key == "iwae_nll":
-            label += " ≈ D/2·ln(2πe·MSE) + KL"
-        ax.set_title(f"test {label} (↓) of the best on validation", fontsize=10)
         for a in (strip, ax):
+            a.set_yscale("linear" if key == "iwae_nll" else "log")
             a.grid(True, which="both", alpha=0.3)
     labels = [a + b for a, b in zip(axes[1].get_legend_handles_labels(),
                                     axes[0].get_legend_handles_labels())]
-    fig.legend(*labels, loc="lower center", ncol=min(len(labels[1]), 5), fontsize=8, frameon=False)
-    note = ("\nhollow markers, dotted curves: each seed's, where too few seeds or an interval "
-            "reaching 0 give none")
-    if not withheld:
-        note = ""
-    fig.suptitle("What tuning buys: expected best of k random settings (mean and 95% interval "
-                 f"over seeds), beside one run of each other method{note}")
+    fig.legend(*labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.suptitle("What tuning buys: expected best of k random settings beside one run of each "
+                 "other method\n(mean and 95% interval over seeds; dotted curves and hollow "
+                 "markers: each seed's, where seeds give no interval)")
     finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 5), 1, 0.94))
 
 def plot_images(records, test_images, out):
@@ -1787,49 +1827,57 @@ def plot_images(records, test_images, out):
             and r["status"] != "diverged"]
     shown = {r["name"]: r["images"] for r in want if "images" in r}
     if len(shown) < len(want):
+        then = "leave them out" if shown else "are not redrawn"
         print(f"Image figures: {len(want) - len(shown)} run file(s) carry no image "
-              f"arrays: the figures " + ("leave them out" if shown else "are not redrawn"))
-    for what in ("reconstructions", "samples") * bool(shown):
-        orig = what == "reconstructions"
-        rows = [test_images[:8].cpu().numpy()] * orig + [
-            unpack_images(s[what]) for s in shown.values()]
+              f"arrays: the figures {then}")
+    if not shown:
+        return set()
+    for what in ("reconstructions", "samples"):
+        rows = [unpack_images(s[what]) for s in shown.values()]
+        names = list(shown)
+        if what == "reconstructions":
+            rows, names = [test_images[:8].cpu().numpy()] + rows, ["original"] + names
         fig, axes = plt.subplots(len(rows), 8, figsize=(16, 2 * len(rows)), squeeze=False)
-        for ax_row, images, name in zip(axes, rows, ["original"] * orig + list(shown)):
+        for ax_row, images, name in zip(axes, rows, names):
             for i, ax in enumerate(ax_row):
                 if i < len(images):
                     ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=255)
                 ax.set(xticks=[], yticks=[])
             ax_row[0].set_ylabel(name, fontsize=11)
-        fig.suptitle("Reconstructions of the first 8 test images" if orig else
-                     "Samples from the prior (same z for all models)", fontsize=14)
+        title = "Samples from the prior (same z for all models)"
+        if what == "reconstructions":
+            title = "Reconstructions of the first 8 test images"
+        fig.suptitle(title, fontsize=14)
         finish(fig, os.path.join(out, f"{what}_comparison.png"),
                (0, 0, 1, 1 - 0.6 / fig.get_figheight()))
-    return set(REPORT_PATHS[5:]) if shown else set()
+    return set(REPORT_PATHS[5:])
 
 def build_report(args, splits):
     """summary.json, summary.md and the figures, from the run files alone."""
     records = load_runs(args.out)
     s, methods = summarize(records, args.select_by)
-    path = lambda name: os.path.join(args.out, name)
-    write_json(path("summary.json"), s)
-    drawn = {f for f in REPORT_PATHS if os.path.isfile(path(f))} if args.no_plots else ()
-    write_text(path("summary.md"), summary_markdown(s, methods, drawn))  # numbers first
-    if not args.no_plots:
+    write_json(os.path.join(args.out, "summary.json"), s)
+    md = os.path.join(args.out, "summary.md")
+    if args.no_plots:
+        drawn = {f for f in REPORT_PATHS if os.path.isfile(os.path.join(args.out, f))}
+    else:
+        write_text(md, summary_markdown(s, methods, ()))        # the numbers first
         sharp = s["reference"]["test_data_sharpness"]
-        plot_training(records, methods, sharp, path("training_comparison.png"))
-        plot_rate_distortion(methods, s["front"], path("rate_distortion.png"))
+        plot_training(records, methods, sharp, os.path.join(args.out, REPORT_PATHS[4]))
+        plot_rate_distortion(methods, s["front"], os.path.join(args.out, REPORT_PATHS[3]))
         drawn = {*REPORT_PATHS[3:5], *plot_images(records, splits["test"][0], args.out)}
         if s["tuning_cost"]["grids"]:
-            plot_tuning_cost(s["tuning_cost"], methods, path("tuning_cost.png"))
-            drawn.add("tuning_cost.png")
-        write_text(path("summary.md"), summary_markdown(s, methods, drawn))
-    with open(path("summary.md")) as f:
+            plot_tuning_cost(s["tuning_cost"], methods, os.path.join(args.out, REPORT_PATHS[2]))
+            drawn.add(REPORT_PATHS[2])
+    write_text(md, summary_markdown(s, methods, drawn))
+    with open(md) as f:
         print("\n" + f.read())
     print("Run files by script version (SHA-256): " + ", ".join(
         f"{short_sha(sha)} ({n} of {len(records)} runs)"
         for sha, n in s["script_versions"].items()))
     print(f"\nWrote {os.path.abspath(args.out)}")
     return s
+
 # ---------------------------------------- command line
 # the flags that name the default --out, in this order ("flag=short name"; "knobs": each knob flag)
 OUT_NAME = ("epochs=e", "methods", "batch_size", "lr", "latent_dim", "train_subset=n",
