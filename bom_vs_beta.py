@@ -1086,38 +1086,25 @@ def aggregate(records):
                  idle=[r["seed"] for r in trained if cls.idle(r["history"])])
     return methods
 
-def choose(methods, key, seed=None):
-    """The β best by validation `key`: by the seed mean (no run diverged), or in `seed`."""
-    best, best_value = None, -math.inf
-    for m in betas(methods):
-        if seed is None:
-            if "diverged" in m["statuses"]:
-                continue
-            value = m["val"][key]["mean"]
-        else:
-            value = metric(by_seed(m).get(seed), "val", key)
-        value *= METRICS[key][2]
-        if math.isfinite(value) and value > best_value:
-            best, best_value = m["name"], value
-    return best
+def choose(methods, key):
+    """The β best by validation `key` on the seed mean, of those no run of which diverged."""
+    pool = [m for m in betas(methods) if "diverged" not in m["statuses"]
+            and math.isfinite(m["val"][key]["mean"])]
+    if not pool:
+        return None
+    return max(pool, key=lambda m: METRICS[key][2] * m["val"][key]["mean"])["name"]
 
 def criteria(methods, select_by):
-    """The β validation chooses by each declared criterion: by the seed mean and per seed, and
-    whether it is an end of the sweep (a β beyond it may do better)."""
+    """The β validation chooses by each declared criterion (seed means), and whether it is an
+    end of the sweep (a β beyond it may do better)."""
     swept = sorted(m["settings"]["beta"] for m in betas(methods))
     ends = {swept[0]: "smallest", swept[-1]: "largest"} if len(swept) > 1 else {}
-    seeds = sorted({s for m in betas(methods) for s in by_seed(m)})
     out = {}
     for key in dict.fromkeys((select_by, *TUNING_CRITERIA, "mse")):
         beta = choose(methods, key)
-        if not beta:
-            continue
-        per_seed = {s: choose(methods, key, s) for s in seeds}
-        per_seed = {s: b for s, b in per_seed.items() if b}
-        at_edge = [s for s, b in per_seed.items() if methods[b]["settings"]["beta"] in ends]
-        out[key] = {"metric": key, "beta": beta, "per_seed": per_seed,
-                    "edge": ends.get(methods[beta]["settings"]["beta"]),
-                    "kl": methods[beta]["test"]["kl"], "seeds_at_edge": at_edge}
+        if beta:
+            out[key] = {"metric": key, "beta": beta, "kl": methods[beta]["test"]["kl"],
+                        "edge": ends.get(methods[beta]["settings"]["beta"])}
     return out
 
 def front_at(runs, kl, key):
@@ -1382,36 +1369,6 @@ def notebook_analysis(methods, choices):
                    bom_balanced_test=balanced_score(bom, "test"))
     return out
 
-def bom_diagnosis(methods, data_sharp, baseline):
-    """Per BOM, seed means over its runs' last epochs: the squeezes it trained with, MSE floor /
-    training MSE, KL box optimum, sharpness ceiling / the data's, each score's share of worst."""
-    if "bom" not in methods:
-        return {}
-    out = {}
-    for m in judged(methods):
-        if m["kind"] != "bom":
-            continue
-        rows = []
-        for r in by_seed(m).values():
-            h = r["history"]
-            if not h:
-                continue
-            c, counts = h[-1]["constraints"], h[-1]["bottleneck_counts"]
-            total = max(sum(counts.values()), 1)
-            rows.append(dict({k: counts[k] / total for k in BOTTLENECKS},
-                             squeezes=sum(e["squeeze_factor"] < 1 for e in h[:-1]),
-                             floor=c["mse_floor"] / h[-1]["mse"], optimum=c["kl_optimum"],
-                             ceiling=c["sharp_ceiling"] or NAN))
-        mean = {k: statistics.fmean(row[k] for row in rows) if rows else NAN
-                for k in ("squeezes", "floor", "optimum", "ceiling", *BOTTLENECKS)}
-        out[m["name"]] = {
-            "ablation": m["settings"].get("ablation"), "squeezes": mean["squeezes"],
-            "mse_floor_over_mse": mean["floor"], "kl_optimum": mean["optimum"],
-            "kl_target": m["settings"]["kl_targets"][1],
-            "sharp_ceiling_over_data": mean["ceiling"] / data_sharp,
-            "worst_share": {k: mean[k] for k in BOTTLENECKS}}
-    return {"baseline": baseline, "methods": out}
-
 def summarize(records, select_by):
     """summary.json: every run's metrics, each method's intervals, and each analysis."""
     methods, ref = aggregate(records), records[0]["reference"]
@@ -1429,14 +1386,12 @@ def summarize(records, select_by):
     versions = collections.Counter(r.get("script_sha256") for r in records)
     kept = {n: {k: v for k, v in m.items() if k not in ("name", "settings", "runs")}
             for n, m in methods.items()}
-    baseline = choices.get(select_by, {}).get("beta")
     s = {"config": dict(records[0]["config"], seeds=sorted({r["seed"] for r in records})),
          "reference": ref, "runs": runs, "methods": kept, "script_versions": dict(versions),
          "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
          "tuning_cost": tuning, "rate_targeting": rate_targeting(methods),
          "knob_grids": knob_grids(methods, tuning["grids"]),
-         "analysis": notebook_analysis(methods, choices),
-         "bom_diagnosis": bom_diagnosis(methods, ref["test_data_sharpness"], baseline)}
+         "analysis": notebook_analysis(methods, choices)}
     return s, methods
 
 def table(header, rows):
@@ -1479,16 +1434,11 @@ def verdict_lines(front, methods):
 def landing_lines(choices, methods, latent_dim):
     rows = []
     for x in choices.values():
+        note = ""
         if x["edge"]:
             note = f"; the {x['edge']} β swept: a {x['edge'][:-3]}er β may do better"
-        elif x["seeds_at_edge"]:
-            note = f"; seeds {listed(x['seeds_at_edge'])} chose an end of the sweep"
-        else:
-            note = ""
         rows.append([f"β-VAE chosen by validation {METRICS[x['metric']][0]}",
-                     show(x["kl"], 1),
-                     f"{x['beta']} (each seed alone: {listed(x['per_seed'].values())}){note}",
-                     "—"])
+                     show(x["kl"], 1), x["beta"] + note, "—"])
     for m in judged(methods):
         cls, checks = METHOD_CLASSES[m["kind"]], [c for c in m["targets"].values() if c]
         reached = []
@@ -1570,21 +1520,6 @@ def test_lines(methods, ref):
         "", f"The test images' own sharpness: {data:.4f} (far above it: noise, not "
         f"detail); the FD classifier's test accuracy: {ref['classifier_test_accuracy']:.2%}."]
 
-def bom_lines(d):
-    rows = []
-    for n, r in d.get("methods", {}).items():
-        ceiling = f"{r['sharp_ceiling_over_data']:.2f}x".replace("nanx", "none")
-        rows.append([n, BOMVAE.ABLATIONS.get(r["ablation"], "the notebook’s BOM"),
-                     f"{r['squeezes']:.0f}", f"{r['mse_floor_over_mse']:.1f}x",
-                     f"{r['kl_optimum']:.1f} ({r['kl_target']:g})", ceiling,
-                     " · ".join(f"{r['worst_share'][k]:.0%}" for k in BOTTLENECKS)])
-    if not rows:
-        return []
-    return table(
-        ["method", "what it changes", "squeezes trained with", "MSE floor / training MSE",
-         "KL box optimum (target)", "sharpness ceiling / data's",
-         "worst score (MSE · KL · sharpness)"], rows)
-
 def knob_lines(grids):
     md = []
     for g in grids.values():
@@ -1640,8 +1575,6 @@ def summary_markdown(s, methods, figures):
         "What a set rate saves: β-VAE runs to land as close to it":
             targeting_lines(s["rate_targeting"]),
         "Test metrics (mean [95% interval] over seeds)": test_lines(methods, s["reference"]),
-        "BOM and its ablations (seed means, last training epoch)":
-            bom_lines(s["bom_diagnosis"]),
         "BOM's knob grid on the front": knob_lines(s["knob_grids"]),
         "The notebook's analysis (β chosen on validation)": notebook_lines(s["analysis"])}
     for title, lines in sections.items():
@@ -1719,9 +1652,9 @@ def plot_rate_distortion(methods, front, path):
     if sweep:      # over the methods' markers, small: a method on a β point hides neither
         ax.plot(*list(zip(*sweep))[:2], "k-s", ms=4.5, lw=1.2, zorder=5,
                 label="β-VAE front (seed mean)")
-    for kl, mse, beta in sweep:
-        ax.annotate(f"β={beta}", (kl, mse), xytext=(4, 4), textcoords="offset points",
-                    fontsize=8)
+    for i, (kl, mse, beta) in enumerate(sweep):      # above and below in turn: neighbours apart
+        ax.annotate(f"β={beta}", (kl, mse), xytext=(4, 4 - 14 * (i % 2)),
+                    textcoords="offset points", fontsize=8)
     placed = []
     for m in judged(methods):
         x, y = geometric(m, "kl"), geometric(m, "mse")
@@ -1744,7 +1677,7 @@ def plot_rate_distortion(methods, front, path):
     return labels[1]
 
 # ratio ticks on the stretched axis, each far enough from the next for its label
-RATIO_TICKS = (0.2, 0.5, 0.9, 1, 1.1, 2, 5, 10, 30, 100, 300)
+RATIO_TICKS = (0.2, 0.5, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 30, 100, 300)
 
 def stretch_near_one(ratio):
     """A ratio axis linear in ln ratio within about ±10% and logarithmic in it far out, so 0.9x,
@@ -1820,33 +1753,29 @@ def plot_tuning_cost(t, methods, path):
     finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 5), 1, 0.94))
 
 def plot_images(records, test_images, out):
-    """Per method (first seed) its reconstructions of the first 8 test images and
-    decodings of 8 shared prior samples, one [0, 255] gray scale; the files drawn."""
+    """Per method (first seed) its reconstructions of the first 8 test images and decodings of 8
+    shared prior samples, on one [0, 255] gray scale; the files drawn."""
     first = min(r["seed"] for r in records)
     want = [r for r in records if r["seed"] == first and not r["variant"]
             and r["status"] != "diverged"]
     shown = {r["name"]: r["images"] for r in want if "images" in r}
     if len(shown) < len(want):
-        then = "leave them out" if shown else "are not redrawn"
-        print(f"Image figures: {len(want) - len(shown)} run file(s) carry no image "
-              f"arrays: the figures {then}")
+        print(f"Image figures: {len(want) - len(shown)} run file(s) carry no image arrays")
     if not shown:
         return set()
-    for what in ("reconstructions", "samples"):
-        rows = [unpack_images(s[what]) for s in shown.values()]
-        names = list(shown)
+    titles = {"reconstructions": "Reconstructions of the first 8 test images",
+              "samples": "Samples from the prior (same z for all models)"}
+    for what, title in titles.items():
+        rows = {name: unpack_images(images[what]) for name, images in shown.items()}
         if what == "reconstructions":
-            rows, names = [test_images[:8].cpu().numpy()] + rows, ["original"] + names
+            rows = {"original": test_images[:8].cpu().numpy(), **rows}
         fig, axes = plt.subplots(len(rows), 8, figsize=(16, 2 * len(rows)), squeeze=False)
-        for ax_row, images, name in zip(axes, rows, names):
-            for i, ax in enumerate(ax_row):
-                if i < len(images):
-                    ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=255)
+        for ax_row, (name, images) in zip(axes, rows.items()):
+            for ax, image in zip(ax_row, images):
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+            for ax in ax_row:
                 ax.set(xticks=[], yticks=[])
             ax_row[0].set_ylabel(name, fontsize=11)
-        title = "Samples from the prior (same z for all models)"
-        if what == "reconstructions":
-            title = "Reconstructions of the first 8 test images"
         fig.suptitle(title, fontsize=14)
         finish(fig, os.path.join(out, f"{what}_comparison.png"),
                (0, 0, 1, 1 - 0.6 / fig.get_figheight()))
