@@ -1330,23 +1330,17 @@ def test_ablations_and_a_knob_grid_train_in_the_loop_and_are_judged(data_dir, tm
     settings = ["bom_sharp=off"] + [f"bom_sharp=off_{k}={v:g}"
                                     for k, vs in bvb.BOMVAE.SENSITIVITY.items() for v in vs]
     runs = {n: load(tmp_path / "runs" / f"{n}_seed0.json") for n in boms + settings}
-    train = bvb.load_mnist(data_dir, train=True)[0][:80].float() / 255
-    calibration = {n: runs[n]["config"]["calibration"] for n in runs}
-    assert calibration["bom_sharp=data"]["sharp_ceiling"] == approx(
-        bvb.sharpness(train).mean().item(), rel=1e-5)
-    assert calibration["bom_sharp=off"]["sharp_ceiling"] is None
-    history = runs["bom_sharp=off"]["history"]
-    assert all(row["bottleneck_counts"]["sharp"] == 0 for row in history)
-    assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
-    first = runs["bom_squeeze=1"]["history"][0]
+    assert runs["bom_sharp=off"]["config"]["calibration"]["sharp_ceiling"] is None
+    first = runs["bom_squeeze=1"]["history"][0]          # squeezes from epoch 1, bom from 3
     assert first["squeeze_factor"] == approx(bvb.squeeze_factor(first["s_min"], k=0.5))
+    assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
     # every ablation is judged like every method; no knob setting is (its grid's best is)
     assert list(summary["front"]) == boms
     assert list(summary["tuning_cost"]["methods"]) == boms + ["bom_sharp=off, tuned"]
     # the knob grid of bom:sharp=off: variants that keep the ablation
     run = runs["bom_sharp=off_kl_scale=2"]
     assert run["variant"] and run["settings"]["ablation"] == "sharp=off"
-    assert calibration[run["name"]]["sharp_ceiling"] is None
+    assert run["config"]["calibration"]["sharp_ceiling"] is None
     assert run["settings"]["kl_targets"] == approx([t * 16 * 2 for t in bvb.KL_TARGETS_PER_DIM])
     grid = summary["knob_grids"]["bom_sharp=off, tuned"]
     assert sorted(grid["settings"]) == sorted(settings) and len(settings) == 9
