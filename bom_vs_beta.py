@@ -1994,19 +1994,19 @@ def parse_args(argv=None):
     args.torch_device = torch.device(name)
     if args.amp:
         check_amp(args.torch_device)
-    args.out = args.out or os.path.join("results", experiment_name(args))
+    args.out = args.out or os.path.join("results", experiment_name(args, parser))
     return args
 
-def experiment_name(args):
-    """'default' or the changed OUT_NAME flags, e.g. e5_s0-1; cut to 60 + a hash over 80."""
-    defaults = dict(vars(build_parser().parse_args([])), **(QUICK if args.quick else {}))
+def experiment_name(args, parser):
+    """'default' or the OUT_NAME flags that differ from the parser's defaults (--quick's under
+    --quick), e.g. e5_s0-1; cut to 60 characters and a hash over 80."""
     knobs = [dest for _, dest, _, _ in knob_flags()]
     parts = ["quick"] if args.quick else []
     for item in OUT_NAME:
         key, _, short = item.partition("=")
         for dest in knobs if key == "knobs" else [key]:
             value = getattr(args, dest)
-            if value == defaults[dest]:
+            if value == parser.get_default(dest):
                 continue
             text = str(value)
             if isinstance(value, list):
@@ -2152,32 +2152,15 @@ def time_training(spec, images, args, steps, repeats):
             seconds.append(run["train_seconds"] / n)
     return seconds[1:]
 
-def time_evaluation(splits, args, n=500):
-    """Seconds to evaluate a run, timed on n images per split (an untrained model and
-    classifier: the same compute), scaled to the splits' sizes."""
-    small = {name: (x[:n], y[:n]) for name, (x, y) in splits.items()}
-    torch.manual_seed(0)
-    classifier = DigitClassifier().to(args.torch_device)
-    features = {name: classify(classifier, x)[0] for name, (x, _) in small.items() if len(x)}
-    model = new_model(args.latent_dim, args.torch_device, args.lr)[0]
-    if gpu_module(args.torch_device):                  # CUDA and MPS are asynchronous
-        gpu_module(args.torch_device).synchronize()
-    start = time.perf_counter()
-    evaluate_run(model, small, classifier, features, args, args.seeds[0])   # ends in .item()
-    seconds = time.perf_counter() - start
-    images = [len(s["val"][0]) + len(s["test"][0]) for s in (splits, small)]  # no val: empty
-    return seconds * images[0] / images[1]
-
-def estimate_wall_time(splits, args, runs):
-    """Seconds for `runs` β-VAE runs, from 3 timed steps and 32 images evaluated."""
+def training_seconds(splits, args, runs):
+    """Seconds to train `runs` β-VAE runs, from 3 timed steps (evaluation comes on top)."""
     images = splits["train"][0]
-    step = time_training(("beta", 1e-3), images, args, 3, 1)[0]
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    return runs * (step * steps + time_evaluation(splits, args, 32))
+    return runs * steps * time_training(("beta", 1e-3), images, args, 3, 1)[0]
 
 def run_benchmark(args, splits):
-    """Median ms/step and images/s of each method's training step, and the comparison's wall
-    time: printed and written to benchmark.json."""
+    """Median ms/step and images/s of each method's training step, and the comparison's
+    training time: printed and written to benchmark.json."""
     images, device = splits["train"][0], args.torch_device
     machine = machine_name(device)
     print(f"Benchmark on {machine} ({device}), torch {torch.__version__}, batch "
@@ -2189,17 +2172,13 @@ def run_benchmark(args, splits):
         rows[name] = {"ms_per_step": 1000 * median, "images_per_s": args.batch_size / median,
                       "repeats_ms": [1000 * s for s in seconds]}
         print(f"  {name}: {1000 * median:.1f} ms/step, {args.batch_size / median:.0f} images/s")
-    eval_seconds = time_evaluation(splits, args)
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    estimate = len(args.seeds) * sum(row["ms_per_step"] / 1000 * steps + eval_seconds
-                                     for row in rows.values())
-    print(f"Estimated wall time of this comparison ({len(rows)} methods x {len(args.seeds)} "
-          f"seed(s), {steps} steps and {eval_seconds:.0f} s of evaluation per run): "
-          f"{estimate / 60:.1f} min")
+    estimate = len(args.seeds) * steps * sum(row["ms_per_step"] / 1000 for row in rows.values())
+    print(f"Estimated training time of this comparison ({len(rows)} methods x "
+          f"{len(args.seeds)} seed(s), {steps} steps a run): {estimate / 60:.1f} min")
     report = {"machine": machine, "device": str(device), "torch": torch.__version__,
               "flags": {k: v for k, v in vars(args).items() if k not in NOT_FLAGS},
-              "methods": rows, "eval_seconds_per_run": eval_seconds,
-              "estimated_comparison_seconds": estimate}
+              "methods": rows, "estimated_training_seconds": estimate}
     write_json(os.path.join(args.out, "benchmark.json"), report)
     return report
 
@@ -2333,8 +2312,9 @@ def train_grid(args, splits, grid, done, states, kept, experiment):
           f"{args.out}")
     todo = sum(run_paths(args, m, s)[0] not in done for m, s in grid)
     if todo:
-        print(f"Estimated wall time of the {todo} run(s) to train: "
-              f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
+        print(f"Estimated training time of the {todo} run(s): "
+              f"{training_seconds(splits, args, todo) / 60:.1f} min (3 timed steps; evaluation "
+              f"comes on top)")
     tools = evaluation_tools(splits, args)
     experiment = dict(experiment, classifier=tools[2]["classifier_sha256"][:12])
     check_same({**kept, "this command (pass --cache-dir the folder's feature classifier)":
