@@ -2168,12 +2168,14 @@ def run_benchmark(args, splits):
     rows = {}
     for spec in args.method_specs:
         seconds = time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
-        median, name = statistics.median(seconds), make_method(spec, args).name
+        median = statistics.median(seconds)
+        name = make_method(spec, args).name
         rows[name] = {"ms_per_step": 1000 * median, "images_per_s": args.batch_size / median,
                       "repeats_ms": [1000 * s for s in seconds]}
         print(f"  {name}: {1000 * median:.1f} ms/step, {args.batch_size / median:.0f} images/s")
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    estimate = len(args.seeds) * steps * sum(row["ms_per_step"] / 1000 for row in rows.values())
+    step_seconds = sum(row["ms_per_step"] / 1000 for row in rows.values())
+    estimate = len(args.seeds) * steps * step_seconds
     print(f"Estimated training time of this comparison ({len(rows)} methods x "
           f"{len(args.seeds)} seed(s), {steps} steps a run): {estimate / 60:.1f} min")
     report = {"machine": machine, "device": str(device), "torch": torch.__version__,
@@ -2269,8 +2271,10 @@ def plan_out(args, locks):
     if os.path.join(out, "checkpoints") in replaced:     # nothing deleted under another
         paths += sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "*.lock")))
     lock_runs(dict.fromkeys(paths), locks)
-    for path in replaced:                      # all but lock files: none of them is in use
-        inside = glob.glob(os.path.join(glob.escape(path), "*")) if os.path.isdir(path) else [path]
+    for path in replaced:                  # but lock files: this command holds them now
+        inside = [path]
+        if os.path.isdir(path):
+            inside = glob.glob(os.path.join(glob.escape(path), "*"))
         for file in inside:
             if not file.endswith(".lock"):
                 os.remove(file)
@@ -2337,11 +2341,12 @@ def run_config(args, splits):
 
 def run_one(method, seed, splits, args, tools, resume_from):
     """Train one (method, seed), evaluate it on validation and test, write its run file."""
-    run_args, (run_file, checkpoint) = with_flags(args, seed=seed), run_paths(args, method, seed)
+    run_args = with_flags(args, seed=seed)
+    run_file, checkpoint = run_paths(args, method, seed)
     print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
     run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
-    (classifier, references, reference), metrics, images = tools, {}, {}
-    start = time.time()
+    classifier, references, reference = tools
+    start, metrics, images = time.time(), {}, {}
     if run["status"] != "diverged":
         metrics = evaluate_run(run["model"], splits, classifier, references, args, seed)
         images = {"images": figure_images(run["model"], splits["test"][0])}
