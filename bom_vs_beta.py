@@ -1812,6 +1812,7 @@ def build_report(args, splits):
 OUT_NAME = ("epochs=e", "methods", "batch_size", "lr", "latent_dim", "train_subset=n",
             "test_subset=test", "knobs", "bom_sensitivity", "seeds=s", "val_size=val",
             "iw_samples=iw", "amp")
+NOT_FLAGS = ("method_specs", "torch_device", "argv")   # what parse_args adds to the flags
 
 class Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help appends each flag's default, as argparse does, where there is one."""
@@ -1848,13 +1849,15 @@ def shard(text):
 
 def build_parser():
     p = OneLineParser(prog="bom_vs_beta.py", description="BOM-VAE vs β-VAE on MNIST at 64x64.",
-                       formatter_class=Defaults)
+                      formatter_class=Defaults)
     add, one, zero, real = p.add_argument, number(int, 1), number(int, 0), number(float)
     add("--epochs", type=one, default=20, help="epochs per run (the notebook's)")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
-    add("--methods", default=DEFAULT_METHODS, help="comma list: beta:<β>, bom, geco, controlvae, sigma_vae, "
-        "freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), bom:[<ablation>+]<knob>=<value>"
-        "[+...]; 'ablations': the three; 'all': β 1e-7..3e-3, 1e-2, 0.1 and every other method")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+        help="auto: cuda, mps, cpu")
+    add("--methods", default=DEFAULT_METHODS, help="comma list: beta:<β>, bom, geco, controlvae, "
+        "sigma_vae, freebits, bom:<ablation> (" + ", ".join(BOMVAE.ABLATIONS) + "), "
+        "bom:[<ablation>+]<knob>=<value>[+...]; 'ablations': the three; 'all': β 1e-7..3e-3, "
+        "1e-2, 0.1 and every other method")
     add("--batch-size", type=one, default=64, help="training batch (the notebook's)")
     add("--lr", type=real, default=1e-3, help="Adam's learning rate (the notebook's)")
     add("--latent-dim", type=one, default=128, help="latent dimensions (the notebook's)")
@@ -1865,27 +1868,28 @@ def build_parser():
     add("--test-subset", type=zero, default=0, help="test on the first N images (0: all)")
     for flag, _, default, text in knob_flags():
         add(flag, type=one if isinstance(default, int) else real, default=default, help=text)
-    grid = ", ".join(f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items())
+    grid = [f"{k}={'/'.join(f'{v:g}' for v in vs)}" for k, vs in BOMVAE.SENSITIVITY.items()]
     add("--bom-sensitivity", nargs="?", const="bom", metavar="ITEM",
-        help=f"also run ITEM's (default bom) knob grid: {grid}")
+        help=f"also run ITEM's (default bom) knob grid: {', '.join(grid)}")
     add("--seeds", type=number(int, 0, 2**32 - 1), nargs="+", default=[0],
         help="each method once per seed")
     add("--val-size", type=zero, default=5000, help="held out to choose β (0: none)")
     add("--iw-samples", type=one, default=50, help="importance samples, IWAE NLL")
     add("--select-by", default="iwae_nll", choices=SELECTABLE, help="chooses β")
     add("--shard", type=shard, help="K/N: the K-th of N slices of the runs")
-    add("--report", action="store_true", help="rebuild the report from --out")
-    add("--quick", action="store_true", help="smoke test: {epochs} epochs, {train_subset} training, "
-        "{val_size} validation, {test_subset} test images, {iw_samples} importance "
-        "samples (flags given win)".format(**QUICK))
-    add("--prepare", action="store_true", help="cache the feature classifier only")
-    add("--no-plots", action="store_true", help="no figures")
-    add("--resume", action="store_true", help="continue the runs in --out (finished ones are kept)")
-    add("--any-version", action="store_true", help="resume another version's")
-    add("--overwrite", action="store_true", help="replace the results in --out")
-    add("--no-progress", action="store_true", help="no progress bars")
-    add("--amp", action="store_true", help="bf16 autocast (loss, metrics fp32)")
-    add("--benchmark", action="store_true", help="time the methods: benchmark.json")
+    quick = ("smoke test: {epochs} epochs, {train_subset} training, {val_size} validation, "
+             "{test_subset} test images, {iw_samples} importance samples (flags given win)")
+    for flag, text in (("--report", "rebuild the report from --out"),
+                       ("--quick", quick.format(**QUICK)),
+                       ("--prepare", "cache the feature classifier only"),
+                       ("--no-plots", "no figures"),
+                       ("--resume", "continue the runs in --out (finished ones are kept)"),
+                       ("--any-version", "resume another version's checkpoints"),
+                       ("--overwrite", "replace the results in --out"),
+                       ("--no-progress", "no progress bars"),
+                       ("--amp", "bf16 autocast (loss, metrics fp32)"),
+                       ("--benchmark", "time the methods: benchmark.json")):
+        add(flag, action="store_true", help=text)
     return p
 
 def knob_flags():
@@ -1899,21 +1903,20 @@ def parse_methods(text):
     """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')];
     'ablations': each bom:<ablation>; 'all': ALL_BETAS, TUNING_FREE and the ablations."""
     ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
-    every = {"ablations": ablations,
-             "all": [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations}
+    groups = {"ablations": ablations,
+              "all": [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations}
     specs = []
-    for item in (i for s in text.split(",") for i in every.get(s.strip(), [s.strip()])):
+    for item in (i for s in text.split(",") for i in groups.get(s.strip(), [s.strip()])):
         if item in TUNING_FREE:
             spec = (item, None)
         elif item.startswith("bom:"):
             spec = ("bom", BOMVAE.spec(*BOMVAE.parse(item[4:])))
         elif item.startswith("beta:"):
             try:
-                spec = ("beta", float(item[5:]))
-            except ValueError:
-                raise UsageError(f"--methods: '{item}' needs a number after 'beta:'") from None
-            if not (math.isfinite(spec[1]) and spec[1] > 0):
-                raise UsageError(f"--methods: β must be a finite number > 0, got '{item}'")
+                spec = ("beta", number(float)(item[5:]))
+            except (ValueError, argparse.ArgumentTypeError):
+                raise UsageError(f"--methods: '{item}' needs a finite number > 0 after "
+                                 f"'beta:'") from None
         else:
             raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, "
                              f"{', '.join(TUNING_FREE + tuple(ablations))}, "
@@ -1925,70 +1928,74 @@ def parse_methods(text):
 
 def check_amp(device):
     """UsageError where bf16 is not native (compute capability < 8, e.g. a T4) or fails."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise UsageError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability "
-                         f"{cc}) has no native bf16; run without --amp")
     try:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no native bf16")
         with torch.autocast(device.type, dtype=torch.bfloat16):
             torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise UsageError(f"--amp: bf16 autocast fails on {device.type} with torch "
-                         f"{torch.__version__} ({str(e).splitlines()[0]}); run without --amp")
-    if device.type == "cpu" and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)():
-        print("warning: --amp on a CPU without bf16: emulated, likely slower", file=sys.stderr)
+        raise UsageError(f"--amp on {device.type} with torch {torch.__version__}: "
+                         f"{str(e).splitlines()[0]}; run without --amp") from None
 
 def parse_args(argv=None):
     """The checked flags; in a notebook (ipykernel) argv None means the defaults."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
     parser = build_parser()
-    parser.set_defaults(**(QUICK if "--quick" in argv else {}))
+    if "--quick" in argv:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.argv, args.method_specs = list(argv), parse_methods(args.methods)
-    for wrong, message in (
-            (args.resume and args.overwrite, "--resume continues --out, --overwrite replaces it: "
-                                             "choose one"),
-            (args.any_version and not args.resume, "--any-version applies to --resume only"),
-            (len(set(args.seeds)) < len(args.seeds), "--seeds: a seed is listed twice"),
-            (args.benchmark + args.report + args.prepare + bool(args.shard) > 1,
-             "--benchmark, --report, --prepare and --shard are separate modes: use one")):
-        if wrong:
-            raise UsageError(message)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues --out, --overwrite replaces it: choose one")
+    if len(set(args.seeds)) < len(args.seeds):
+        raise UsageError("--seeds: a seed is listed twice")
+    if args.benchmark + args.report + args.prepare + bool(args.shard) > 1:
+        raise UsageError("--benchmark, --report, --prepare and --shard are separate modes: "
+                         "use one")
     if args.bom_sensitivity:
         (kind, item), *more = parse_methods(args.bom_sensitivity)
         if more or kind != "bom":
             raise UsageError(f"--bom-sensitivity takes one BOM item, got {args.bom_sensitivity}")
         ablation, knobs = BOMVAE.parse(item) if item else (None, {})
-        args.method_specs += [s for s in (
-            ("bom", BOMVAE.spec(ablation, dict(knobs, **{k: v})))
-            for k, values in BOMVAE.SENSITIVITY.items() for v in values) if s not in args.method_specs]
-    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    name = next((d for d in there if there[d]), "cpu") if args.device == "auto" else args.device
-    if not there.get(name, True):
-        raise UsageError(f"--device {name}: " + ("no CUDA GPU is available to this torch"
-                                                 if name == "cuda" else "no MPS here"))
+        for knob, values in BOMVAE.SENSITIVITY.items():
+            for value in values:
+                spec = ("bom", BOMVAE.spec(ablation, {**knobs, knob: value}))
+                if spec not in args.method_specs:
+                    args.method_specs.append(spec)
+    usable = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+              "cpu": True}
+    name = next(d for d in usable if usable[d]) if args.device == "auto" else args.device
+    if not usable[name]:
+        raise UsageError(f"--device {name}: this torch sees no {name.upper()} device")
     args.torch_device = torch.device(name)
     if args.amp:
         check_amp(args.torch_device)
-    args.out = args.out or os.path.join("results", experiment_name(args))
+    args.out = args.out or os.path.join("results", experiment_name(args, parser))
     return args
 
-def experiment_name(args):
-    """'default' or the changed OUT_NAME flags, e.g. e5_s0-1; cut to 60 + a hash over 80."""
-    defaults = dict(vars(build_parser().parse_args([])), **(QUICK if args.quick else {}))
-    parts, knobs = ["quick"] * args.quick, [dest for _, dest, _, _ in knob_flags()]
-    for key, _, short in (item.partition("=") for item in OUT_NAME):
-        for key in knobs if key == "knobs" else [key]:
-            value = getattr(args, key)
-            text = ("-".join(map(str, value)) if isinstance(value, list)
-                    else f"{value:g}" if isinstance(value, float) else str(value))
-            if value != defaults[key]:
-                prefix = short or key.replace("_", "-") + "-"
-                parts.append(prefix + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
+def experiment_name(args, parser):
+    """'default' or the OUT_NAME flags that differ from the parser's defaults (--quick's under
+    --quick), e.g. e5_s0-1; cut to 60 characters and a hash over 80."""
+    knobs = [dest for _, dest, _, _ in knob_flags()]
+    parts = ["quick"] if args.quick else []
+    for item in OUT_NAME:
+        key, _, short = item.partition("=")
+        for dest in knobs if key == "knobs" else [key]:
+            value = getattr(args, dest)
+            if value == parser.get_default(dest):
+                continue
+            text = str(value)
+            if isinstance(value, list):
+                text = "-".join(map(str, value))
+            elif isinstance(value, float):
+                text = f"{value:g}"
+            prefix = short or dest.replace("_", "-") + "-"
+            parts.append(prefix + re.sub(r"[^A-Za-z0-9.+-]+", "-", text))
     name = "_".join(parts) or "default"
-    cut = f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return name if len(name) <= 80 else cut
+    if len(name) <= 80:
+        return name
+    return f"{name[:60]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 def with_flags(args, **changes):
     """A copy of the flags with some changed (a run's seed, a benchmark's one epoch)."""
@@ -2046,8 +2053,6 @@ def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
 
 def restore_checkpoint(state, run, optimizer, method, order):
     run.update({k: state[k] for k in RUN_STATE})
-    if "model" not in state:   # an older version's record of a run diverged in its first epoch
-        return
     run["model"].load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     method.state = dict(state["method"])
@@ -2072,9 +2077,9 @@ def load_checkpoint(path, fingerprint, any_version=False):
     check_fingerprint(path, saved, fingerprint)
     if (sha := state.get("script_sha256")) != SCRIPT_SHA256 and not any_version:
         raise UsageError(f"checkpoint {path} was written by another version of bom_vs_beta.py "
-                         f"(SHA-256 {short_sha(sha)} there, {short_sha(SCRIPT_SHA256)} now): resume "
-                         f"with that version, add --any-version to continue it with this one, or "
-                         f"move it away to retrain")
+                         f"(SHA-256 {short_sha(sha)} there, {short_sha(SCRIPT_SHA256)} now): "
+                         f"resume with that version, add --any-version to continue it with this "
+                         f"one, or move it away to retrain")
     return state
 
 def check_fingerprint(path, saved, fingerprint):
@@ -2089,101 +2094,70 @@ def short_sha(sha):
     return sha[:12] if sha else "not recorded"
 
 def lock(path):
-    """The file's exclusive lock till closed or exit; None while another process holds it;
-    granted where there is no flock. `created`: this call made the file. A lock taken on a file
-    that a refused process removed meanwhile is let go and taken again on the one at `path`."""
-    while True:
-        try:
-            handle, created = open(path, "x"), True
-        except FileExistsError:
-            handle, created = open(path, "a"), False
-        handle.created = created
-        try:
-            if fcntl:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return handle.close()
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
-                return handle
+    """The file's exclusive lock (flock) till closed or the process ends; None while another
+    process holds it; granted where the file system has no flock."""
+    handle = open(path, "a")
+    try:
+        if fcntl:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         handle.close()
+        return None
+    except OSError:                         # no flock here (Lustre without -o flock)
+        pass
+    return handle
 
 # ---------------------------------------- benchmark
 BENCHMARK_STEPS, BENCHMARK_REPEATS = 50, 3     # timed steps per repeat; repeats (median)
 
 def machine_name(device):
+    """The GPU, or the CPU's architecture, the kernels torch picked for it and its threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":")[1].strip() for l in f if l.startswith("model name")), cpu)
-    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
 def time_training(spec, images, args, steps, repeats):
-    """Seconds per step of train_run: one epoch of `steps` batches, after a warm-up."""
+    """Seconds per step of train_run, `repeats` times one epoch of `steps` batches, after a
+    3-step warm-up."""
     steps = min(steps, math.ceil(images.shape[0] / args.batch_size))
     quiet = with_flags(args, seed=args.seeds[0], epochs=1, no_progress=True)
-    run = lambda n: train_run(make_method(spec, args), images[:n * args.batch_size], quiet)
+    seconds = []
     with redirect_stdout(io.StringIO()):
-        run(3)
-        return [run(steps)["train_seconds"] / steps for _ in range(repeats)]
+        for n in [3] + [steps] * repeats:
+            run = train_run(make_method(spec, args), images[:n * args.batch_size], quiet)
+            seconds.append(run["train_seconds"] / n)
+    return seconds[1:]
 
-def time_evaluation(splits, args, n=500):
-    """Seconds to evaluate a run, timed on n images per split (an untrained model and
-    classifier: the same compute), scaled to the splits' sizes."""
-    small = {name: (x[:n], y[:n]) for name, (x, y) in splits.items()}
-    device = splits["test"][0].device
-    torch.manual_seed(0)
-    classifier = DigitClassifier().to(device)
-    features = {s: classify(classifier, small[s][0])[0] for s in ("val", "test") if len(small[s][0])}
-    model = new_model(args.latent_dim, device, args.lr)[0]
-    if gpu_module(device):                  # CUDA and MPS are asynchronous
-        gpu_module(device).synchronize()
-    start = time.perf_counter()
-    evaluate_run(model, small, classifier, features, args, args.seeds[0])   # ends in .item()
-    size = lambda s: len(s["test"][0]) + len(s["val"][0]) * bool(args.val_size)
-    return (time.perf_counter() - start) * size(splits) / size(small)
-
-def wall_time(step_seconds, eval_seconds, steps):
-    """Σ over runs of seconds per step · steps per run + eval_seconds."""
-    return sum(seconds * steps + eval_seconds for seconds in step_seconds)
-
-def estimate_wall_time(splits, args, runs):
-    """wall_time of `runs` β-VAE runs from 3 timed steps and 32 images evaluated."""
+def training_seconds(splits, args, runs):
+    """Seconds to train `runs` β-VAE runs, from 3 timed steps (evaluation comes on top)."""
     images = splits["train"][0]
-    step = time_training(("beta", 1e-3), images, args, 3, 1)[0]
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    return wall_time([step] * runs, time_evaluation(splits, args, 32), steps)
+    return runs * steps * time_training(("beta", 1e-3), images, args, 3, 1)[0]
 
 def run_benchmark(args, splits):
-    """Median ms/step and images/s of each method's training step, and the comparison's wall
-    time: printed and written to benchmark.json."""
-    images, device = splits["train"][0], splits["train"][0].device
-    machine, names = machine_name(device), [make_method(s, args).name for s in args.method_specs]
+    """Median ms/step and images/s of each method's training step, and the comparison's
+    training time: printed and written to benchmark.json."""
+    images, device = splits["train"][0], args.torch_device
+    machine = machine_name(device)
     print(f"Benchmark on {machine} ({device}), torch {torch.__version__}, batch "
           f"{args.batch_size}, median of {BENCHMARK_REPEATS} x {BENCHMARK_STEPS} steps")
-    timings = {name: time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
-               for name, spec in zip(names, args.method_specs)}
-    eval_seconds = time_evaluation(splits, args)
-    rows = {name: {"ms_per_step": 1000 * statistics.median(t),
-                   "images_per_s": args.batch_size / statistics.median(t),
-                   "repeats_ms": [1000 * x for x in t]} for name, t in timings.items()}
-    print(f"{'method':<30} {'ms/step':>9} {'images/s':>9}")
-    for name, r in rows.items():
-        print(f"{name:<30} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.1f}")
+    rows = {}
+    for spec in args.method_specs:
+        seconds = time_training(spec, images, args, BENCHMARK_STEPS, BENCHMARK_REPEATS)
+        median = statistics.median(seconds)
+        name = make_method(spec, args).name
+        rows[name] = {"ms_per_step": 1000 * median, "images_per_s": args.batch_size / median,
+                      "repeats_ms": [1000 * s for s in seconds]}
+        print(f"  {name}: {1000 * median:.1f} ms/step, {args.batch_size / median:.0f} images/s")
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    estimate = wall_time([r["ms_per_step"] / 1000 for r in rows.values()] * len(args.seeds),
-                         eval_seconds, steps)
-    print(f"Estimated wall time of this comparison ({len(names)} methods x {len(args.seeds)} "
-          f"seed(s), {steps} steps and {eval_seconds:.0f} s of evaluation per run): "
-          f"{estimate / 60:.1f} min")
-    flags = {k: v for k, v in vars(args).items() if k not in ("method_specs", "torch_device", "argv")}
+    step_seconds = sum(row["ms_per_step"] / 1000 for row in rows.values())
+    estimate = len(args.seeds) * steps * step_seconds
+    print(f"Estimated training time of this comparison ({len(rows)} methods x "
+          f"{len(args.seeds)} seed(s), {steps} steps a run): {estimate / 60:.1f} min")
     report = {"machine": machine, "device": str(device), "torch": torch.__version__,
-              "flags": flags, "methods": rows, "eval_seconds_per_run": eval_seconds,
-              "estimated_comparison_seconds": estimate}
+              "flags": {k: v for k, v in vars(args).items() if k not in NOT_FLAGS},
+              "methods": rows, "estimated_training_seconds": estimate}
     write_json(os.path.join(args.out, "benchmark.json"), report)
     return report
 
@@ -2195,48 +2169,51 @@ def run_paths(args, method, seed):
     return (os.path.join(args.out, "runs", name + ".json"),
             os.path.join(args.out, "checkpoints", name + ".pt"))
 
+def trains(args):
+    return not (args.report or args.prepare or args.benchmark)
+
+def owned(args, grid):
+    """What this command writes in --out: refused there without --resume or --overwrite,
+    deleted by --overwrite (but lock files). A shard owns its runs' files only."""
+    if args.benchmark:
+        return [os.path.join(args.out, "benchmark.json")]
+    if not trains(args):
+        return []
+    if args.shard:
+        return [path for m, s in grid for path in run_paths(args, m, s)]
+    names = ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
+    return [os.path.join(args.out, name) for name in names]
+
+def holds_results(path):
+    """A file, or a folder with more than lock files (a failed start leaves empty folders)."""
+    if os.path.isdir(path):
+        return any(not name.endswith(".lock") for name in os.listdir(path))
+    return os.path.isfile(path)
+
 def plan_out(args, locks):
-    """Check --out and plan the runs, refusing (UsageError) before anything is written; then remove
-    what --overwrite replaces, create the folders and lock the runs to train (into `locks`; a
-    refusal there lets go of them, their new files removed).
+    """Check --out and plan the runs, refusing (UsageError) before anything is written; then
+    lock the runs to train (into `locks`) and remove what --overwrite replaces.
     Returns the splits, the (method, seed) grid, the run files done, {checkpoint: state}, the
     folder's experiments and this command's."""
     grid = [(make_method(spec, args), seed) for seed in args.seeds for spec in args.method_specs]
     names = [m.name for m, seed in grid if seed == args.seeds[0]]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"--methods: two items name the same run, {twice}")
+    twice = [name for name in names if names.count(name) > 1]
+    if twice:
+        raise UsageError(f"--methods: two items name the same run, {twice[0]}")
     grid = grid[args.shard[0] - 1::args.shard[1]] if args.shard else grid
-    training, out = not (args.report or args.prepare or args.benchmark), args.out
-    here = lambda *parts: glob.glob(os.path.join(glob.escape(out), *parts))
+    out, training = args.out, trains(args)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
     if args.resume and not os.path.isdir(out):
         raise UsageError(f"--resume: --out {out} does not exist, so there is nothing to resume "
                          f"(check the flags that name it, or run without --resume)")
-    if args.report and not here("runs", "*.json"):  # read (and checked) once, in build_report
+    if args.report and not glob.glob(os.path.join(glob.escape(out), "runs", "*.json")):
         raise UsageError(f"--report: no run files in {os.path.join(out, 'runs')}")
-    owned = ["benchmark.json"] * args.benchmark
-    if training:
-        owned = [os.path.relpath(p, out) for m, s in grid for p in run_paths(args, m, s)]
-        owned += [] if args.shard else ["runs", "checkpoints", EXPERIMENT_FILE, *REPORT_PATHS]
-    full = lambda p: os.path.isfile(p) or os.path.isdir(p) and any(
-        not name.endswith(".lock") for name in os.listdir(p))
-    existing = [p for p in owned if full(os.path.join(out, p))]
+    existing = [path for path in owned(args, grid) if holds_results(path)]
     if existing and not (args.resume or args.overwrite):
-        fresh = next(f"{out}-{i}" for i in itertools.count(2) if not os.path.exists(f"{out}-{i}"))
-        more = f" and {len(existing) - 6} more" if len(existing) > 6 else ""
-        raise UsageError(f"--out {out} already holds results: give this run a fresh folder "
-                         f"(--out {fresh}), or add --resume to continue them; --overwrite would "
-                         f"delete {', '.join(existing[:6])}{more} in {out}")
+        raise UsageError(f"--out {out} already holds results: give this run a fresh --out, add "
+                         f"--resume to continue them, or --overwrite to replace them")
     replaced = existing if args.overwrite else []
-    lock_of = lambda m, s: run_paths(args, m, s)[1][:-3] + ".lock"
-    probe = [lock_of(*run) for run in grid] if args.shard else sorted(here("checkpoints", "*.lock"))
-    for path in filter(os.path.exists, probe if args.overwrite and training else []):
-        if (handle := lock(path)) is None:                     # nothing deleted under another
-            raise UsageError(f"--overwrite: {os.path.basename(path)[:-5]} is being trained "
-                             f"into {out} by another process: let it finish first")
-        handle.close()
     splits = load_splits(args, args.torch_device)
     n_train = len(splits["train"][0])
     if args.batch_size > n_train:
@@ -2254,90 +2231,75 @@ def plan_out(args, locks):
             states[checkpoint] = load_checkpoint(checkpoint, fingerprint, args.any_version)
     experiment = {k: len(splits[k[:-7]][0]) if k.endswith("_images") else getattr(args, k)
                   for k in EXPERIMENT}
-    path, kept = os.path.join(out, EXPERIMENT_FILE), {}
-    if training and EXPERIMENT_FILE not in replaced and os.path.isfile(path):
+    kept, path = {}, os.path.join(out, EXPERIMENT_FILE)
+    if training and os.path.isfile(path) and path not in replaced:
         kept[path] = read_json(path)
-    if training and "runs" not in replaced:
-        skip = {os.path.join(out, p) for p in replaced}
-        kept.update({p: experiment_of(r) for p, r in folder_runs(out, skip).items()})
+    if training and os.path.join(out, "runs") not in replaced:
+        kept.update({p: experiment_of(r) for p, r in folder_runs(out, replaced).items()})
     check_same({**kept, "this command": experiment})
     try:
-        for path in (os.path.join(out, p) for p in replaced):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        for sub in ["runs", "checkpoints"] if training else [] if args.prepare else [""]:
+        for sub in ("runs", "checkpoints") if training else ("",):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
-        if not args.prepare:
-            os.remove(tempfile.mkstemp(dir=out)[1])               # a write test
+        os.remove(tempfile.mkstemp(dir=out)[1])               # a write test
     except OSError as e:
         raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
-    for method, seed in grid if training else []:
-        run_file = run_paths(args, method, seed)[0]
-        if run_file not in done:
-            if (handle := lock(lock_of(method, seed))) is None:
-                refuse_locked(lock_of(method, seed), locks, experiment, f"{method.name}, seed "
-                              f"{seed} is being trained into {out} by another process")
-            locks.append(handle)
-            if args.resume and os.path.exists(run_file):      # another process finished it
-                done.add(run_file)
-    for handle in locks:                        # what a second process compares with
-        handle.truncate(0)
-        json.dump(experiment, handle)
-        handle.flush()
+    paths = [run_paths(args, m, s) for m, s in grid if training]
+    paths = [checkpoint[:-3] + ".lock" for run_file, checkpoint in paths if run_file not in done]
+    if os.path.join(out, "checkpoints") in replaced:     # nothing deleted under another
+        paths += sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "*.lock")))
+    lock_runs(dict.fromkeys(paths), locks)
+    for path in replaced:                  # but lock files: this command holds them now
+        inside = [path]
+        if os.path.isdir(path):
+            inside = glob.glob(os.path.join(glob.escape(path), "*"))
+        for file in inside:
+            if not file.endswith(".lock"):
+                os.remove(file)
     return splits, grid, done, states, kept, experiment
 
-def refuse_locked(path, locks, experiment, busy):
-    """A run is locked by another process: let go of the locks this command took (removing the
-    files it created), then a UsageError naming the setting that differs from the holder's (its
-    lock file holds them), or asking to let it finish."""
-    for handle in locks:
-        if handle.created:
-            os.remove(handle.name)
-        handle.close()
-    locks.clear()
-    other = None
-    with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            other = json.load(f)
-    if not isinstance(other, dict) or not other:
-        raise UsageError(f"{busy} (its settings not yet written): let it finish, or give this "
-                         f"command another --out")
-    check_same({"the process training it": other, "this command": experiment})
-    raise UsageError(f"{busy} with these settings: let it finish, or give this command another "
-                     f"--out")
+def lock_runs(paths, locks):
+    """Lock each path into `locks`, those that exist first: a run another process holds is
+    refused before this command made a lock file."""
+    for path in sorted(paths, key=os.path.exists, reverse=True):
+        handle = lock(path)
+        if handle is None:
+            raise UsageError(f"{os.path.basename(path)[:-5]} is being trained into "
+                             f"{os.path.dirname(os.path.dirname(path))} by another process: "
+                             f"let it finish, or give this command another --out")
+        locks.append(handle)
 
 def claim(path, experiment):
-    """Write `experiment` to path whole in one step (a hard link), unless a file is there: then
-    compare (check_same). Of two processes started together one writes, the other compares."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(experiment, f)
+    """Write `experiment` to path whole in one step (a hard link, which never replaces a file),
+    unless a file is there: then compare (check_same). Of two processes started together one
+    writes, the other compares. Without hard links (exFAT) it is copied, unguarded as runs are
+    without flock."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_json(tmp, experiment)
     try:
-        try:
-            os.link(tmp, path)
-        except OSError as e:
-            if isinstance(e, FileExistsError):
-                raise
-            with open(path, "x") as f:              # no hard links: created exclusively
-                json.dump(experiment, f)
+        os.link(tmp, path)
     except FileExistsError:
         check_same({path: read_json(path), "this command": experiment})
+    except OSError:
+        shutil.copyfile(tmp, path)
     finally:
         os.remove(tmp)
 
 def train_grid(args, splits, grid, done, states, kept, experiment):
     """The estimate, the feature classifier (part of the experiment), each run not done."""
     n = {split: len(images) for split, (images, _) in splits.items()}
+    shard = " (shard {}/{})".format(*args.shard) if args.shard else ""
     print(f"Device: {args.torch_device} | train {n['train']}, validation {n['val']}, test "
-          f"{n['test']} images | {args.epochs} epochs | {len(grid)} runs"
-          + (" (shard {}/{})".format(*args.shard) if args.shard else "")
-          + f" | writing to {args.out}")
-    if todo := sum(run_paths(args, m, s)[0] not in done for m, s in grid):
-        print(f"Estimated wall time of the {todo} run(s) to train: "
-              f"{estimate_wall_time(splits, args, todo) / 60:.1f} min (from a short measurement)")
+          f"{n['test']} images | {args.epochs} epochs | {len(grid)} runs{shard} | writing to "
+          f"{args.out}")
+    todo = sum(run_paths(args, m, s)[0] not in done for m, s in grid)
+    if todo:
+        print(f"Estimated training time of the {todo} run(s): "
+              f"{training_seconds(splits, args, todo) / 60:.1f} min (3 timed steps; evaluation "
+              f"comes on top)")
     tools = evaluation_tools(splits, args)
     experiment = dict(experiment, classifier=tools[2]["classifier_sha256"][:12])
-    source = "this command (pass --cache-dir the folder's feature classifier)"
-    check_same({**kept, source: experiment})
+    check_same({**kept, "this command (pass --cache-dir the folder's feature classifier)":
+                experiment})
     claim(os.path.join(args.out, EXPERIMENT_FILE), experiment)
     for method, seed in grid:
         run_file, checkpoint = run_paths(args, method, seed)
@@ -2348,7 +2310,7 @@ def train_grid(args, splits, grid, done, states, kept, experiment):
 
 def run_config(args, splits):
     """A run file's config: the flags but the knobs (the run's own are its settings)."""
-    skip = {dest for _, dest, _, _ in knob_flags()} | {"method_specs", "torch_device", "argv"}
+    skip = {dest for _, dest, _, _ in knob_flags()} | set(NOT_FLAGS)
     return dict({k: v for k, v in vars(args).items() if k not in skip},
                 device=str(args.torch_device), machine=machine_name(args.torch_device),
                 torch=torch.__version__,
@@ -2356,15 +2318,17 @@ def run_config(args, splits):
 
 def run_one(method, seed, splits, args, tools, resume_from):
     """Train one (method, seed), evaluate it on validation and test, write its run file."""
-    run_args, (run_file, checkpoint) = with_flags(args, seed=seed), run_paths(args, method, seed)
+    run_args = with_flags(args, seed=seed)
+    run_file, checkpoint = run_paths(args, method, seed)
     print(f"\n{'=' * 60}\nTraining {method.name}, seed {seed}\n{'=' * 60}")
     run = train_run(method, splits["train"][0], run_args, checkpoint, resume_from)
-    (classifier, references, reference), ok = tools, run["status"] != "diverged"
-    start = time.time()
-    metrics = evaluate_run(run["model"], splits, classifier, references, args, seed) if ok else {}
-    images = {"images": figure_images(run["model"], splits["test"][0])} if ok else {}
+    classifier, references, reference = tools
+    start, metrics, images = time.time(), {}, {}
+    if run["status"] != "diverged":
+        metrics = evaluate_run(run["model"], splits, classifier, references, args, seed)
+        images = {"images": figure_images(run["model"], splits["test"][0])}
     eval_seconds, test = time.time() - start, metrics.get("test", {})
-    print("  test: " + ", ".join(f"{label} {fmt(test.get(k, math.nan), digits)}"
+    print("  test: " + ", ".join(f"{label} {fmt(test.get(k), digits)}"
                                  for k, (label, digits, _) in METRICS.items())
           + f" ({run['status']}; trained {run['train_seconds']:.1f} s, evaluated "
           f"{eval_seconds:.1f} s)")
@@ -2397,42 +2361,45 @@ def main(argv=None):
     """The comparison, a shard of it, --report, --prepare or --benchmark: returns the summary (or
     benchmark). Bad input exits 2 before anything is written; Ctrl-C (130), SIGTERM (143) keep
     every completed epoch."""
-    main_thread = threading.current_thread() is threading.main_thread()
+    main_thread = threading.current_thread() is threading.main_thread()   # signal's rule
     on_sigterm = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     args, locks = None, []
     try:
         args = parse_args(argv)
-        splits, grid, done, states, kept, experiment = plan_out(args, locks)
         if args.torch_device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if args.prepare:                            # writes in --cache-dir only
+            _, accuracy, sha = get_classifier(load_splits(args, args.torch_device), args)
+            print(f"Feature classifier ready: {accuracy:.2%} test accuracy, weights sha256 "
+                  f"{sha[:16]}")
+            return None
+        splits, grid, done, states, kept, experiment = plan_out(args, locks)
         if args.benchmark:
             return run_benchmark(args, splits)
-        if args.prepare:
-            _, accuracy, sha = get_classifier(splits, args)
-            return print(f"Feature classifier ready: {accuracy:.2%} test accuracy, weights "
-                         f"sha256 {sha[:16]}")
         if not args.report:
             train_grid(args, splits, grid, done, states, kept, experiment)
         if args.shard:
-            return print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, "
-                         f"rebuild the report with:\n  python bom_vs_beta.py --report --out "
-                         f"{shlex.quote(args.out)} --data-dir {shlex.quote(args.data_dir)}")
+            print(f"\nShard {args.shard[0]}/{args.shard[1]} done. When every shard is, rebuild "
+                  f"the report with:\n  python bom_vs_beta.py --report --out "
+                  f"{shlex.quote(args.out)} --data-dir {shlex.quote(args.data_dir)}")
+            return None
         return build_report(args, splits)
     except UsageError as e:
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
-        training = args is not None and not (args.report or args.prepare or args.benchmark)
-        training = training and os.path.isdir(args.out)     # else nothing to resume
-        print(f"\n{'Terminated' if isinstance(e, Terminated) else 'Interrupted'}." + (
-            f" Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')}; "
-            f"resume with:\n  {resume_command(args)}" if training else ""), file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        word, code = ("Terminated", 143) if isinstance(e, Terminated) else ("Interrupted", 130)
+        hint = ""
+        if args is not None and trains(args) and os.path.isdir(args.out):  # else none to resume
+            hint = (f" Every completed epoch is saved in {os.path.join(args.out, 'checkpoints')};"
+                    f" resume with:\n  {resume_command(args)}")
+        print(f"\n{word}.{hint}", file=sys.stderr)
+        raise SystemExit(code) from None
     finally:
         for handle in locks:
             handle.close()
         if main_thread:
-            signal.signal(signal.SIGTERM, on_sigterm if on_sigterm is not None else signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, on_sigterm or signal.SIG_DFL)
 
 if __name__ == "__main__":
     main()
