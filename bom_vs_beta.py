@@ -1901,13 +1901,14 @@ def knob_flags():
 
 def parse_methods(text):
     """'beta:0.001,bom,bom:sharp=off' -> [('beta', 0.001), ('bom', None), ('bom', 'sharp=off')];
-    'ablations': each bom:<ablation>; 'all': ALL_BETAS, TUNING_FREE and the ablations."""
+    'ablations': each bom:<ablation>; 'all': ALL_BETAS, every other method and the ablations."""
     ablations = [f"bom:{name}" for name in BOMVAE.ABLATIONS]
+    others = [kind for kind in METHOD_CLASSES if kind != "beta"]    # a registered class counts
     groups = {"ablations": ablations,
-              "all": [f"beta:{b:g}" for b in ALL_BETAS] + list(TUNING_FREE) + ablations}
+              "all": [f"beta:{b:g}" for b in ALL_BETAS] + others + ablations}
     specs = []
     for item in (i for s in text.split(",") for i in groups.get(s.strip(), [s.strip()])):
-        if item in TUNING_FREE:
+        if item in others:
             spec = (item, None)
         elif item.startswith("bom:"):
             spec = ("bom", BOMVAE.spec(*BOMVAE.parse(item[4:])))
@@ -1919,7 +1920,7 @@ def parse_methods(text):
                                  f"'beta:'") from None
         else:
             raise UsageError(f"--methods: unknown method '{item}' (use beta:<β>, "
-                             f"{', '.join(TUNING_FREE + tuple(ablations))}, "
+                             f"{', '.join(others + ablations)}, "
                              f"bom:[<ablation>+]<knob>=<value>, ablations or all)")
         if spec in specs:
             raise UsageError(f"--methods: '{item}' is listed twice")
