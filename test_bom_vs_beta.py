@@ -655,7 +655,7 @@ def test_a_run_stalls_when_every_batch_violates_and_diverges_at_its_first_bad_st
     assert same(run["model"].state_dict(), start)                    # never stepped
     path = str(tmp_path / "run.pt")
     run = bvb.train_run(DivergesAt(5), train_images, tiny_args(epochs=3), checkpoint=path)
-    at = {"epoch": 2, "step": 2}                                  # 3 batches per epoch
+    at = {"epoch": 2, "step": 3}         # inf from step 2 of 3, caught at the epoch's last
     assert run["status"] == "diverged" and run["diverged_at"] == at
     assert len(run["history"]) == 1
     saved = torch.load(path, weights_only=True)      # the last good epoch's checkpoint, kept
