@@ -97,9 +97,9 @@ class UsageError(Exception):
 
 # ---------------------------------------- data
 def load_mnist(data_dir, train):
-    """One MNIST file pair, downloaded when absent: uint8 digits (N, 1, 64, 64), resized once (bilinear,
-    byte-identical to PIL's Resize(64)), and their labels. A failed download removes the folders it
-    made and raises a UsageError saying where the files go."""
+    """One MNIST file pair, downloaded when absent: uint8 digits (N, 1, 64, 64), resized once
+    (bilinear, byte-identical to PIL's Resize(64)), and their labels. Files that neither read nor
+    download: a UsageError (unreadable, or where they go) and the folders the download made removed."""
     raw = os.path.abspath(os.path.join(data_dir, "MNIST", "raw"))
     present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
     made, folder = [], raw               # the folders a download would create, innermost first
@@ -410,9 +410,7 @@ class BOMVAE(Method):
     @classmethod
     def from_args(cls, args, value):
         """value: None (the notebook's BOM) or a canonical item text; its knobs win over the flags."""
-        ablation, variant = None, {}
-        if value:
-            ablation, variant = cls.parse(value)
+        ablation, variant = cls.parse(value) if value else (None, {})
         knobs = {k: getattr(args, f"bom_{k}") for k in cls.KNOBS}
         return cls(args.latent_dim, variant, ablation, **dict(knobs, **variant))
 
@@ -440,7 +438,9 @@ class BOMVAE(Method):
         if self.ablation == "sharp=off":
             c["sharp_ceiling"] = None
         self.state = {"calibration": c, "constraints": dict(c)}
-        print("  calibration: " + ", ".join(f"{k}={v:.4g}" for k, v in c.items() if v is not None))
+        print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
+              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], "
+              f"sharp_ceiling={fmt(c['sharp_ceiling'], 4)}")
         if c["kl_floor_high"] < self.kl_targets[2]:
             print(f"  warning: KL upper floor {c['kl_floor_high']:.1f} is below its target "
                   f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
@@ -676,7 +676,9 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             loss_sum = loss_sum + torch.where(stepped, loss.detach(), 0.0)
             bar.update(1)
             if i % LOG_EVERY == 0 or i == n_batches:      # the only host syncs in an epoch
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                s_min = {"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}
+                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{per_step[-1][0].item():.4f}",
+                                kl=f"{per_step[-1][1].item():.1f}", **s_min)
                 finite = [loss_sum.isfinite()] + [p.isfinite().all() for p in model.parameters()]
                 if not torch.stack(finite).all():
                     run["diverged_at"] = {"epoch": epoch, "step": i}
@@ -714,9 +716,15 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
     return run
 
 def epoch_line(name, row, epochs):
-    """The epoch's row in one line: its numbers (BOM's constraints are in the run file)."""
-    numbers = [f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float))]
-    return f"  [{name}] epoch {row['epoch']}/{epochs}: " + " ".join(numbers[1:])
+    text = (f"  [{name}] epoch {row['epoch']}/{epochs}: loss={row['loss']:.4f} "
+            f"mse={row['mse']:.4f} kl={row['kl']:.1f} sharp={row['sharp']:.4f}")
+    if "s_min" in row:
+        c = row["constraints"]
+        text += (f" s_min={row['s_min']:.3f} skipped={row['skipped_batches']} "
+                 f"violations={row['violations']} mse_floor={c['mse_floor']:.4f} "
+                 f"kl_box=[{c['kl_floor_low']:.1f}, {c['kl_optimum']:.1f}, "
+                 f"{c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
+    return text
 
 # ---------------------------------------- evaluation
 def data_sharpness(images):
