@@ -67,18 +67,26 @@ EVAL_BATCH = 256                # metrics are per image: any evaluation batch gi
 CURVE_BLOCK = 10                # training curves store means of 10 steps
 LOG_EVERY = 20                  # progress-bar values (a host sync) every 20 steps
 # BOM's fixed constants, from the notebook (its knobs are in BOMVAE.KNOBS)
-KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
+KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per dim
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
 CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 1e-3
 SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from below
-QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
+QUICK = {                       # --quick's sizes
+    "epochs": 3,
+    "train_subset": 512,
+    "val_size": 256,
+    "test_subset": 256,
+    "iw_samples": 8,
+}
 QUICK_CLASSIFIER_IMAGES = 4096
 NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
-# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 2e-6), then the notebook's
-ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
+# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 2e-6), then the
+# notebook's
+ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5,
+             1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -99,7 +107,7 @@ class UsageError(Exception):
 def load_mnist(data_dir, train):
     """One MNIST file pair, downloaded when absent: uint8 digits (N, 1, 64, 64), resized once
     (bilinear, byte-identical to PIL's Resize(64)), and their labels. Files that neither read nor
-    download: a UsageError (unreadable, or where they go) and the folders the download made removed."""
+    download: a UsageError (unreadable, or where they go); the folders the download made go."""
     raw = os.path.abspath(os.path.join(data_dir, "MNIST", "raw"))
     present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
     made, folder = [], raw               # the folders a download would create, innermost first
@@ -151,7 +159,9 @@ def as_float(images):
 def index_batches(n, batch_size, generator=None, device="cpu"):
     """Index tensors of consecutive batches over n items, shuffled when a generator is given; the
     last may be smaller (a DataLoader's drop_last=False)."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = torch.arange(n)
+    if generator is not None:
+        order = torch.randperm(n, generator=generator)
     return order.to(device).split(batch_size)
 
 def batches(images, batch_size, generator=None):
@@ -161,10 +171,14 @@ def batches(images, batch_size, generator=None):
 
 # ---------------------------------------- model
 def down(c_in, c_out):
-    return [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+    """A stride-2 3x3 convolution halving the image, GroupNorm(8), LeakyReLU(0.2)."""
+    conv = nn.Conv2d(c_in, c_out, 3, 2, 1)
+    return [conv, nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
 def up(c_in, c_out):
-    return [nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+    """Its mirror: a stride-2 transposed convolution doubling the image."""
+    conv = nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, 1)
+    return [conv, nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
 class VAE(nn.Module):
     """The notebook's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to
@@ -173,19 +187,22 @@ class VAE(nn.Module):
     def __init__(self, latent_dim=128):
         super().__init__()
         self.latent_dim = latent_dim
-        self.enc = nn.Sequential(*down(1, 32), *down(32, 64), *down(64, 128), *down(128, 256))
+        self.enc = nn.Sequential(*down(1, 32), *down(32, 64),
+                                 *down(64, 128), *down(128, 256))
         flat = 256 * 4 * 4
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_dec = nn.Linear(latent_dim, flat)
-        self.dec = nn.Sequential(*up(256, 128), *up(128, 64), *up(64, 32),   # created in this order:
-                                 nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid())   # seeded init
+        # the layers are created (their weights drawn) in this order: the seeded init
+        self.dec = nn.Sequential(*up(256, 128), *up(128, 64), *up(64, 32),
+                                 nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid())
 
     def decode(self, z):
         return self.dec(self.fc_dec(z).view(-1, 256, 4, 4))
 
     def forward(self, x):
-        """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as in the notebook."""
+        """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as the notebook
+        does."""
         h = self.enc(x).flatten(1)
         mu, logvar = self.fc_mu(h), self.fc_logvar(h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -198,7 +215,8 @@ def new_model(latent_dim, device, lr):
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     fused = device.type in ("cpu", "cuda")
-    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    return model, optimizer
 
 # ---------------------------------------- metrics
 def sharpness(images):
@@ -218,9 +236,12 @@ def vae_metrics(x, x_recon, mu, logvar):
 
 def forward_metrics(model, x, amp=False):
     """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network
-    runs in bf16, the metrics in fp32 (autocast is entered only then: torch 2.4/2.5 refuse a disabled
-    MPS one)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+    runs in bf16, the metrics in fp32 (autocast is entered only then: torch 2.4/2.5 refuse a
+    disabled MPS one)."""
+    precision = contextlib.nullcontext()
+    if amp:
+        precision = torch.autocast(x.device.type, dtype=torch.bfloat16)
+    with precision:
         x_recon, mu, logvar = model(x)
     mu, logvar = mu.float(), logvar.float()
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
@@ -230,7 +251,8 @@ BOTTLENECKS = ("mse", "kl", "sharp")
 
 def constraint_scores(mse, kl, sharp, c):
     """Scores (N, 3), 1 ideal, ≤ 0 violated: MSE (floor − v)/floor; KL the box min((v − low)/(opt −
-    low), (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is None)."""
+    low), (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is
+    None)."""
     low, opt, high = c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]
     box = torch.minimum((kl - low) / (opt - low), (high - kl) / (high - opt))
     scores = [(c["mse_floor"] - mse) / c["mse_floor"], box]
@@ -239,8 +261,8 @@ def constraint_scores(mse, kl, sharp, c):
     return torch.stack(scores, dim=1)
 
 def worst_counts(worst):
-    """How often each score was the worst, by a fixed-size scatter-add (bincount's output size depends
-    on the data: a host sync on CUDA/MPS every step)."""
+    """How often each score was the worst, by a fixed-size scatter-add (bincount's output size
+    depends on the data: a host sync on CUDA/MPS every step)."""
     counts = torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device)
     return counts.scatter_add_(0, worst, torch.ones_like(worst))
 
@@ -258,7 +280,8 @@ def calibrate(model, batch_iter, calib_batches, mse_floor_mult, kl_low_mult, kl_
             "sharp_ceiling": sharp.mean().item()}
 
 def squeeze_factor(s_min, k):
-    """max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) above the threshold, else 1 (none)."""
+    """max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) above the threshold, else 1
+    (none)."""
     if not s_min > SQUEEZE_THRESHOLD:
         return 1.0
     return max(SQUEEZE_MIN_FACTOR, 1.0 - (s_min - SQUEEZE_THRESHOLD) * k)
@@ -273,23 +296,26 @@ def squeeze(c, factor, kl_targets):
 
 # ---------------------------------------- methods
 class Method:
-    """A method is one class: `kind`, its name in --methods, and batch_loss(mse, kl, sharp, kl_dims)
-    -> (loss, skip, logs): skip None or a bool tensor (True: no optimizer step), logs tensors that are
-    summed over the epoch on the device. train_run() is the one loop for all. A class may declare:
-    KNOBS {knob: (default, help)}, each the flag --<kind>-<knob>, with `label` its name there;
-    FIXED, constants its settings record; RATE, what places its rate on the β front (a format of its
-    settings); STATE, its state at the start (a checkpoint keeps it); logged, the logs whose epoch
-    means enter the history; twin, what it trains as when its own mechanism idles."""
+    """A method is one class with a `kind` (its name in --methods) and
+    batch_loss(mse, kl, sharp, kl_dims) -> (loss, skip, logs): skip is None or a bool tensor (True:
+    no optimizer step), logs are tensors summed over the epoch on the device; train_run() is the one
+    loop for all. All else is optional: KNOBS {knob: (default, help)}, each the flag --<kind>-<knob>
+    (`label` names the method there); FIXED, constants its settings record; RATE, what places its
+    rate on the β front (a format of its settings); STATE, its state at the start (a checkpoint
+    keeps it); logged, the logs whose epoch means enter the history; targets() and idle(), what the
+    report checks (`twin`: what an idle method trained as)."""
 
     KNOBS, FIXED, STATE, logged = {}, {}, {}, ()
     RATE = label = twin = None
 
     def __init__(self, **knobs):
-        self.knobs, self.name, self.state = knobs, self.kind, dict(self.STATE)
+        self.knobs = knobs
+        self.name = self.kind
+        self.state = dict(self.STATE)
 
     @classmethod
     def from_args(cls, args, value):
-        """The method a --methods item names (value: what follows 'kind:'), its knobs from the flags."""
+        """The method a --methods item names (value: what follows 'kind:'), knobs from the flags."""
         return cls(**{k: getattr(args, f"{cls.kind}_{k}") for k in cls.KNOBS})
 
     def settings(self):
@@ -356,8 +382,11 @@ class BOMVAE(Method):
     FIXED = {"squeeze_threshold": SQUEEZE_THRESHOLD, "squeeze_min_factor": SQUEEZE_MIN_FACTOR}
     RATE = "KL box targets {kl_targets[0]:g} / {kl_targets[1]:g} / {kl_targets[2]:g} nats"
     STATE = {"calibration": None, "constraints": None}
-    SENSITIVITY = {"kl_scale": (0.25, 0.5, 2.0, 4.0), "squeeze_k": (0.25, 1.0),
-                   "mse_floor_mult": (1.5, 4.0)}
+    SENSITIVITY = {
+        "kl_scale": (0.25, 0.5, 2.0, 4.0),
+        "squeeze_k": (0.25, 1.0),
+        "mse_floor_mult": (1.5, 4.0),
+    }
     ABLATIONS = {
         "sharp=data": "sharpness ceiling = the training images' mean sharpness, not the untrained "
                       "decoder's",
@@ -378,8 +407,8 @@ class BOMVAE(Method):
 
     @staticmethod
     def parse(text):
-        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): one ablation at most, then knobs
-        by the rule of their flags (a float finite > 0, an int >= 1); UsageError on anything else."""
+        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): one ablation at most, then
+        knobs by the rule of their flags (a float finite > 0, an int >= 1); else a UsageError."""
         ablation, knobs = None, {}
         for part in text.split("+"):
             knob, _, value = part.partition("=")
@@ -409,7 +438,7 @@ class BOMVAE(Method):
 
     @classmethod
     def from_args(cls, args, value):
-        """value: None (the notebook's BOM) or a canonical item text; its knobs win over the flags."""
+        """value: None (the notebook's BOM) or a canonical item text, whose knobs beat the flags."""
         ablation, variant = cls.parse(value) if value else (None, {})
         knobs = {k: getattr(args, f"bom_{k}") for k in cls.KNOBS}
         return cls(args.latent_dim, variant, ablation, **dict(knobs, **variant))
@@ -451,10 +480,14 @@ class BOMVAE(Method):
         violated = s_min <= 0
         skip = violated.any()
         loss = -torch.log(s_min.clamp_min(1e-12)).mean()
-        stepped = torch.where(skip, 0.0, s_min.mean())
-        return loss, skip, {"s_min": s_min.mean(), "s_min_stepped": stepped,
-                            "violations": violated.sum(), "skipped": skip.long(),
-                            "bottleneck_counts": worst_counts(worst)}
+        logs = {
+            "s_min": s_min.mean(),
+            "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
+            "violations": violated.sum(),
+            "skipped": skip.long(),
+            "bottleneck_counts": worst_counts(worst),
+        }
+        return loss, skip, logs
 
     def end_epoch(self, epoch, sums):
         """Squeeze once per epoch from squeeze_start on, by the mean s_min of the batches that
@@ -466,19 +499,24 @@ class BOMVAE(Method):
             factor = squeeze_factor(s_min, self.knobs["squeeze_k"])
         if factor < 1.0:
             self.state["constraints"] = squeeze(used, factor, self.kl_targets)
-        return {"s_min": s_min, "violations": sums["violations"], "skipped_batches": sums["skipped"],
-                "bottleneck_counts": dict(zip(BOTTLENECKS, sums["bottleneck_counts"])),
-                "constraints": used, "squeeze_factor": factor}
+        return {
+            "s_min": s_min,
+            "violations": sums["violations"],
+            "skipped_batches": sums["skipped"],
+            "bottleneck_counts": dict(zip(BOTTLENECKS, sums["bottleneck_counts"])),
+            "constraints": used,
+            "squeeze_factor": factor,
+        }
 
     def config(self):
         return dict(super().config(), calibration=self.state["calibration"])
 
 class GECO(Method):
-    """GECO (Rezende & Viola 2018, Algorithm 1, as the genesis code writes it): minimize KL subject to
-    a summed squared error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance, loss =
-    mean KL + λ·C; then C_ma = C on the first step, α·C_ma + (1 − α)·C after it; λ ← clamp(λ·exp(r·C_ma),
-    1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1. (genesis puts
-    β = 1/λ on the KL: the same λ path.)"""
+    """GECO (Rezende & Viola 2018, Algorithm 1, as the genesis code writes it): minimize KL subject
+    to a summed squared error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance,
+    loss = mean KL + λ·C; then C_ma = C on the first step, α·C_ma + (1 − α)·C after it;
+    λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while
+    met; λ₀ = 1. (genesis puts β = 1/λ on the KL: the same λ path.)"""
 
     kind, label = "geco", "GECO"
     KNOBS = {
@@ -490,7 +528,7 @@ class GECO(Method):
     }
     FIXED = {"alpha": 0.99, "lambda_range": [1e-10, 1e10], "ma_start": "first C"}  # genesis' code
     RATE = "MSE tolerance {tolerance:g}"
-    STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}
+    STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}   # λ₀ = 1
     logged = ("lambda", "constraint")
 
     @classmethod
@@ -512,8 +550,8 @@ class GECO(Method):
 
 class ControlVAE(Method):
     """ControlVAE (Shao et al. 2020): loss = mean Σ_pixels (x̂ − x)² + β(t)·mean KL, β from a PI
-    controller on e = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only while
-    β stays inside [β_min, β_max] (anti-windup), and β clipped to that range."""
+    controller on e = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only
+    while β stays inside [β_min, β_max] (anti-windup), and β clipped to that range."""
 
     kind, label = "controlvae", "ControlVAE"
     KNOBS = {
@@ -559,8 +597,8 @@ class ControlVAE(Method):
         return loss, None, {"beta": beta, "kl_error": error}
 
 def gaussian_nll(mse):
-    """Per-image Gaussian NLL over the D pixels, one σ per batch at its optimum σ² = batch MSE (log σ
-    soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
+    """Per-image Gaussian NLL over the D pixels, one σ per batch at its optimum σ² = batch MSE
+    (log σ soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
     log_sigma = 0.5 * torch.log(mse.mean())
     log_sigma = SIGMA_LOG_MIN + nn.functional.softplus(log_sigma - SIGMA_LOG_MIN)
     sigma2 = torch.exp(2 * log_sigma)
@@ -606,7 +644,8 @@ class FreeBits(Method):
         below = (kl_per_dim < lam).sum()
         return loss, None, {"sigma2": sigma2.detach(), "dims_below_lambda": below}
 
-METHOD_CLASSES = {cls.kind: cls for cls in (BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
+METHOD_CLASSES = {cls.kind: cls for cls in (
+    BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
 TUNING_FREE = tuple(kind for kind in METHOD_CLASSES if kind != "beta")
 
 def make_method(spec, args):
@@ -623,9 +662,9 @@ def seed_everything(seed):
 def optimizer_step(optimizer, model, loss, skip):
     """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A
     batch with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused
-    Adam skips it on the device through found_inf (no host sync), another Adam (MPS) needs one. The
-    param group says which step() runs: a state loaded from a non-fused optimizer (an MPS checkpoint)
-    turns fusing off."""
+    Adam skips it on the device through found_inf (no host sync), another Adam (MPS) needs one.
+    The param group says which step() runs: a state loaded from a non-fused optimizer (an MPS
+    checkpoint) turns fusing off."""
     fused = optimizer.param_groups[0]["fused"]
     if skip is not None and not fused and bool(skip):
         return ~skip
@@ -648,7 +687,8 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
     seed_everything(args.seed)
     model, optimizer = new_model(args.latent_dim, images.device, args.lr)
     order = torch.Generator().manual_seed(args.seed)
-    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None, train_seconds=0.0)
+    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None,
+               train_seconds=0.0)
     if resume_from is None:
         method.setup(model, images, args.batch_size, args.seed)
     else:
@@ -687,15 +727,15 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
         run["train_seconds"] += time.time() - start
         if run["diverged_at"] is not None:
             run["status"] = "diverged"
-            print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch}, caught "
-                  f"at step {i}; the comparison goes on without it")
+            print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch}, "
+                  f"caught at step {i}; the comparison goes on without it")
             break
         steps, per_step = int(steps), torch.stack(per_step).cpu()
         sums = {k: v.tolist() for k, v in sums.items()}
         mse, kl, sharp = per_step.mean(0).tolist()
-        row = {"epoch": epoch, "loss": float(loss_sum) / steps if steps else math.nan, "mse": mse,
-               "kl": kl, "sharp": sharp, "steps": steps,
-               **method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches))}
+        loss = float(loss_sum) / steps if steps else math.nan
+        row = {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "sharp": sharp, "steps": steps}
+        row.update(method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches)))
         run["history"].append(row)
         block = max(1, min(CURVE_BLOCK, n_batches // 10))
         for b in range(0, n_batches, block):
@@ -732,14 +772,16 @@ def data_sharpness(images):
     return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / len(images)
 
 def gaussian_log_likelihood(sq_error_sum, sigma2):
-    """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²: −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
+    """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²:
+    −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
     return -sq_error_sum / (2 * sigma2) - IMAGE_PIXELS / 2 * math.log(2 * math.pi * sigma2)
 
 def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
-    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x), K = samples drawn `chunk`
-    at a time: an upper bound on −log p(x) that tightens with K (K = 1: a one-sample −ELBO). Decoder:
-    Gaussian with variance σ²."""
-    std, log_2pi_d = torch.exp(0.5 * logvar), mu.shape[1] * math.log(2 * math.pi)
+    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x), K = samples drawn
+    `chunk` at a time: an upper bound on −log p(x) that tightens with K (K = 1: a one-sample
+    −ELBO). Decoder: Gaussian with variance σ²."""
+    std = torch.exp(0.5 * logvar)
+    log_2pi_d = mu.shape[1] * math.log(2 * math.pi)
     log_w = []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
@@ -754,7 +796,8 @@ def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
 
 def frechet_distance(a, b):
     """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets
-    (rows); float64 on the CPU (MPS has none). Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½, symmetric."""
+    (rows); float64 on the CPU (MPS has none). Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½, whose
+    argument is symmetric."""
     a, b = a.cpu().double(), b.cpu().double()
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
@@ -772,7 +815,8 @@ class DigitClassifier(nn.Module):
         convs = []
         for c_in, c_out in ((1, 32), (32, 64), (64, 128), (128, 128)):
             convs += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
-        self.features = nn.Sequential(*convs, nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.features = nn.Sequential(*convs, nn.Flatten(),
+                                      nn.Linear(128 * 4 * 4, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -794,7 +838,9 @@ def tensor_sha256(*tensors):
     return digest.hexdigest()
 
 def default_cache_dir():
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("XDG_CACHE_HOME")
+    if not home:
+        home = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(home, "bom_vs_beta")
 
 def get_classifier(splits, args):
@@ -834,7 +880,7 @@ def get_classifier(splits, args):
             os.makedirs(args.cache_dir, exist_ok=True)
             save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict()})
             print(f"{trained}, cached in {path}")
-        except (OSError, RuntimeError) as e:   # torch.save reports an unwritable file as RuntimeError
+        except (OSError, RuntimeError) as e:   # torch.save: an unwritable file is a RuntimeError
             why = getattr(e, "strerror", None) or "cannot write there"
             print(f"{trained}; not cached ({path}: {why})")
     accuracy = float((classify(classifier, test_x)[1] == test_y).float().mean())
@@ -847,16 +893,19 @@ def evaluation_tools(splits, args):
     classifier, accuracy, weights_sha256 = get_classifier(splits, args)
     references = {split: classify(classifier, splits[split][0])[0]
                   for split in ("val", "test") if len(splits[split][0])}
-    return classifier, references, {"test_data_sharpness": data_sharpness(splits["test"][0]),
-                                    "classifier_test_accuracy": accuracy,
-                                    "classifier_sha256": weights_sha256}
+    values = {
+        "test_data_sharpness": data_sharpness(splits["test"][0]),
+        "classifier_test_accuracy": accuracy,
+        "classifier_sha256": weights_sha256,
+    }
+    return classifier, references, values
 
 @torch.no_grad()
 def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, seed, desc=None):
     """Per-image means over a split: MSE, KL, sharpness; −ELBO in nats under a Gaussian decoder of
-    variance σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01); FDs of
-    reconstructions and of prior samples to the split's images; the classifier's accuracy on
-    reconstructions."""
+    variance σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01);
+    FDs of reconstructions and of prior samples to the split's images; the classifier's accuracy
+    on reconstructions."""
     model.eval()
     torch.manual_seed(seed)
     parts = []
@@ -872,16 +921,22 @@ def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, 
     z = torch.randn(len(images), model.latent_dim, device=images.device)
     prior = torch.cat([classifier.features(model.decode(part)) for part in z.split(EVAL_BATCH)])
     neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * mse, sigma2) + kl
-    return {"mse": mse.mean().item(), "kl": kl.mean().item(), "sharp": sharp.mean().item(),
-            "neg_elbo": neg_elbo.mean().item(), "iwae_nll": iwae.mean().item(),
-            "active_units": int((mu.var(dim=0) > 0.01).sum()),
-            "fd_recon": frechet_distance(reference, features),
-            "fd_prior": frechet_distance(reference, prior),
-            "recon_accuracy": correct.float().mean().item()}
+    return {
+        "mse": mse.mean().item(),
+        "kl": kl.mean().item(),
+        "sharp": sharp.mean().item(),
+        "neg_elbo": neg_elbo.mean().item(),
+        "iwae_nll": iwae.mean().item(),
+        "active_units": int((mu.var(dim=0) > 0.01).sum()),
+        "fd_recon": frechet_distance(reference, features),
+        "fd_prior": frechet_distance(reference, prior),
+        "recon_accuracy": correct.float().mean().item(),
+    }
 
 def pack_images(images):
     """Images in [0, 1] as uint8, zlib-compressed and base64-encoded: a few kB of JSON, exact."""
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    pixels = (images.float().clamp(0, 1) * 255).round()
+    pixels = pixels.to(torch.uint8).cpu().numpy()
     packed = base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()
     return {"shape": list(pixels.shape), "uint8_zlib_base64": packed}
 

@@ -621,7 +621,8 @@ def test_load_mnist_and_its_fast_path_give_the_seed_pipeline_s_images_and_loss(d
     calibration = bvb.calibrate(seed_model, iter([seed_batch]), 50, 2.0, 0.1, 50.0)
     for method in (bvb.BetaVAE(0.001), bom_with(calibration, latent_dim=16)):
         torch.manual_seed(1)
-        seed_loss = method.batch_loss(*bvb.vae_metrics(seed_batch, *seed_model(seed_batch)), None)[0]
+        seed_metrics = bvb.vae_metrics(seed_batch, *seed_model(seed_batch))
+        seed_loss = method.batch_loss(*seed_metrics, None)[0]
         torch.manual_seed(1)
         fast_loss = method.batch_loss(*bvb.forward_metrics(fast_model, fast_batch))[0]
         assert math.isfinite(fast_loss.item())
@@ -643,7 +644,8 @@ def test_iwae_is_the_importance_weighted_bound_over_exactly_k_draws_in_any_chunk
     # −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), computed here with torch.distributions
     torch.manual_seed(0)
     model = types.SimpleNamespace(decode=torch.nn.Linear(3, 4096).requires_grad_(False))
-    x, mu, logvar, eps = torch.rand(2, 1, 64, 64), torch.randn(2, 3), torch.randn(2, 3), torch.randn(25, 2, 3)
+    x, mu, logvar = torch.rand(2, 1, 64, 64), torch.randn(2, 3), torch.randn(2, 3)
+    eps = torch.randn(25, 2, 3)
     std = torch.exp(0.5 * logvar)
     z, normal = mu + eps * std, torch.distributions.Normal
     log_w = (normal(model.decode(z), math.sqrt(0.05)).log_prob(x.flatten(1)).sum(-1)
