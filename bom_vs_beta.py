@@ -67,29 +67,36 @@ EVAL_BATCH = 256                # metrics are per image: any evaluation batch gi
 CURVE_BLOCK = 10                # training curves store means of 10 steps
 LOG_EVERY = 20                  # progress-bar values (a host sync) every 20 steps
 # BOM's fixed constants, from the notebook (its knobs are in BOMVAE.KNOBS)
-KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per latent dim
+KL_TARGETS_PER_DIM = (0.390625, 0.625, 1.171875)  # KL box targets (low, optimum, high) per dim
 SQUEEZE_THRESHOLD = 0.5         # no squeeze while the epoch's mean s_min is at or below this
 SQUEEZE_MIN_FACTOR = 0.5        # never tighten by more than half in one epoch
 CLASSIFIER_EPOCHS = 2           # the feature classifier behind the Fréchet distances
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 1e-3
 SIGMA_LOG_MIN = -6.0            # σ-VAE / free bits: log σ soft-clipped from below
-QUICK = {"epochs": 3, "train_subset": 512, "val_size": 256, "test_subset": 256, "iw_samples": 8}
+QUICK = {                       # --quick's sizes
+    "epochs": 3,
+    "train_subset": 512,
+    "val_size": 256,
+    "test_subset": 256,
+    "iw_samples": 8,
+}
 QUICK_CLASSIFIER_IMAGES = 4096
 NOTEBOOK_BETAS = (1e-4, 1e-3, 1e-2, 0.1)
-# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 2e-6), then the notebook's
-ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
+# half decades where the methods land (a calibrated decoder's β is 2·MSE/4096 ≈ 2e-6), then the
+# notebook's
+ALL_BETAS = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5,
+             1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1)
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 def script_sha256():
-    """SHA-256 of this script (of the notebook cell's text when pasted into one)."""
-    path = script_sha256.__code__.co_filename
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    text = "".join(linecache.getlines(path))
-    return hashlib.sha256(text.encode()).hexdigest() if text else None
+    """SHA-256 of this script's text: linecache reads it from the file, or holds the notebook cell's
+    text when the script is pasted into one."""
+    text = "".join(linecache.getlines(script_sha256.__code__.co_filename))
+    if not text:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 SCRIPT_SHA256 = script_sha256()   # the code that runs, even if the file is edited meanwhile
 
@@ -98,24 +105,25 @@ class UsageError(Exception):
 
 # ---------------------------------------- data
 def load_mnist(data_dir, train):
-    """One MNIST file pair: uint8 digits (N, 1, 64, 64), resized once (bilinear, byte-identical to PIL's
-    Resize(64)), and their labels."""
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    present = all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_RAW_FILES)
-    made, folder = [], os.path.abspath(raw)        # the folders a download would create
+    """One MNIST file pair, downloaded when absent: uint8 digits (N, 1, 64, 64), resized once
+    (bilinear, byte-identical to PIL's Resize(64)), and their labels. Files that neither read nor
+    download: a UsageError (unreadable, or where they go); the folders the download made go."""
+    raw = os.path.abspath(os.path.join(data_dir, "MNIST", "raw"))
+    present = all(os.path.isfile(os.path.join(raw, name)) for name in MNIST_RAW_FILES)
+    made, folder = [], raw               # the folders a download would create, innermost first
     while not os.path.isdir(folder):
-        made, folder = made + [folder], os.path.dirname(folder)
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             ds = datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:
-        for folder in made:                  # the download's empty folders go; nothing else
+        for folder in made:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-        where = os.path.abspath(raw)
         if present:
-            raise UsageError(f"could not read MNIST from {where}: {e}".replace("\n", " ")) from None
-        raise UsageError(f"MNIST not found in {where} and could not be downloaded: put the four raw "
+            raise UsageError(f"could not read MNIST from {raw}: {e}".replace("\n", " ")) from None
+        raise UsageError(f"MNIST not found in {raw} and could not be downloaded: put the four raw "
                          f"files ({', '.join(MNIST_RAW_FILES)}) in DIR/MNIST/raw/ and pass "
                          f"--data-dir DIR") from None
     images = TF.resize(ds.data.unsqueeze(1), [IMAGE_SIZE, IMAGE_SIZE],
@@ -123,57 +131,69 @@ def load_mnist(data_dir, train):
     return images, ds.targets
 
 def load_splits(args, device):
-    """train: the training file's first N − --val-size images (or --train-subset of them); val: its last
-    --val-size; test: the test file's (or --test-subset). Each file moves to the device once."""
+    """train: the training file's first N − --val-size images (or --train-subset of them); val: its
+    last --val-size; classifier: all training images (4,096 with --quick); test: the test file's (or
+    --test-subset). Each file moves to the device once: the splits are views of it."""
     images, labels = (t.to(device) for t in load_mnist(args.data_dir, True))
     n_train = len(images) - args.val_size
     if n_train < 1:
         raise UsageError(f"--val-size {args.val_size} leaves no training images of {len(images)}")
     if args.train_subset > n_train:
         held = f" after holding out --val-size {args.val_size}" if args.val_size else ""
-        raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} training "
-                         f"images there are{held}")
+        raise UsageError(f"--train-subset {args.train_subset} is larger than the {n_train} "
+                         f"training images there are{held}")
     test_x, test_y = (t.to(device) for t in load_mnist(args.data_dir, False))
     if args.test_subset > len(test_x):
-        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_x)} test "
-                         f"images there are")
+        raise UsageError(f"--test-subset {args.test_subset} is larger than the {len(test_x)} "
+                         f"test images there are")
     keep, n_test = args.train_subset or n_train, args.test_subset or len(test_x)
     n_cls = min(n_train, QUICK_CLASSIFIER_IMAGES) if args.quick else n_train
-    return {"train": (images[:keep], labels[:keep]), "val": (images[n_train:], labels[n_train:]),
-            "classifier": (images[:n_cls], labels[:n_cls]), "test": (test_x[:n_test], test_y[:n_test])}
+    return {"train": (images[:keep], labels[:keep]),
+            "val": (images[n_train:], labels[n_train:]),
+            "classifier": (images[:n_cls], labels[:n_cls]),
+            "test": (test_x[:n_test], test_y[:n_test])}
 
 def as_float(images):
     return images.float().div_(255)
 
 def index_batches(n, batch_size, generator=None, device="cpu"):
-    """Index tensors of consecutive batches over n items, shuffled when a generator is given; the last
-    may be smaller (a DataLoader's drop_last=False)."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    """Index tensors of consecutive batches over n items, shuffled when a generator is given; the
+    last may be smaller (a DataLoader's drop_last=False)."""
+    order = torch.arange(n)
+    if generator is not None:
+        order = torch.randperm(n, generator=generator)
     return order.to(device).split(batch_size)
 
 def batches(images, batch_size, generator=None):
     """Float batches in [0, 1] from resident uint8 images."""
-    for idx in index_batches(images.shape[0], batch_size, generator, images.device):
+    for idx in index_batches(len(images), batch_size, generator, images.device):
         yield as_float(images[idx])
 
 # ---------------------------------------- model
 def down(c_in, c_out):
-    return [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+    """A stride-2 3x3 convolution halving the image, GroupNorm(8), LeakyReLU(0.2)."""
+    conv = nn.Conv2d(c_in, c_out, 3, 2, 1)
+    return [conv, nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
 def up(c_in, c_out):
-    return [nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, 1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+    """Its mirror: a stride-2 transposed convolution doubling the image."""
+    conv = nn.ConvTranspose2d(c_in, c_out, 3, 2, 1, 1)
+    return [conv, nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
 
 class VAE(nn.Module):
-    """The notebook's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to the
-    latent, mirrored transposed convs back to a sigmoid 64x64 image."""
+    """The notebook's conv VAE: 4 stride-2 convs (32-64-128-256, GroupNorm(8), LeakyReLU(0.2)) to
+    the latent, mirrored transposed convs back to a sigmoid 64x64 image."""
 
     def __init__(self, latent_dim=128):
         super().__init__()
         self.latent_dim = latent_dim
-        self.enc = nn.Sequential(*down(1, 32), *down(32, 64), *down(64, 128), *down(128, 256))
-        self.fc_mu = nn.Linear(256 * 4 * 4, latent_dim)
-        self.fc_logvar = nn.Linear(256 * 4 * 4, latent_dim)
-        self.fc_dec = nn.Linear(latent_dim, 256 * 4 * 4)
+        self.enc = nn.Sequential(*down(1, 32), *down(32, 64),
+                                 *down(64, 128), *down(128, 256))
+        flat = 256 * 4 * 4
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_logvar = nn.Linear(flat, latent_dim)
+        self.fc_dec = nn.Linear(latent_dim, flat)
+        # the layers are created (their weights drawn) in this order: the seeded init
         self.dec = nn.Sequential(*up(256, 128), *up(128, 64), *up(64, 32),
                                  nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid())
 
@@ -181,19 +201,22 @@ class VAE(nn.Module):
         return self.dec(self.fc_dec(z).view(-1, 256, 4, 4))
 
     def forward(self, x):
-        """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as in the notebook."""
+        """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as the notebook
+        does."""
         h = self.enc(x).flatten(1)
         mu, logvar = self.fc_mu(h), self.fc_logvar(h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
 def new_model(latent_dim, device, lr):
-    """A fresh VAE and its Adam: channels_last on the CPU (oneDNN convolutions, 1.2x faster), the fused
-    Adam where torch has one (5% faster per step)."""
+    """A fresh VAE and its Adam: channels_last on the CPU (oneDNN convolutions, 1.2x faster), the
+    fused Adam where torch has one (5% faster per step)."""
     model = VAE(latent_dim).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    return model, optimizer
 
 # ---------------------------------------- metrics
 def sharpness(images):
@@ -212,9 +235,13 @@ def vae_metrics(x, x_recon, mu, logvar):
     return mse, kl_per_dim(mu, logvar).sum(1), sharpness(x_recon)
 
 def forward_metrics(model, x, amp=False):
-    """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network runs in
-    bf16, the metrics in fp32 (autocast is entered only then: torch 2.4/2.5 refuse a disabled MPS one)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+    """One forward pass -> per image (MSE, KL, sharpness) and per-dimension KL; with amp the network
+    runs in bf16, the metrics in fp32 (autocast is entered only then: torch 2.4/2.5 refuse a
+    disabled MPS one)."""
+    precision = contextlib.nullcontext()
+    if amp:
+        precision = torch.autocast(x.device.type, dtype=torch.bfloat16)
+    with precision:
         x_recon, mu, logvar = model(x)
     mu, logvar = mu.float(), logvar.float()
     return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
@@ -223,67 +250,72 @@ def forward_metrics(model, x, amp=False):
 BOTTLENECKS = ("mse", "kl", "sharp")
 
 def constraint_scores(mse, kl, sharp, c):
-    """Scores (N, 3), 1 ideal, ≤ 0 violated: MSE (floor − v)/floor; KL the box min((v − low)/(opt − low),
-    (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is None)."""
+    """Scores (N, 3), 1 ideal, ≤ 0 violated: MSE (floor − v)/floor; KL the box min((v − low)/(opt −
+    low), (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is
+    None)."""
     low, opt, high = c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]
-    scores = [(c["mse_floor"] - mse) / c["mse_floor"],
-              torch.minimum((kl - low) / (opt - low), (high - kl) / (high - opt))]
+    box = torch.minimum((kl - low) / (opt - low), (high - kl) / (high - opt))
+    scores = [(c["mse_floor"] - mse) / c["mse_floor"], box]
     if c["sharp_ceiling"] is not None:
         scores.append(sharp / c["sharp_ceiling"])
     return torch.stack(scores, dim=1)
 
 def worst_counts(worst):
-    """How often each score was the worst, by a fixed-size scatter-add (bincount's output size depends on
-    the data: a host sync on CUDA/MPS every step)."""
+    """How often each score was the worst, by a fixed-size scatter-add (bincount's output size
+    depends on the data: a host sync on CUDA/MPS every step)."""
     counts = torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device)
     return counts.scatter_add_(0, worst, torch.ones_like(worst))
 
 @torch.no_grad()
 def calibrate(model, batch_iter, calib_batches, mse_floor_mult, kl_low_mult, kl_high_mult):
-    """Initial constraints from the untrained model on calib_batches batches: mse_floor = mult·max MSE,
-    KL box = [mult·min KL, mean KL, mult·max KL], sharp_ceiling = mean sharpness."""
+    """Initial constraints from the untrained model on calib_batches batches: mse_floor = mult·max
+    MSE, KL box = [mult·min KL, mean KL, mult·max KL], sharp_ceiling = mean sharpness."""
     model.train()
     parts = [forward_metrics(model, x)[:3] for _, x in zip(range(calib_batches), batch_iter)]
     mse, kl, sharp = (torch.cat(p) for p in zip(*parts))
-    return {"mse_floor": mse_floor_mult * mse.max().item(), "kl_floor_low": kl_low_mult * kl.min().item(),
-            "kl_optimum": kl.mean().item(), "kl_floor_high": kl_high_mult * kl.max().item(),
+    return {"mse_floor": mse_floor_mult * mse.max().item(),
+            "kl_floor_low": kl_low_mult * kl.min().item(),
+            "kl_optimum": kl.mean().item(),
+            "kl_floor_high": kl_high_mult * kl.max().item(),
             "sharp_ceiling": sharp.mean().item()}
 
 def squeeze_factor(s_min, k):
-    """max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) above the threshold, else 1 (none)."""
+    """max(SQUEEZE_MIN_FACTOR, 1 − (s_min − SQUEEZE_THRESHOLD)·k) above the threshold, else 1
+    (none)."""
     if not s_min > SQUEEZE_THRESHOLD:
         return 1.0
     return max(SQUEEZE_MIN_FACTOR, 1.0 - (s_min - SQUEEZE_THRESHOLD) * k)
 
 def squeeze(c, factor, kl_targets):
-    """mse_floor ← factor·mse_floor; each KL box edge moves (1 − factor) of its way to its target (low,
-    optimum, high): it nears the target, never passes it."""
+    """mse_floor ← factor·mse_floor; each KL box edge moves (1 − factor) of its way to its target
+    (low, optimum, high): it nears the target, never passes it."""
     out = dict(c, mse_floor=c["mse_floor"] * factor)
     for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"), kl_targets):
         out[key] = c[key] + (target - c[key]) * (1.0 - factor)
     return out
 
 # ---------------------------------------- methods
-# A method is one class that declares its facts; train_run() is the one loop for all. batch_loss returns
-# (loss, skip, logs): skip is None or a bool tensor (True: no optimizer step), logs are tensors summed over
-# the epoch on the device.
-
 class Method:
-    """KNOBS {knob: (default, help)}, each the flag --<kind>-<knob>; FIXED: constants its settings record;
-    RATE: what places its rate on the β front (a format of its settings); TARGETS: (what, key path in the
-    last epoch's row, key path in its settings or None); STATE: its state at the start (a checkpoint keeps
-    it); logged: per-batch values whose epoch means enter the history; twin: what it trains as when its own
-    mechanism idles."""
+    """A method is one class with a `kind` (its name in --methods) and
+    batch_loss(mse, kl, sharp, kl_dims) -> (loss, skip, logs): skip is None or a bool tensor (True:
+    no optimizer step), logs are tensors summed over the epoch on the device; train_run() is the one
+    loop for all. All else is optional: KNOBS {knob: (default, help)}, each the flag --<kind>-<knob>
+    (`label` names the method there); FIXED, constants its settings record; RATE, what places its
+    rate on the β front (a format of its settings); STATE, its state at the start (a checkpoint
+    keeps it); logged, the logs whose epoch means enter the history; targets() and idle(), what the
+    report checks (`twin`: what an idle method trained as)."""
 
-    KNOBS, FIXED, TARGETS, STATE, logged = {}, {}, (), {}, ()
+    KNOBS, FIXED, STATE, logged = {}, {}, {}, ()
     RATE = label = twin = None
 
     def __init__(self, **knobs):
-        self.knobs, self.name, self.state = knobs, self.kind, dict(self.STATE)
+        self.knobs = knobs
+        self.name = self.kind
+        self.state = dict(self.STATE)
 
     @classmethod
     def from_args(cls, args, value):
-        """The method a --methods item names (value: what follows 'kind:'), its knobs from the flags."""
+        """The method a --methods item names (value: what follows 'kind:'), knobs from the flags."""
         return cls(**{k: getattr(args, f"{cls.kind}_{k}") for k in cls.KNOBS})
 
     def settings(self):
@@ -291,17 +323,19 @@ class Method:
 
     @classmethod
     def sets_rate(cls, settings, latent_dim):
+        """RATE filled in from its settings; None where the class declares no RATE."""
+        if cls.RATE is None:
+            return None
         return cls.RATE.format(latent_dim=latent_dim, **settings)
 
     @classmethod
     def targets(cls, settings, last):
-        """[(what, reached in the last training epoch, target or None)]."""
-        dig = lambda obj, path: functools.reduce(lambda o, key: o[key], path, obj)
-        return [(what, dig(last, reached), target and dig(settings, target))
-                for what, reached, target in cls.TARGETS]
+        """[(what, its value in the last training epoch's row, its target or None)]."""
+        return []
 
     @staticmethod
     def idle(history):
+        """Whether its own mechanism idled, so that it trained as `twin`."""
         return False
 
     def setup(self, model, images, batch_size, seed):
@@ -330,9 +364,10 @@ class BetaVAE(Method):
         return mse.mean() + self.knobs["beta"] * kl.mean(), None, {}
 
 class BOMVAE(Method):
-    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any score ≤ 0
-    is skipped; from epoch squeeze_start the constraints are squeezed once per epoch. `bom:<ablation>`
-    changes one component, `bom:[<ablation>+]<knob>=<value>` its knobs; SENSITIVITY is its knob grid."""
+    """BOM-VAE: loss = −mean log(min(MSE score, KL box score, sharpness score)); a batch with any
+    score ≤ 0 is skipped; from epoch squeeze_start the constraints are squeezed once per epoch.
+    `bom:<ablation>` changes one component, `bom:[<ablation>+]<knob>=<value>` its knobs;
+    SENSITIVITY is its knob grid."""
 
     kind, label = "bom", "BOM"
     KNOBS = {
@@ -346,12 +381,15 @@ class BOMVAE(Method):
     }
     FIXED = {"squeeze_threshold": SQUEEZE_THRESHOLD, "squeeze_min_factor": SQUEEZE_MIN_FACTOR}
     RATE = "KL box targets {kl_targets[0]:g} / {kl_targets[1]:g} / {kl_targets[2]:g} nats"
-    TARGETS = (("KL box optimum", ("constraints", "kl_optimum"), ("kl_targets", 1)),
-               ("training KL", ("kl",), ("kl_targets", 1)))
     STATE = {"calibration": None, "constraints": None}
-    SENSITIVITY = {"kl_scale": (0.25, 0.5, 2.0, 4.0), "squeeze_k": (0.25, 1.0), "mse_floor_mult": (1.5, 4.0)}
+    SENSITIVITY = {
+        "kl_scale": (0.25, 0.5, 2.0, 4.0),
+        "squeeze_k": (0.25, 1.0),
+        "mse_floor_mult": (1.5, 4.0),
+    }
     ABLATIONS = {
-        "sharp=data": "sharpness ceiling = the training images' mean sharpness, not the untrained decoder's",
+        "sharp=data": "sharpness ceiling = the training images' mean sharpness, not the untrained "
+                      "decoder's",
         "sharp=off": "no sharpness score: the MSE score and the KL box only",
         "squeeze=1": "squeezes from the end of epoch 1, not 3",
     }
@@ -362,13 +400,15 @@ class BOMVAE(Method):
             knobs["squeeze_start"] = 1
         super().__init__(**{k: knobs.get(k, default) for k, (default, _) in self.KNOBS.items()})
         self.variant, self.ablation = tuple(variant), ablation
-        self.name = "_".join(["bom", *[ablation] * bool(ablation), *(f"{k}={knobs[k]:g}" for k in variant)])
-        self.kl_targets = tuple(t * latent_dim * self.knobs["kl_scale"] for t in KL_TARGETS_PER_DIM)
+        changed = [f"{k}={knobs[k]:g}" for k in variant]
+        self.name = "_".join(filter(None, ["bom", ablation, *changed]))
+        scale = latent_dim * self.knobs["kl_scale"]
+        self.kl_targets = tuple(t * scale for t in KL_TARGETS_PER_DIM)
 
     @staticmethod
     def parse(text):
-        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): one ablation at most, then knobs (a
-        float finite > 0, an int >= 1); UsageError on anything else."""
+        """'sharp=off+kl_scale=2' -> ('sharp=off', {'kl_scale': 2.0}): one ablation at most, then
+        knobs by the rule of their flags (a float finite > 0, an int >= 1); else a UsageError."""
         ablation, knobs = None, {}
         for part in text.split("+"):
             knob, _, value = part.partition("=")
@@ -379,43 +419,57 @@ class BOMVAE(Method):
                 raise UsageError(f"--methods: '{part}' in 'bom:{text}' is not a BOM ablation ("
                                  f"{', '.join(BOMVAE.ABLATIONS)}, one at most) nor a knob "
                                  f"({', '.join(BOMVAE.KNOBS)}, once each) given as <knob>=<value>")
-            kind = type(BOMVAE.KNOBS[knob][0])
-            try:                                    # the rule of the knob's own flag
-                knobs[knob] = number(kind, 1 if kind is int else None)(value)
+            if isinstance(BOMVAE.KNOBS[knob][0], int):
+                check, need = number(int, 1), "an integer >= 1"
+            else:
+                check, need = number(float), "a finite number > 0"
+            try:
+                knobs[knob] = check(value)
             except (ValueError, argparse.ArgumentTypeError):
-                need = "an integer >= 1" if kind is int else "a finite number > 0"
-                raise UsageError(f"--methods: BOM's {knob} must be {need}, got '{value}' in 'bom:{text}'") \
-                    from None
+                raise UsageError(f"--methods: BOM's {knob} must be {need}, got '{value}' in "
+                                 f"'bom:{text}'") from None
         return ablation, knobs
 
     @staticmethod
     def spec(ablation, knobs):
         """The canonical text of a BOM item: the ablation, then the knobs in KNOBS' order."""
-        ordered = (f"{k}={knobs[k]:g}" for k in BOMVAE.KNOBS if k in knobs)
-        return "+".join([*[ablation] * bool(ablation), *ordered])
+        ordered = [f"{k}={knobs[k]:g}" for k in BOMVAE.KNOBS if k in knobs]
+        return "+".join(filter(None, [ablation, *ordered]))
 
     @classmethod
     def from_args(cls, args, value):
-        """value: None (the notebook's BOM) or a canonical item text."""
+        """value: None (the notebook's BOM) or a canonical item text, whose knobs beat the flags."""
         ablation, variant = cls.parse(value) if value else (None, {})
         knobs = {k: getattr(args, f"bom_{k}") for k in cls.KNOBS}
         return cls(args.latent_dim, variant, ablation, **dict(knobs, **variant))
 
     def settings(self):
-        ablation = {"ablation": self.ablation} if self.ablation else {}
-        return dict(self.knobs, kl_targets=list(self.kl_targets), **self.FIXED, **ablation)
+        out = dict(self.knobs, kl_targets=list(self.kl_targets), **self.FIXED)
+        if self.ablation:
+            out["ablation"] = self.ablation
+        return out
+
+    @classmethod
+    def targets(cls, settings, last):
+        optimum = settings["kl_targets"][1]
+        return [("KL box optimum", last["constraints"]["kl_optimum"], optimum),
+                ("training KL", last["kl"], optimum)]
 
     def setup(self, model, images, batch_size, seed):
-        calib_order = torch.Generator().manual_seed(seed + 1)   # leaves the training order untouched
-        mults = ("calib_batches", "mse_floor_mult", "kl_low_mult", "kl_high_mult")
-        c = calibrate(model, batches(images, batch_size, calib_order), *(self.knobs[k] for k in mults))
+        """Calibration in a batch order of its own (seed + 1: the training order stays untouched);
+        sharp=data sets the sharpness ceiling to the images', sharp=off drops it."""
+        k = self.knobs
+        order = torch.Generator().manual_seed(seed + 1)
+        c = calibrate(model, batches(images, batch_size, order), k["calib_batches"],
+                      k["mse_floor_mult"], k["kl_low_mult"], k["kl_high_mult"])
         if self.ablation == "sharp=data":
             c["sharp_ceiling"] = data_sharpness(images)
-        elif self.ablation == "sharp=off":
+        if self.ablation == "sharp=off":
             c["sharp_ceiling"] = None
         self.state = {"calibration": c, "constraints": dict(c)}
         print(f"  calibration: mse_floor={c['mse_floor']:.4f}, kl_box=[{c['kl_floor_low']:.1f}, "
-              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], sharp_ceiling={fmt(c['sharp_ceiling'], 4)}")
+              f"{c['kl_optimum']:.1f}, {c['kl_floor_high']:.1f}], "
+              f"sharp_ceiling={fmt(c['sharp_ceiling'], 4)}")
         if c["kl_floor_high"] < self.kl_targets[2]:
             print(f"  warning: KL upper floor {c['kl_floor_high']:.1f} is below its target "
                   f"{self.kl_targets[2]:.1f}; the squeeze will widen it")
@@ -426,44 +480,60 @@ class BOMVAE(Method):
         violated = s_min <= 0
         skip = violated.any()
         loss = -torch.log(s_min.clamp_min(1e-12)).mean()
-        return loss, skip, {"s_min": s_min.mean(), "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
-                            "violations": violated.sum(), "skipped": skip.long(),
-                            "bottleneck_counts": worst_counts(worst)}
+        logs = {
+            "s_min": s_min.mean(),
+            "s_min_stepped": torch.where(skip, 0.0, s_min.mean()),
+            "violations": violated.sum(),
+            "skipped": skip.long(),
+            "bottleneck_counts": worst_counts(worst),
+        }
+        return loss, skip, logs
 
     def end_epoch(self, epoch, sums):
-        """Squeeze once per epoch, from the mean s_min of the batches that stepped."""
+        """Squeeze once per epoch from squeeze_start on, by the mean s_min of the batches that
+        stepped; the row logs the constraints the epoch trained with."""
         steps, used = sums["steps"], self.state["constraints"]
         s_min = sums["s_min_stepped"] / steps if steps else 0.0
-        squeezing = epoch >= self.knobs["squeeze_start"]
-        factor = squeeze_factor(s_min, self.knobs["squeeze_k"]) if squeezing else 1.0
+        factor = 1.0
+        if epoch >= self.knobs["squeeze_start"]:
+            factor = squeeze_factor(s_min, self.knobs["squeeze_k"])
         if factor < 1.0:
             self.state["constraints"] = squeeze(used, factor, self.kl_targets)
-        counts = dict(zip(BOTTLENECKS, (int(v) for v in sums["bottleneck_counts"])))
-        return {"s_min": s_min, "violations": int(sums["violations"]),
-                "skipped_batches": int(sums["skipped"]),
-                "bottleneck_counts": counts, "constraints": used, "squeeze_factor": factor}
+        return {
+            "s_min": s_min,
+            "violations": sums["violations"],
+            "skipped_batches": sums["skipped"],
+            "bottleneck_counts": dict(zip(BOTTLENECKS, sums["bottleneck_counts"])),
+            "constraints": used,
+            "squeeze_factor": factor,
+        }
 
     def config(self):
         return dict(super().config(), calibration=self.state["calibration"])
 
 class GECO(Method):
-    """GECO (Rezende & Viola 2018, Algorithm 1, as the genesis code writes it): minimize KL subject to a
-    summed squared error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance, loss =
-    mean KL + λ·C; then C_ma = C on the first step, α·C_ma + (1 − α)·C after it; λ ← clamp(λ·exp(r·C_ma),
-    1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while met; λ₀ = 1. (genesis puts
-    β = 1/λ on the KL: the same λ path.)"""
+    """GECO (Rezende & Viola 2018, Algorithm 1, as the genesis code writes it): minimize KL subject
+    to a summed squared error ≤ D·tolerance. Per batch C = mean Σ_pixels (x̂ − x)² − D·tolerance,
+    loss = mean KL + λ·C; then C_ma = C on the first step, α·C_ma + (1 − α)·C after it;
+    λ ← clamp(λ·exp(r·C_ma), 1e-10, 1e10), r = rate while violated (C_ma > 0), speedup·rate while
+    met; λ₀ = 1. (genesis puts β = 1/λ on the KL: the same λ path.)"""
 
     kind, label = "geco", "GECO"
     KNOBS = {
         "tolerance": (0.01, "the per-pixel MSE it must reach (its remaining hyperparameter)"),
-        "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference code: 1e-5)"),
-        "speedup": (10.0, "the rate is this many times larger while the constraint is met (reference: 10)"),
+        "rate": (1e-5, "λ ← λ·exp(rate·C_ma) per batch, C in summed squared error (reference "
+                       "code: 1e-5)"),
+        "speedup": (10.0, "the rate is this many times larger while the constraint is met "
+                          "(reference: 10)"),
     }
     FIXED = {"alpha": 0.99, "lambda_range": [1e-10, 1e10], "ma_start": "first C"}  # genesis' code
     RATE = "MSE tolerance {tolerance:g}"
-    TARGETS = (("training MSE", ("mse",), ("tolerance",)),)
-    STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}
+    STATE = {"lambda": torch.tensor(1.0), "ma": torch.tensor(0.0), "steps": 0}   # λ₀ = 1
     logged = ("lambda", "constraint")
+
+    @classmethod
+    def targets(cls, settings, last):
+        return [("training MSE", last["mse"], settings["tolerance"])]
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         k, s, alpha = self.knobs, self.state, self.FIXED["alpha"]
@@ -474,38 +544,45 @@ class GECO(Method):
         else:
             s["ma"] = alpha * s["ma"].to(mse.device) + (1 - alpha) * c
         s["steps"] += 1
-        c_ma = s["ma"]
-        rate = torch.where(c_ma > 0, k["rate"], k["rate"] * k["speedup"])
-        s["lambda"] = (lam * torch.exp(rate * c_ma)).clamp(*self.FIXED["lambda_range"])
+        rate = torch.where(s["ma"] > 0, k["rate"], k["rate"] * k["speedup"])
+        s["lambda"] = (lam * torch.exp(rate * s["ma"])).clamp(*self.FIXED["lambda_range"])
         return kl.mean() + lam * constraint, None, {"lambda": lam, "constraint": c}
 
 class ControlVAE(Method):
-    """ControlVAE (Shao et al. 2020): loss = mean Σ_pixels (x̂ − x)² + β(t)·mean KL, β from a PI controller
-    on e = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only while β stays inside
-    [β_min, β_max] (anti-windup), and β clipped to that range."""
+    """ControlVAE (Shao et al. 2020): loss = mean Σ_pixels (x̂ − x)² + β(t)·mean KL, β from a PI
+    controller on e = KL_target − KL(t): β = Kp/(1 + exp(e)) + I + β_min, with I ← I − Ki·e only
+    while β stays inside [β_min, β_max] (anti-windup), and β clipped to that range."""
 
     kind, label = "controlvae", "ControlVAE"
     KNOBS = {
-        "kl_target": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per latent dim)"),
+        "kl_target": (None, "KL set point in nats (default: BOM's KL optimum target, 0.625 per "
+                            "latent dim)"),
         "kp": (0.01, "proportional gain"),
         "ki": (0.0001, "integral gain"),
     }
     FIXED = {"beta_range": [0.0, 1.0]}
     RATE = "KL set point {kl_target:g} nats"
-    TARGETS = (("training KL", ("kl",), ("kl_target",)),)
     STATE = {"integral": torch.tensor(0.0)}
     logged = ("beta", "kl_error")
 
     @classmethod
-    def sets_rate(cls, settings, latent_dim):
-        copied = settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim
-        return super().sets_rate(settings, latent_dim) + " (BOM's KL optimum target, copied)" * copied
+    def from_args(cls, args, value):
+        """The set point defaults to BOM's KL optimum target."""
+        method = super().from_args(args, value)
+        if method.knobs["kl_target"] is None:
+            method.knobs["kl_target"] = KL_TARGETS_PER_DIM[1] * args.latent_dim
+        return method
 
     @classmethod
-    def from_args(cls, args, value):
-        kl = args.controlvae_kl_target
-        kl = KL_TARGETS_PER_DIM[1] * args.latent_dim if kl is None else kl
-        return cls(kl_target=kl, kp=args.controlvae_kp, ki=args.controlvae_ki)
+    def sets_rate(cls, settings, latent_dim):
+        text = super().sets_rate(settings, latent_dim)
+        if settings["kl_target"] == KL_TARGETS_PER_DIM[1] * latent_dim:
+            text += " (BOM's KL optimum target, copied)"
+        return text
+
+    @classmethod
+    def targets(cls, settings, last):
+        return [("training KL", last["kl"], settings["kl_target"])]
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         k, (beta_min, beta_max) = self.knobs, self.FIXED["beta_range"]
@@ -516,18 +593,21 @@ class ControlVAE(Method):
         inside = (raw >= beta_min) & (raw <= beta_max)
         self.state["integral"] = torch.where(inside, integral, previous)
         beta = raw.clamp(beta_min, beta_max)
-        return IMAGE_PIXELS * mse.mean() + beta * kl.mean(), None, {"beta": beta, "kl_error": error}
+        loss = IMAGE_PIXELS * mse.mean() + beta * kl.mean()
+        return loss, None, {"beta": beta, "kl_error": error}
 
 def gaussian_nll(mse):
-    """Per-image Gaussian NLL over the D pixels, one σ per batch at its optimum σ² = batch MSE (log σ
-    soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
+    """Per-image Gaussian NLL over the D pixels, one σ per batch at its optimum σ² = batch MSE
+    (log σ soft-clipped at −6): D·(½·MSE_i/σ² + log σ + ½·log 2π). Returns (NLL, σ²)."""
     log_sigma = 0.5 * torch.log(mse.mean())
     log_sigma = SIGMA_LOG_MIN + nn.functional.softplus(log_sigma - SIGMA_LOG_MIN)
     sigma2 = torch.exp(2 * log_sigma)
-    return IMAGE_PIXELS * (0.5 * mse / sigma2 + log_sigma + 0.5 * math.log(2 * math.pi)), sigma2
+    nll = IMAGE_PIXELS * (0.5 * mse / sigma2 + log_sigma + 0.5 * math.log(2 * math.pi))
+    return nll, sigma2
 
 class SigmaVAE(Method):
-    """σ-VAE (Rybkin et al. 2021), calibrated decoder with the optimal shared σ: loss = mean NLL + mean KL."""
+    """σ-VAE (Rybkin et al. 2021), calibrated decoder with the optimal shared σ: loss = mean NLL +
+    mean KL."""
 
     kind, logged = "sigma_vae", ("sigma2",)
     FIXED = {"log_sigma_min": SIGMA_LOG_MIN}
@@ -538,28 +618,34 @@ class SigmaVAE(Method):
         return nll.mean() + kl.mean(), None, {"sigma2": sigma2.detach()}
 
 class FreeBits(Method):
-    """Free bits (Kingma et al. 2016) on σ-VAE's likelihood: loss = mean NLL + Σ_d max(λ, batch-mean KL_d);
-    a latent dimension below λ nats gets no KL gradient."""
+    """Free bits (Kingma et al. 2016) on σ-VAE's likelihood: loss = mean NLL + Σ_d max(λ, batch-mean
+    KL_d); a latent dimension below λ nats gets no KL gradient."""
 
     kind, label, twin = "freebits", "free bits", "sigma_vae"
     KNOBS = {"lambda": (0.25, "KL floor per latent dim (nats)")}
     FIXED = {"log_sigma_min": SIGMA_LOG_MIN}
     RATE = "λ = {lambda:g} nats in each of {latent_dim} dims"
-    TARGETS = (("latent dims below λ", ("dims_below_lambda",), None),)
     logged = ("sigma2", "dims_below_lambda")
+
+    @classmethod
+    def targets(cls, settings, last):
+        return [("latent dims below λ", last["dims_below_lambda"], None)]
 
     @staticmethod
     def idle(history):
-        """No epoch after the first had on average one dimension per batch below λ (the floor never bound)."""
+        """No epoch after the first had on average one dimension per batch below λ (the floor never
+        bound)."""
         return len(history) > 1 and all(row["dims_below_lambda"] < 1 for row in history[1:])
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         nll, sigma2 = gaussian_nll(mse)
         kl_per_dim, lam = kl_dims.mean(0), self.knobs["lambda"]
-        return (nll.mean() + kl_per_dim.clamp(min=lam).sum(), None,
-                {"sigma2": sigma2.detach(), "dims_below_lambda": (kl_per_dim < lam).sum()})
+        loss = nll.mean() + kl_per_dim.clamp(min=lam).sum()
+        below = (kl_per_dim < lam).sum()
+        return loss, None, {"sigma2": sigma2.detach(), "dims_below_lambda": below}
 
-METHOD_CLASSES = {cls.kind: cls for cls in (BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
+METHOD_CLASSES = {cls.kind: cls for cls in (
+    BetaVAE, BOMVAE, GECO, ControlVAE, SigmaVAE, FreeBits)}
 TUNING_FREE = tuple(kind for kind in METHOD_CLASSES if kind != "beta")
 
 def make_method(spec, args):
@@ -574,10 +660,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 def optimizer_step(optimizer, model, loss, skip):
-    """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A batch with
-    skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused Adam skips it on
-    the device through found_inf (no host sync), another Adam (MPS) needs one. The param group says which
-    step() runs: a state loaded from a non-fused optimizer (an MPS checkpoint) turns fusing off."""
+    """Backward, clip the gradient norm, Adam step; returns whether it stepped (a bool tensor). A
+    batch with skip True (BOM's violating batch) changes neither the weights nor Adam's state: fused
+    Adam skips it on the device through found_inf (no host sync), another Adam (MPS) needs one.
+    The param group says which step() runs: a state loaded from a non-fused optimizer (an MPS
+    checkpoint) turns fusing off."""
     fused = optimizer.param_groups[0]["fused"]
     if skip is not None and not fused and bool(skip):
         return ~skip
@@ -587,17 +674,21 @@ def optimizer_step(optimizer, model, loss, skip):
     if skip is not None and fused:
         optimizer.found_inf = skip.float()
     optimizer.step()
-    return torch.ones((), dtype=torch.bool, device=loss.device) if skip is None else ~skip
+    if skip is None:
+        return torch.ones((), dtype=torch.bool, device=loss.device)
+    return ~skip
 
 def train_run(method, images, args, checkpoint=None, resume_from=None):
-    """Train one VAE with `method`; returns its model, per-epoch history, training curve, train seconds and
-    status: ok | stalled (an epoch skipped every batch) | diverged (a non-finite loss or weight, caught
-    within the epoch). With `checkpoint` (a path) the state is saved after every epoch; `resume_from` (a
-    loaded checkpoint) continues after its last completed epoch."""
+    """Train one VAE with `method`; returns its model, per-epoch history, training curve, train
+    seconds and status: ok | stalled (an epoch skipped every batch) | diverged (a non-finite loss or
+    weight, caught at the epoch's next host sync: every LOG_EVERY steps and its last). With
+    `checkpoint` (a path) the state is saved after every epoch; `resume_from` (a loaded checkpoint)
+    continues after its last completed epoch."""
     seed_everything(args.seed)
     model, optimizer = new_model(args.latent_dim, images.device, args.lr)
     order = torch.Generator().manual_seed(args.seed)
-    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None, train_seconds=0.0)
+    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None,
+               train_seconds=0.0)
     if resume_from is None:
         method.setup(model, images, args.batch_size, args.seed)
     else:
@@ -606,54 +697,51 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             print(f"  {method.name}: finished earlier ({run['status']}), loaded from {checkpoint}")
             return run
         print(f"  {method.name}: resuming after epoch {len(run['history'])} from {checkpoint}")
-    fingerprint = run_fingerprint(method, args, images.shape[0])
-    n_batches = math.ceil(images.shape[0] / args.batch_size)
+    fingerprint = run_fingerprint(method, args, len(images))
+    n_batches = math.ceil(len(images) / args.batch_size)
     for epoch in range(len(run["history"]) + 1, args.epochs + 1):
         start = time.time()
         model.train()
-        sums, steps, stepped_loss, step_metrics = {}, 0, 0.0, []
-        first_bad = torch.zeros((), dtype=torch.long, device=images.device)   # 0 = none yet
+        sums, per_step, steps, loss_sum = {}, [], 0, 0.0
         bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}", leave=False,
                    disable=args.no_progress)
-        for i, x in enumerate(batches(images, args.batch_size, order)):
+        for i, x in enumerate(batches(images, args.batch_size, order), 1):
             mse, kl, sharp, kl_dims = forward_metrics(model, x, args.amp)
             loss, skip, logs = method.batch_loss(mse, kl, sharp, kl_dims)
-            means = torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach()
-            step_metrics.append(means)
+            per_step.append(torch.stack([mse.mean(), kl.mean(), sharp.mean()]).detach())
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0) + value.detach()
             stepped = optimizer_step(optimizer, model, loss, skip)
             steps = steps + stepped
-            stepped_loss = stepped_loss + torch.where(stepped, loss.detach(), 0.0)
-            bad = stepped & ~torch.isfinite(loss.detach()) & (first_bad == 0)
-            first_bad = torch.where(bad, i + 1, first_bad)
-            if (i + 1) % LOG_EVERY == 0 or i + 1 == n_batches:     # the only host syncs inside an epoch
-                s_min = {"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}
-                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{means[0].item():.4f}",
-                                kl=f"{means[1].item():.1f}", **s_min)
-                finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-                if first_bad.item() or not finite:
-                    run["diverged_at"] = {"epoch": epoch, "step": first_bad.item() or i + 1}
-                    break
+            loss_sum = loss_sum + torch.where(stepped, loss.detach(), 0.0)
             bar.update(1)
+            if i % LOG_EVERY == 0 or i == n_batches:      # the only host syncs in an epoch
+                s_min = {"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}
+                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{per_step[-1][0].item():.4f}",
+                                kl=f"{per_step[-1][1].item():.1f}", **s_min)
+                finite = [loss_sum.isfinite()] + [p.isfinite().all() for p in model.parameters()]
+                if not torch.stack(finite).all():
+                    run["diverged_at"] = {"epoch": epoch, "step": i}
+                    break
         bar.close()
         run["train_seconds"] += time.time() - start
         if run["diverged_at"] is not None:
             run["status"] = "diverged"
-            print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch} at step "
-                  f"{run['diverged_at']['step']}; the comparison goes on without it")
+            print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch}, "
+                  f"caught at step {i}; the comparison goes on without it")
             break
-        steps, per_step = int(steps), torch.stack(step_metrics).cpu()
+        steps, per_step = int(steps), torch.stack(per_step).cpu()
+        sums = {k: v.tolist() for k, v in sums.items()}
         mse, kl, sharp = per_step.mean(0).tolist()
-        sums = {k: (v.cpu().tolist() if v.dim() else v.item()) for k, v in sums.items()}
-        row = {"epoch": epoch, "loss": float(stepped_loss) / steps if steps else float("nan"), "mse": mse,
-               "kl": kl, "sharp": sharp, "steps": steps,
-               **method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches))}
+        loss = float(loss_sum) / steps if steps else math.nan
+        row = {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "sharp": sharp, "steps": steps}
+        row.update(method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches)))
         run["history"].append(row)
         block = max(1, min(CURVE_BLOCK, n_batches // 10))
         for b in range(0, n_batches, block):
             part = per_step[b:b + block]
-            run["curve"].append([epoch - 1 + (b + part.shape[0] / 2) / n_batches] + part.mean(0).tolist())
+            x = epoch - 1 + (b + len(part) / 2) / n_batches
+            run["curve"].append([x] + part.mean(0).tolist())
         print(epoch_line(method.name, row, args.epochs))
         if steps == 0:
             run["status"] = "stalled"
@@ -668,58 +756,67 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
     return run
 
 def epoch_line(name, row, epochs):
-    text = (f"  [{name}] epoch {row['epoch']}/{epochs}: loss={row['loss']:.4f} mse={row['mse']:.4f} "
-            f"kl={row['kl']:.1f} sharp={row['sharp']:.4f}")
+    text = (f"  [{name}] epoch {row['epoch']}/{epochs}: loss={row['loss']:.4f} "
+            f"mse={row['mse']:.4f} kl={row['kl']:.1f} sharp={row['sharp']:.4f}")
     if "s_min" in row:
         c = row["constraints"]
-        text += (f" s_min={row['s_min']:.3f} skipped={row['skipped_batches']} violations={row['violations']}"
-                 f" mse_floor={c['mse_floor']:.4f} kl_box=[{c['kl_floor_low']:.1f}, {c['kl_optimum']:.1f},"
-                 f" {c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
+        text += (f" s_min={row['s_min']:.3f} skipped={row['skipped_batches']} "
+                 f"violations={row['violations']} mse_floor={c['mse_floor']:.4f} "
+                 f"kl_box=[{c['kl_floor_low']:.1f}, {c['kl_optimum']:.1f}, "
+                 f"{c['kl_floor_high']:.1f}] squeeze={row['squeeze_factor']:.3f}")
     return text
 
 # ---------------------------------------- evaluation
 def data_sharpness(images):
     """The images' own mean sharpness: a reconstruction sharper than this is noise, not detail."""
-    return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / images.shape[0]
+    return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / len(images)
 
 def gaussian_log_likelihood(sq_error_sum, sigma2):
-    """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²: −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
+    """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²:
+    −Σ(x − x̂)²/(2σ²) − (D/2)·log(2πσ²)."""
     return -sq_error_sum / (2 * sigma2) - IMAGE_PIXELS / 2 * math.log(2 * math.pi * sigma2)
 
 def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
-    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound on −log p(x) that
-    tightens with K (K = 1: a one-sample −ELBO). Decoder: Gaussian with variance σ²."""
-    std, d, log_w = torch.exp(0.5 * logvar), mu.shape[1], []
+    """Per image −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x), K = samples drawn
+    `chunk` at a time: an upper bound on −log p(x) that tightens with K (K = 1: a one-sample
+    −ELBO). Decoder: Gaussian with variance σ²."""
+    std = torch.exp(0.5 * logvar)
+    log_2pi_d = mu.shape[1] * math.log(2 * math.pi)
+    log_w = []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
         eps = torch.randn(k, *mu.shape, device=mu.device)
         z = mu + eps * std
-        x_recon = model.decode(z.flatten(0, 1)).view(k, x.shape[0], -1)
+        x_recon = model.decode(z.flatten(0, 1)).view(k, len(x), -1)
         log_px = gaussian_log_likelihood((x_recon - x.flatten(1)).pow(2).sum(-1), sigma2)
-        log_pz = -0.5 * (z.pow(2).sum(-1) + d * math.log(2 * math.pi))
-        log_qz = -0.5 * (eps.pow(2).sum(-1) + logvar.sum(-1) + d * math.log(2 * math.pi))
+        log_pz = -0.5 * (z.pow(2).sum(-1) + log_2pi_d)
+        log_qz = -0.5 * (eps.pow(2).sum(-1) + logvar.sum(-1) + log_2pi_d)
         log_w.append(log_px + log_pz - log_qz)
     return -(torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples))
 
 def frechet_distance(a, b):
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets (rows);
-    float64 on the CPU (MPS has none)."""
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets
+    (rows); float64 on the CPU (MPS has none). Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½, whose
+    argument is symmetric."""
     a, b = a.cpu().double(), b.cpu().double()
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()   # Tr (Σ_a Σ_b)^½
-    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    means = (a.mean(0) - b.mean(0)).pow(2).sum()
+    return float(means + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 class DigitClassifier(nn.Module):
-    """A small MNIST CNN on the 64x64 digits; its 128-d penultimate layer is the feature space of the
-    Fréchet distances (FD)."""
+    """A small MNIST CNN on the 64x64 digits; its 128-d penultimate layer is the feature space of
+    the Fréchet distances (FD)."""
 
     def __init__(self):
         super().__init__()
-        convs = [layer for c_in, c_out in ((1, 32), (32, 64), (64, 128), (128, 128))
-                 for layer in (nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU())]
-        self.features = nn.Sequential(*convs, nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        convs = []
+        for c_in, c_out in ((1, 32), (32, 64), (64, 128), (128, 128)):
+            convs += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
+        self.features = nn.Sequential(*convs, nn.Flatten(),
+                                      nn.Linear(128 * 4 * 4, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -741,7 +838,9 @@ def tensor_sha256(*tensors):
     return digest.hexdigest()
 
 def default_cache_dir():
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("XDG_CACHE_HOME")
+    if not home:
+        home = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(home, "bom_vs_beta")
 
 def get_classifier(splits, args):
@@ -752,7 +851,8 @@ def get_classifier(splits, args):
     (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
     fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
-    path = os.path.join(args.cache_dir, f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt")
+    name = f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt"
+    path = os.path.join(args.cache_dir, name)
     try:
         state = torch.load(path, map_location=train_x.device, weights_only=True)
         if state["fingerprint"] != fingerprint:
@@ -767,67 +867,78 @@ def get_classifier(splits, args):
         order = torch.Generator().manual_seed(0)
         classifier.train()
         for epoch in range(CLASSIFIER_EPOCHS):
-            idx = index_batches(train_x.shape[0], CLASSIFIER_BATCH, order, train_x.device)
             desc = f"feature classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}"
+            idx = index_batches(len(train_x), CLASSIFIER_BATCH, order, train_x.device)
             for i in tqdm(idx, leave=False, desc=desc, disable=args.no_progress):
-                loss = nn.functional.cross_entropy(classifier(as_float(train_x[i])), train_y[i])
+                logits = classifier(as_float(train_x[i]))
+                loss = nn.functional.cross_entropy(logits, train_y[i])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        trained = f"Feature classifier: trained on {train_x.shape[0]} images"
+        trained = f"Feature classifier: trained on {len(train_x)} images"
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
             save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict()})
             print(f"{trained}, cached in {path}")
-        except (OSError, RuntimeError) as e:          # torch.save reports an unwritable file as RuntimeError
-            print(f"{trained}; not cached ({path}: {getattr(e, 'strerror', None) or 'cannot write there'})")
+        except (OSError, RuntimeError) as e:   # torch.save: an unwritable file is a RuntimeError
+            why = getattr(e, "strerror", None) or "cannot write there"
+            print(f"{trained}; not cached ({path}: {why})")
     accuracy = float((classify(classifier, test_x)[1] == test_y).float().mean())
     return classifier, accuracy, tensor_sha256(*classifier.state_dict().values())
 
 def evaluation_tools(splits, args):
-    """What every run's evaluation shares: the feature classifier, the features of the real validation and
-    test images, and the reference values (data sharpness, classifier accuracy and weights)."""
+    """What every run's evaluation shares: the feature classifier, the features of the real
+    validation and test images, and the reference values (data sharpness, classifier accuracy and
+    weights)."""
     classifier, accuracy, weights_sha256 = get_classifier(splits, args)
     references = {split: classify(classifier, splits[split][0])[0]
-                  for split in ("val", "test") if splits[split][0].shape[0]}
-    return classifier, references, {"test_data_sharpness": data_sharpness(splits["test"][0]),
-                                    "classifier_test_accuracy": accuracy, "classifier_sha256": weights_sha256}
+                  for split in ("val", "test") if len(splits[split][0])}
+    values = {
+        "test_data_sharpness": data_sharpness(splits["test"][0]),
+        "classifier_test_accuracy": accuracy,
+        "classifier_sha256": weights_sha256,
+    }
+    return classifier, references, values
 
 @torch.no_grad()
 def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, seed, desc=None):
-    """Per-image means over a split: MSE, KL, sharpness; −ELBO in nats under a Gaussian decoder of variance
-    σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01); FDs of reconstructions
-    and of prior samples to the split's images; the classifier's accuracy on reconstructions."""
+    """Per-image means over a split: MSE, KL, sharpness; −ELBO in nats under a Gaussian decoder of
+    variance σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01);
+    FDs of reconstructions and of prior samples to the split's images; the classifier's accuracy
+    on reconstructions."""
     model.eval()
     torch.manual_seed(seed)
-    keys = ("mse", "kl", "sharp", "iwae", "mu", "features", "correct")
-    parts = {key: [] for key in keys}
-    for idx in tqdm(index_batches(images.shape[0], EVAL_BATCH, device=images.device), leave=False, desc=desc,
-                    disable=args.no_progress):
+    parts = []
+    idx_batches = index_batches(len(images), EVAL_BATCH, device=images.device)
+    for idx in tqdm(idx_batches, leave=False, desc=desc, disable=args.no_progress):
         x = as_float(images[idx])
         x_recon, mu, logvar = model(x)
         features = classifier.features(x_recon)
         iwae = iwae_nll(model, x, mu, logvar, sigma2, args.iw_samples)
         correct = classifier.head(features).argmax(1) == labels[idx]
-        values = (*vae_metrics(x, x_recon, mu, logvar), iwae, mu, features, correct)
-        for key, value in zip(keys, values):
-            parts[key].append(value)
-    p = {key: torch.cat(value) for key, value in parts.items()}
-    z = torch.randn(images.shape[0], model.latent_dim, device=images.device)
-    prior = torch.cat([classifier.features(model.decode(chunk)) for chunk in z.split(EVAL_BATCH)])
-    neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * p["mse"], sigma2) + p["kl"]
-    return {"mse": p["mse"].mean().item(), "kl": p["kl"].mean().item(), "sharp": p["sharp"].mean().item(),
-            "neg_elbo": neg_elbo.mean().item(), "iwae_nll": p["iwae"].mean().item(),
-            "active_units": int((p["mu"].var(dim=0) > 0.01).sum()),
-            "fd_recon": frechet_distance(reference, p["features"]),
-            "fd_prior": frechet_distance(reference, prior),
-            "recon_accuracy": p["correct"].float().mean().item()}
+        parts.append((*vae_metrics(x, x_recon, mu, logvar), iwae, mu, features, correct))
+    mse, kl, sharp, iwae, mu, features, correct = (torch.cat(p) for p in zip(*parts))
+    z = torch.randn(len(images), model.latent_dim, device=images.device)
+    prior = torch.cat([classifier.features(model.decode(part)) for part in z.split(EVAL_BATCH)])
+    neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * mse, sigma2) + kl
+    return {
+        "mse": mse.mean().item(),
+        "kl": kl.mean().item(),
+        "sharp": sharp.mean().item(),
+        "neg_elbo": neg_elbo.mean().item(),
+        "iwae_nll": iwae.mean().item(),
+        "active_units": int((mu.var(dim=0) > 0.01).sum()),
+        "fd_recon": frechet_distance(reference, features),
+        "fd_prior": frechet_distance(reference, prior),
+        "recon_accuracy": correct.float().mean().item(),
+    }
 
 def pack_images(images):
     """Images in [0, 1] as uint8, zlib-compressed and base64-encoded: a few kB of JSON, exact."""
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return {"shape": list(pixels.shape),
-            "uint8_zlib_base64": base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()}
+    pixels = (images.float().clamp(0, 1) * 255).round()
+    pixels = pixels.to(torch.uint8).cpu().numpy()
+    packed = base64.b64encode(zlib.compress(pixels.tobytes(), 9)).decode()
+    return {"shape": list(pixels.shape), "uint8_zlib_base64": packed}
 
 def unpack_images(packed):
     pixels = zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"]))
@@ -835,8 +946,9 @@ def unpack_images(packed):
 
 @torch.no_grad()
 def figure_images(model, test_images, n=8):
-    """The image figures' rows of one model: reconstructions of the first n test images and decodings of n
-    prior samples that every model shares (z and the reconstructions' noise from seed 0)."""
+    """The image figures' rows of one model: reconstructions of the first n test images and
+    decodings of n prior samples that every model shares (z, then the reconstructions' noise, from
+    seed 0)."""
     model.eval()
     torch.manual_seed(0)
     z = torch.randn(n, model.latent_dim, device=test_images.device)
@@ -845,20 +957,21 @@ def figure_images(model, test_images, n=8):
 
 @torch.no_grad()
 def evaluate_run(model, splits, classifier, references, args, seed):
-    """Validation and test metrics of a trained model. σ² of the judging decoder is its mean MSE on the
-    validation split (test without one), z drawn from the same seed for every model."""
+    """Validation and test metrics of a trained model. σ² of the judging decoder is its mean MSE on
+    the validation split (test without one), z drawn from the same seed for every model."""
     fit = splits["val" if args.val_size else "test"][0]
     model.eval()
     torch.manual_seed(seed)
-    sigma2 = (sum(forward_metrics(model, x)[0].sum() for x in batches(fit, EVAL_BATCH)) / fit.shape[0]).item()
+    sq_errors = sum(forward_metrics(model, x)[0].sum() for x in batches(fit, EVAL_BATCH))
+    sigma2 = (sq_errors / len(fit)).item()
     out = {"sigma2": sigma2}
     if not (math.isfinite(sigma2) and sigma2 > 0):
         return out
     for split in ("val", "test") if args.val_size else ("test",):
         images, labels = splits[split]
-        desc = f"evaluating on {split} ({images.shape[0]} images, IWAE x{args.iw_samples})"
-        out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split], args, seed,
-                                     desc)
+        desc = f"evaluating on {split} ({len(images)} images, IWAE x{args.iw_samples})"
+        out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split],
+                                     args, seed, desc)
     return out
 # ---------------------------------------- report
 def fmt(value, digits):

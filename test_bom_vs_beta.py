@@ -153,52 +153,47 @@ def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 6
 
 # ---------------------------------------- data
 
-def test_splits_hold_out_the_last_training_images_and_are_views_of_one_copy(data_dir):
+def test_splits_hold_out_the_last_training_images_as_views_of_one_copy(data_dir, monkeypatch):
     full, labels = bvb.load_mnist(data_dir, train=True)
     args = types.SimpleNamespace(data_dir=data_dir, val_size=16, train_subset=10,
-                                 test_subset=8, quick=False)
+                                 test_subset=8, quick=True)
+    monkeypatch.setattr(bvb, "QUICK_CLASSIFIER_IMAGES", 50)   # --quick's classifier: a slice
     splits = bvb.load_splits(args, CPU)
     assert torch.equal(splits["train"][0], full[:10]) and torch.equal(splits["val"][0], full[80:])
-    assert torch.equal(splits["classifier"][0], full[:80])
-    assert torch.equal(splits["val"][1], labels[80:]) and splits["test"][0].shape[0] == 8
-    with pytest.MonkeyPatch.context() as patch:      # --quick trains the classifier on a slice
-        patch.setattr(bvb, "QUICK_CLASSIFIER_IMAGES", 50)
-        splits = bvb.load_splits(types.SimpleNamespace(**dict(vars(args), quick=True)), CPU)
-        assert torch.equal(splits["classifier"][0], full[:50])
-    args.val_size, args.train_subset = 0, 0
-    splits = bvb.load_splits(args, CPU)
-    assert splits["train"][0].shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
-    args = bvb.parse_args(run_args(data_dir, "unused", "--train-subset", "48"))
+    assert torch.equal(splits["val"][1], labels[80:]) and len(splits["test"][0]) == 8
+    assert torch.equal(splits["classifier"][0], full[:50])
+    args.val_size, args.train_subset, args.quick = 0, 0, False
     splits = bvb.load_splits(args, torch.device("meta"))   # a copy per split would have no base
     train = splits["train"][0]._base
-    assert train is not None and train.shape[0] == N_TRAIN
-    assert splits["val"][0]._base is train and splits["classifier"][0]._base is train
+    assert train.shape[0] == N_TRAIN and splits["val"][0].shape[0] == 0
+    assert splits["classifier"][0]._base is train and splits["classifier"][0].shape[0] == N_TRAIN
     assert splits["test"][0]._base.shape[0] == N_TEST
 
 def test_batches_cover_every_image_once_with_a_short_last_batch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     got = list(bvb.batches(images, 4, torch.Generator().manual_seed(0)))
-    assert [b.shape[0] for b in got] == [4, 4, 2]
+    assert [len(b) for b in got] == [4, 4, 2]
     assert sorted((torch.cat(got) * 255).round().flatten().tolist()) == list(range(10))
 
 @pytest.mark.parametrize("broken", ["truncated", "missing"])
-def test_unreadable_or_missing_data_is_one_line_naming_it(
+def test_data_that_neither_reads_nor_downloads_is_one_line_and_leaves_no_folder(
         broken, data_dir, tmp_path, capsys, monkeypatch):
-    folder, out = tmp_path / "nowhere", tmp_path / "out"
+    folder = tmp_path / "nowhere"
     if broken == "truncated":
         shutil.copytree(data_dir, folder)
         images = folder / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
         images.write_bytes(images.read_bytes()[:1000])
     monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # no network
     with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--data-dir", str(folder), "--out", str(out), "--val-size", "16"])
+        bvb.main(["--data-dir", str(folder), "--out", str(tmp_path / "out"), "--val-size", "16"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and not out.exists()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     if broken == "truncated":
-        assert "could not read MNIST from" in err
+        assert f"could not read MNIST from {folder / 'MNIST' / 'raw'}: " in err
     else:
-        assert os.path.join("nowhere", "MNIST", "raw") in err
+        assert f"MNIST not found in {folder / 'MNIST' / 'raw'}" in err
         assert all(name in err for name in bvb.MNIST_RAW_FILES)
+    assert os.listdir(tmp_path) == (["nowhere"] if broken == "truncated" else [])
 
 # ---------------------------------------- metrics
 
@@ -210,58 +205,50 @@ def test_vae_metrics_mse_kl_and_sharpness_at_hand_points():
     mse, kl, sharp = bvb.vae_metrics(x, stripes, mu, logvar)
     assert mse.tolist() == approx([0.0, 0.18]) and sharp.tolist() == approx([0.0, 0.3])
     assert kl.tolist() == approx([0.5, 4.0 + 0.5 * (1 - math.log(2.0))])
-    assert bvb.vae_metrics(x, x, 0 * mu, 0 * mu)[1].tolist() == [0.0, 0.0]
-    mse, _, sharp = bvb.vae_metrics(x, torch.full((2, 1, 8, 8), 0.5), mu, logvar)
-    assert mse.tolist() == approx([0.25] * 2) and sharp.tolist() == [0.0, 0.0]
 
 # ---------------------------------------- BOM: scores, calibration, squeeze, ablations
 
-def test_constraint_scores_at_hand_points():
-    # MSE (floor − v)/floor; the KL box 1 at the optimum, 0 at its floors, < 0 outside; v/ceiling
-    c = {"mse_floor": 0.1, "kl_floor_low": 10.0, "kl_optimum": 20.0, "kl_floor_high": 60.0,
-         "sharp_ceiling": 0.04}
-    mse = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.0, 0.0, 0.0])
-    kl = torch.tensor([10.0, 15.0, 20.0, 40.0, 60.0, 5.0, 70.0])
-    sharp = torch.tensor([0.0, 0.02, 0.04, 0.08, 0.0, 0.0, 0.0])
-    scores = bvb.constraint_scores(mse, kl, sharp, c)
-    assert scores.T.tolist() == [approx([1.0, 0.5, 0.0, -1.0, 1.0, 1.0, 1.0]),
-                                 approx([0.0, 0.5, 1.0, 0.5, 0.0, -0.5, -0.25]),
-                                 approx([0.0, 0.5, 1.0, 2.0, 0.0, 0.0, 0.0])]
-    off = bvb.constraint_scores(mse, kl, sharp, dict(c, sharp_ceiling=None))
-    assert torch.equal(off, scores[:, :2])
+BOX = {"mse_floor": 0.4, "kl_floor_low": 10.0, "kl_optimum": 20.0, "kl_floor_high": 60.0,
+       "sharp_ceiling": 0.2}
 
 def bom_with(constraints, latent_dim=128, **knobs):
     method = bvb.BOMVAE(latent_dim, **knobs)
     method.state["constraints"] = dict(constraints)
     return method
 
-BOX = {"mse_floor": 0.4, "kl_floor_low": 10.0, "kl_optimum": 20.0, "kl_floor_high": 60.0,
-       "sharp_ceiling": 0.2}
-
-@pytest.mark.parametrize("mse, kl, sharp, worst", [
-    (0.4, 20.0, 0.3, 0.0),            # MSE at its floor: (0.4 − 0.4)/0.4 = 0
-    (0.1, 10.0, 0.3, 0.0),            # KL at the box's low floor: (10 − 10)/(20 − 10) = 0
-    (0.1, 60.0, 0.3, 0.0),            # KL at the box's high floor: (60 − 60)/(60 − 20) = 0
-    (0.1, 20.0, 0.0, 0.0),            # sharpness 0: 0/0.2 = 0
-    (0.5, 20.0, 0.3, -0.25)])         # MSE past its floor
-def test_a_score_at_or_below_zero_is_a_violation_and_skips_the_batch(mse, kl, sharp, worst):
-    # image 0 scores `worst`, image 1 min(0.75, 1, 1.5) = 0.75; the log is clamped at 1e-12
-    loss, skip, logs = bom_with(BOX).batch_loss(
-        torch.tensor([mse, 0.1]), torch.tensor([kl, 20.0]), torch.tensor([sharp, 0.3]), None)
-    assert bool(skip) and logs["violations"].item() == 1 and logs["skipped"].item() == 1
-    assert logs["s_min_stepped"].item() == 0.0 and logs["s_min"].item() == approx(
-        (worst + 0.75) / 2)
-    assert loss.item() == approx(-(math.log(1e-12) + math.log(0.75)) / 2)
-
-def test_worst_score_counts_equal_bincount_without_calling_it(monkeypatch):
+def test_bom_scores_and_loss_at_hand_points_a_score_at_or_below_zero_skips_the_batch(
+        monkeypatch):
+    # MSE (0.4 − v)/0.4; the KL box 1 at 20, 0 at its floors 10 and 60, < 0 outside; v/0.2
+    mse = torch.tensor([0.0, 0.2, 0.4, 0.8, 0.0, 0.0, 0.0])
+    kl = torch.tensor([10.0, 15.0, 20.0, 40.0, 60.0, 5.0, 70.0])
+    sharp = torch.tensor([0.0, 0.1, 0.2, 0.4, 0.0, 0.0, 0.0])
+    scores = bvb.constraint_scores(mse, kl, sharp, BOX)
+    assert scores.T.tolist() == [approx([1.0, 0.5, 0.0, -1.0, 1.0, 1.0, 1.0]),
+                                 approx([0.0, 0.5, 1.0, 0.5, 0.0, -0.5, -0.25]),
+                                 approx([0.0, 0.5, 1.0, 2.0, 0.0, 0.0, 0.0])]
+    off = dict(BOX, sharp_ceiling=None)
+    assert torch.equal(bvb.constraint_scores(mse, kl, sharp, off), scores[:, :2])
     worst = torch.randint(0, 3, (100,))
     for indices in (worst, worst.clamp(max=1)):     # three scores, or two with sharpness off
         assert torch.equal(bvb.worst_counts(indices), torch.bincount(indices, minlength=3))
     monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("syncs on a GPU"))
-    bom = bom_with(dict(BOX, mse_floor=0.1, sharp_ceiling=0.5))
-    _, _, logs = bom.batch_loss(torch.tensor([0.01, 0.09]), torch.tensor([20.0, 20.0]),
-                                torch.tensor([0.25, 0.5]), None)
-    assert logs["bottleneck_counts"].tolist() == [1, 0, 1]   # image 2's MSE, image 1's sharpness
+    # MSE 0.1, 0.3 score 0.75, 0.25; KL 15, 20 score 0.5, 1; sharpness 0.3, 0.1 score 1.5, 0.5
+    # (sharpness 0 would score 0 with a ceiling): loss −mean log of the worst, which is counted
+    mse, kl = torch.tensor([0.1, 0.3]), torch.tensor([15.0, 20.0])
+    for method, sharp in ((bom_with(BOX), [0.3, 0.1]), (bom_with(off), [0.0, 0.0])):
+        loss, skip, logs = method.batch_loss(mse, kl, torch.tensor(sharp), None)
+        assert loss.item() == approx(-(math.log(0.5) + math.log(0.25)) / 2) and not skip
+        assert logs["bottleneck_counts"].tolist() == [1, 1, 0]
+        assert logs["s_min"].item() == approx(0.375)
+    # image 0 at its MSE floor scores 0 (or −0.25 past it): a violation, the batch skipped;
+    # image 1 scores min(0.75, 1, 1.5); the log is clamped at 1e-12
+    for mse0, worst in ((0.4, 0.0), (0.5, -0.25)):
+        loss, skip, logs = bom_with(BOX).batch_loss(
+            torch.tensor([mse0, 0.1]), torch.tensor([20.0, 20.0]), torch.tensor([0.3, 0.3]), None)
+        assert bool(skip) and logs["violations"].item() == 1 and logs["skipped"].item() == 1
+        assert logs["s_min_stepped"].item() == 0.0
+        assert logs["s_min"].item() == approx((worst + 0.75) / 2)
+        assert loss.item() == approx(-(math.log(1e-12) + math.log(0.75)) / 2)
 
 class StripeModel(torch.nn.Module):
     """Call i returns batch i's (then the last batch's) outputs: image j vertical stripes of
@@ -279,29 +266,44 @@ class StripeModel(torch.nn.Module):
             recon[i, ..., ::2] = a
         return recon, mu, torch.zeros_like(mu)
 
-STRIPES = ([0.2, 0.6], torch.tensor([[2.0, 0, 0, 0], [2.0, 2.0, 2.0, 0]]))   # KL 2 and 6
-
-def test_calibration_takes_max_mse_min_kl_and_max_kl_over_the_batches_read():
+def test_calibration_and_the_sharpness_ablations_at_hand_points():
     # MSE per batch [0.02, 0.08], [0.18, 0.005], [0.045, 0.045]: max 0.18; KL [2, 4.5], [8, 18],
     # [0.5, 4.5]: min 0.5, max 18, mean 37.5/6; batch 4 (KL 50, MSE 0.405) is not read
     model = StripeModel(*[(a, torch.tensor(mus).view(-1, 1)) for a, mus in [
         ([0.2, 0.4], [2.0, 3.0]), ([0.6, 0.1], [4.0, 6.0]), ([0.3, 0.3], [1.0, 3.0]),
         ([0.9, 0.9], [10.0, 0.0])]])
-    drawn = []                         # the training batches: more than calibration may read
-    stream = (drawn.append(i) or torch.zeros(2, 1, 8, 8) for i in range(10))
+    stream = iter([torch.zeros(2, 1, 8, 8)] * 10)   # the training batches: more than it reads
     c = bvb.calibrate(model, stream, 3, mse_floor_mult=3.0, kl_low_mult=0.2, kl_high_mult=10.0)
-    assert model.calls == 3 and len(drawn) == 3          # the 4th is not even drawn
+    assert model.calls == 3 and len(list(stream)) == 7        # the 4th is not even drawn
     assert c == approx({"mse_floor": 3 * 0.18, "kl_floor_low": 0.2 * 0.5, "kl_optimum": 37.5 / 6,
                         "kl_floor_high": 10.0 * 18.0, "sharp_ceiling": 0.95 / 6})
-    # fewer batches than calib_batches: MSE 0.02, 0.18, KL 2, 6, sharpness 0.1, 0.3
-    c = bvb.calibrate(StripeModel(STRIPES), iter([torch.zeros(2, 1, 8, 8)]), 50, 2.0, 0.1, 50.0)
-    assert c == approx({"mse_floor": 2 * 0.18, "kl_floor_low": 0.2, "kl_optimum": 4.0,
+    # BOM's setup reads its 2 batches (of the 50 asked) of 4 images, stripes of contrast 1
+    # (sharpness 0.5), decoded as stripes of contrast 0.2, 0.6 with KL 2, 6: MSE 0.32, 0.08,
+    # sharpness 0.1, 0.3: its ceiling 0.2, the images' 0.5 with sharp=data
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    images[..., ::2] = 255
+    stripes = ([0.2, 0.6], torch.tensor([[2.0, 0, 0, 0], [2.0, 2.0, 2.0, 0]]))
+    set_up = {}
+    for ablation in (None, "sharp=data", "sharp=off"):
+        set_up[ablation] = bvb.BOMVAE(4, ablation=ablation)
+        set_up[ablation].setup(StripeModel(stripes), images, 2, seed=0)
+    c = set_up[None].state["calibration"]
+    assert c == approx({"mse_floor": 2 * 0.32, "kl_floor_low": 0.2, "kl_optimum": 4.0,
                         "kl_floor_high": 300.0, "sharp_ceiling": 0.2})
+    assert set_up[None].state["constraints"] == c and "ablation" not in set_up[None].settings()
+    data, off = set_up["sharp=data"], set_up["sharp=off"]
+    assert data.state["calibration"] == dict(c, sharp_ceiling=0.5)
+    assert off.state["calibration"] == dict(c, sharp_ceiling=None)
+    assert data.name == "bom_sharp=data" and data.settings()["ablation"] == "sharp=data"
+    # sharpness 0.05 scores 0.05/0.5 = 0.1 under the data's ceiling, 0.25 under the outputs'
+    loss, _, logs = data.batch_loss(torch.tensor([0.0]), torch.tensor([4.0]),
+                                    torch.tensor([0.05]), None)
+    assert loss.item() == approx(-math.log(0.1)) and logs["bottleneck_counts"].tolist() == [0, 0, 1]
+    assert bvb.squeeze(off.state["constraints"], 0.5, (1.0, 2.0, 3.0))["sharp_ceiling"] is None
 
-def test_squeeze_factor_and_the_squeeze_move_the_kl_box_toward_never_past_its_targets():
-    f = lambda s_min: bvb.squeeze_factor(s_min, k=0.5)
-    assert (f(0.9), f(0.55)) == approx((0.8, 0.975)) and f(3.0) == 0.5   # never over half
-    assert f(0.5) == f(0.2) == f(float("nan")) == 1.0
+def test_the_squeeze_moves_the_kl_box_toward_never_past_its_targets():
+    factors = [bvb.squeeze_factor(s_min, k=0.5) for s_min in (0.9, 0.55, 3.0, 0.5, 0.2, math.nan)]
+    assert factors == approx([0.8, 0.975, 0.5, 1.0, 1.0, 1.0])   # never over half, none ≤ 0.5
     targets = (50.0, 80.0, 150.0)
     c = {"mse_floor": 0.7, "kl_floor_low": 1.0, "kl_optimum": 17.0, "kl_floor_high": 1000.0,
          "sharp_ceiling": 0.3}
@@ -317,35 +319,29 @@ def test_squeeze_factor_and_the_squeeze_move_the_kl_box_toward_never_past_its_ta
     assert (low, opt, high) == approx(targets)
 
 def test_end_epoch_squeezes_from_squeeze_start_by_the_mean_s_min_of_the_stepped_batches():
-    sums = {"steps": 4, "s_min_stepped": 3.6, "violations": 0, "skipped": 0,
-            "bottleneck_counts": [5, 2, 1]}
-    plain, early = bom_with(BOX), bom_with(BOX, ablation="squeeze=1")
-    for epoch in (1, 2):                                 # before epoch 3: no squeeze
-        assert plain.end_epoch(epoch, sums)["squeeze_factor"] == 1.0
-    assert plain.state["constraints"] == BOX
-    row = plain.end_epoch(3, sums)                       # mean s_min 0.9 -> factor 0.8
-    assert row["s_min"] == approx(0.9) and row["squeeze_factor"] == approx(0.8)
-    assert row["constraints"] == BOX            # the row logs the constraints the epoch used
-    assert row["bottleneck_counts"] == {"mse": 5, "kl": 2, "sharp": 1}
-    assert early.end_epoch(1, sums)["squeeze_factor"] == approx(0.8)   # squeeze=1: epoch 1 on
-    for method in (plain, early):
-        assert method.state["constraints"]["mse_floor"] == approx(0.32)
     # batch means of s_min 0.5, 0.2 (skipped: adds 0 to s_min_stepped), 0.7: stepped mean 0.6 →
     # factor 1 − (0.6 − 0.5)·0.5 = 0.95; the mean over all 3 batches is below 0.5: no squeeze
     sums = {"steps": 2, "batches": 3, "s_min": 1.4, "s_min_stepped": 0.5 + 0.0 + 0.7,
             "violations": 5, "skipped": 1, "bottleneck_counts": [60, 30, 6]}
-    method = bom_with(BOX)
-    row = method.end_epoch(3, sums)
-    assert row["s_min"] == approx(0.6) and row["squeeze_factor"] == approx(0.95)
-    assert row["violations"] == 5 and row["skipped_batches"] == 1 and row["constraints"] == BOX
-    c = method.state["constraints"]                     # the KL optimum's target: 0.625 x 128
-    assert (c["mse_floor"], c["kl_optimum"]) == approx((0.4 * 0.95, 20 + (80 - 20) * 0.05))
+    plain, early = bom_with(BOX), bom_with(BOX, ablation="squeeze=1")
+    for epoch in (1, 2):                                 # before epoch 3: no squeeze
+        assert plain.end_epoch(epoch, sums)["squeeze_factor"] == 1.0
+    assert plain.state["constraints"] == BOX
+    assert early.end_epoch(1, sums)["squeeze_factor"] == approx(0.95)   # squeeze=1: epoch 1 on
+    row = plain.end_epoch(3, sums)
+    assert (row["s_min"], row["squeeze_factor"]) == approx((0.6, 0.95))
+    assert row["violations"] == 5 and row["skipped_batches"] == 1
+    assert row["constraints"] == BOX                     # the ones the epoch trained with
+    assert row["bottleneck_counts"] == {"mse": 60, "kl": 30, "sharp": 6}
+    for method in (plain, early):                        # the KL optimum's target: 0.625 x 128
+        c = method.state["constraints"]
+        assert (c["mse_floor"], c["kl_optimum"]) == approx((0.4 * 0.95, 20 + (80 - 20) * 0.05))
     stalled = bom_with(BOX).end_epoch(5, dict(sums, steps=0, s_min_stepped=0.0, skipped=3))
     assert stalled["s_min"] == 0.0 and stalled["squeeze_factor"] == 1.0
 
 class FixedBOM(bvb.BOMVAE):
     """BOM whose calibrated constraints are then overridden by `fixed` (some keys or all),
-    recording each batch's (mean s_min, loss, skip, violations) in `seen`."""
+    recording each batch's (mean s_min, loss, skip) in `seen`."""
 
     def __init__(self, latent_dim, fixed, **knobs):
         super().__init__(latent_dim, **knobs)
@@ -357,8 +353,7 @@ class FixedBOM(bvb.BOMVAE):
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
         loss, skip, logs = super().batch_loss(mse, kl, sharp, kl_dims)
-        logged = (logs["s_min"], loss, skip, logs["violations"])
-        self.seen.append(tuple(v.item() for v in logged))
+        self.seen.append((logs["s_min"].item(), loss.item(), bool(skip)))
         return loss, skip, logs
 
 # a KL box and a sharpness ceiling no image can miss: the MSE floor alone decides
@@ -371,10 +366,9 @@ def test_an_epoch_with_one_skipped_batch_of_three_squeezes_by_the_two_that_stepp
     order = torch.randperm(24, generator=torch.Generator().manual_seed(0))  # train_run's order
     images[order[8:12]] = 0
     method = FixedBOM(16, dict(OPEN_BOX, mse_floor=0.15), squeeze_start=1)
-    run = bvb.train_run(method, images, tiny_args(batch_size=8))
-    row = run["history"][0]
-    s, loss, skip, violations = zip(*method.seen)
-    assert skip == (False, True, False) and violations == (0, 4, 0)
+    row = bvb.train_run(method, images, tiny_args(batch_size=8))["history"][0]
+    s, loss, skip = zip(*method.seen)
+    assert skip == (False, True, False)
     assert row["steps"] == 2 and row["skipped_batches"] == 1 and row["violations"] == 4
     stepped = (s[0] + s[2]) / 2
     assert stepped > 0.5 >= sum(s) / 3         # the design: only the right mean squeezes
@@ -382,79 +376,16 @@ def test_an_epoch_with_one_skipped_batch_of_three_squeezes_by_the_two_that_stepp
     factor = max(0.5, 1 - (stepped - 0.5) * 0.5)
     assert row["squeeze_factor"] == approx(factor, rel=1e-6) and factor < 1
     assert method.state["constraints"]["mse_floor"] == approx(0.15 * factor, rel=1e-6)
-    assert row["constraints"]["mse_floor"] == 0.15 and run["status"] == "ok"
-
-def test_squeeze_factor_and_the_next_epochs_constraints_follow_the_rule(train_images):
-    # epoch 1 is before squeeze_start 2 (factor 1 although s_min > 0.5); epoch 2 squeezes by
-    # max(0.5, 1 − (s_min − 0.5)·0.5) and moves each KL edge that fraction to its target
-    method = FixedBOM(16, dict(OPEN_BOX, mse_floor=10.0), squeeze_start=2)   # s_min ≈ 0.99
-    run = bvb.train_run(method, train_images[:16], tiny_args(epochs=2, batch_size=8))
-    first, second = run["history"]
-    assert first["s_min"] > 0.5 and first["squeeze_factor"] == 1.0
-    assert second["constraints"] == first["constraints"]
-    f = max(0.5, 1 - (second["s_min"] - 0.5) * 0.5)
-    assert f < 0.8 and second["squeeze_factor"] == approx(f, rel=1e-9)
-    low, opt, high = (t * 16 for t in bvb.KL_TARGETS_PER_DIM)
-    assert method.state["constraints"] == approx({
-        "mse_floor": 10.0 * f, "kl_floor_low": -1e6 + (low + 1e6) * (1 - f),
-        "kl_optimum": opt * (1 - f), "kl_floor_high": 1e6 + (high - 1e6) * (1 - f),
-        "sharp_ceiling": 1e-6})
-
-def bom_set_up(ablation=None):
-    """A BOM (or ablation) set up on StripeModel(STRIPES) and 4 images of sharpness 0.5
-    (|Δ| = 1 across, 0 down), 0.5, 0, 0."""
-    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-    images[:2, ..., ::2] = 255
-    method = bvb.BOMVAE(4, ablation=ablation)
-    method.setup(StripeModel(STRIPES), images, 2, seed=0)
-    return method
-
-def test_ablation_sharp_data_sets_the_ceiling_to_the_training_images_sharpness_only():
-    plain, ablated = bom_set_up(), bom_set_up("sharp=data")
-    c = plain.state["calibration"]
-    assert c["sharp_ceiling"] == approx(0.2) and plain.state["constraints"] == c   # the outputs'
-    assert ablated.state["calibration"] == dict(c, sharp_ceiling=approx(0.25))   # (0.5 + 0.5)/4
-    assert ablated.name == "bom_sharp=data" and ablated.settings()["ablation"] == "sharp=data"
-    assert "ablation" not in plain.settings() and ablated.knobs == plain.knobs
-    # sharpness 0.05 scores 0.05/0.25 = 0.2 under the data's ceiling, 0.25 under the untrained one
-    loss, _, logs = ablated.batch_loss(torch.tensor([0.0]), torch.tensor([4.0]),
-                                       torch.tensor([0.05]), None)
-    assert loss.item() == approx(-math.log(0.2))
-    assert logs["bottleneck_counts"].tolist() == [0, 0, 1]
-
-def test_bom_loss_is_minus_mean_log_of_the_worst_score_and_sharp_off_has_no_sharpness_score():
-    off = bom_set_up("sharp=off")
-    assert off.state["calibration"] == dict(bom_set_up().state["calibration"], sharp_ceiling=None)
-    off.state["constraints"] = dict(BOX, sharp_ceiling=None)
-    mse, kl = torch.tensor([0.1, 0.3]), torch.tensor([15.0, 20.0])   # 0.75, 0.25; 0.5, 1.0
-    # sharpness 0.3, 0.1 scores 1.5, 0.5; sharpness 0 would score 0 (a violation) with a ceiling
-    for method, sharp in ((bom_with(BOX), [0.3, 0.1]), (off, [0.0, 0.0])):
-        loss, skip, logs = method.batch_loss(mse, kl, torch.tensor(sharp), None)
-        assert loss.item() == approx(-(math.log(0.5) + math.log(0.25)) / 2) and not skip
-        assert logs["bottleneck_counts"].tolist() == [1, 1, 0]
-        assert logs["s_min"].item() == approx(0.375)
-    squeezed = bvb.squeeze(off.state["constraints"], 0.5, (50.0, 80.0, 150.0))
-    assert squeezed["sharp_ceiling"] is None
+    assert row["constraints"]["mse_floor"] == 0.15
 
 def test_bom_flags_reach_the_method_its_run_file_and_its_calibration(shared_out, data_dir):
     knobs = {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2,
              "mse_floor_mult": 3.0, "kl_low_mult": 0.2, "kl_high_mult": 10.0}
-    args = bvb.parse_args(["--device", "cpu", "--latent-dim", "16", *BOM_FLAGS])
-    method = bvb.make_method(("bom", None), args)
-    assert method.name == "bom" and method.knobs == knobs
-    assert method.kl_targets == approx((12.5, 20.0, 37.5))    # (0.39, 0.625, 1.17) x 16 x 2
-    sums = {"steps": 1, "s_min_stepped": 0.9, "violations": 0, "skipped": 0,
-            "bottleneck_counts": [1, 0, 0]}
-    row = bom_with(BOX, **knobs).end_epoch(2, sums)
-    assert row["squeeze_factor"] == approx(1 - 0.4 * 0.25)    # k = 0.25 from epoch 2 on
     run = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
-    assert {k: run["settings"][k] for k in knobs} == knobs
-    flags = {dest for _, dest, _, _ in bvb.knob_flags()}
-    assert "bom_kl_scale" in flags and not (flags | set(knobs)) & set(run["config"])   # once
-    for settings in (run["settings"], run["fingerprint"]["method_settings"]):
-        assert settings["kl_targets"] == approx([12.5, 20.0, 37.5])
-    history = run["history"]
-    assert len(history) == 1 and history[0]["squeeze_factor"] == 1.0   # epoch 1 < 2
+    assert run["name"] == "bom" and {k: run["settings"][k] for k in knobs} == knobs
+    assert not ({f"bom_{k}" for k in knobs} | set(knobs)) & set(run["config"])   # recorded once
+    for settings in (run["settings"], run["fingerprint"]["method_settings"]):   # (0.39, 0.625,
+        assert settings["kl_targets"] == approx([12.5, 20.0, 37.5])          # 1.17) x 16 x 2
     # the recorded calibration: the untrained model's metrics on 2 batches of the 80 training
     # images (in an order seeded with seed + 1) through the multipliers 3, 0.2 and 10
     images = bvb.load_mnist(data_dir, train=True)[0][:80]
@@ -463,15 +394,15 @@ def test_bom_flags_reach_the_method_its_run_file_and_its_calibration(shared_out,
     order = torch.Generator().manual_seed(1)
     expected = bvb.calibrate(model, bvb.batches(images, 32, order), 2, 3.0, 0.2, 10.0)
     assert run["config"]["calibration"] == approx(expected, rel=1e-6)
-    assert history[0]["constraints"] == approx(expected, rel=1e-6)
+    [epoch] = run["history"]
+    assert epoch["constraints"] == approx(expected, rel=1e-6) and epoch["squeeze_factor"] == 1.0
 
 # ---------------------------------------- the other methods
 
 def test_beta_sigma_vae_and_free_bits_losses_at_hand_points():
-    method = bvb.BetaVAE(0.5)                   # mean MSE + β·mean KL
-    loss, skip, _ = method.batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
-                                      torch.tensor([0.1, 0.1]), None)
-    assert loss.item() == approx(0.2 + 0.5 * 3.0) and skip is None and method.knobs["beta"] == 0.5
+    loss, skip, _ = bvb.BetaVAE(0.5).batch_loss(torch.tensor([0.1, 0.3]), torch.tensor([2.0, 4.0]),
+                                                 None, None)
+    assert loss.item() == approx(0.2 + 0.5 * 3.0) and skip is None   # mean MSE + β·mean KL
     # σ-VAE: σ² the batch MSE, log σ soft-clipped at −6; loss the Gaussian NLL + KL
     torch.manual_seed(0)
     x, x_recon = torch.rand(3, 1, 64, 64), torch.rand(3, 1, 64, 64)
@@ -480,13 +411,10 @@ def test_beta_sigma_vae_and_free_bits_losses_at_hand_points():
     sigma2 = logs["sigma2"].item()
     log_sigma = -6 + math.log1p(math.exp(0.5 * math.log(mse.mean().item()) + 6))
     assert sigma2 == approx(math.exp(2 * log_sigma), rel=1e-5)
-    assert sigma2 == approx(mse.mean().item(), rel=0.02)   # the soft clip's pull at log σ ≈ −0.9
     normal = torch.distributions.Normal(x_recon, math.sqrt(sigma2))
     assert loss.item() == approx(-normal.log_prob(x).sum().item() / 3 + 6.0, rel=1e-5)
-    _, sigma2 = bvb.gaussian_nll(torch.tensor([1e-12, 1e-12]))   # log σ would be −13.8
-    assert 0.5 * math.log(sigma2.item()) == approx(-6.0, abs=1e-3)
-    _, sigma2 = bvb.gaussian_nll(torch.tensor([0.5, 0.7]))       # far above the clip
-    assert sigma2.item() == approx(0.6, rel=0.01)
+    tiny = bvb.gaussian_nll(torch.tensor([1e-12, 1e-12]))[1]   # log σ would be −13.8
+    assert 0.5 * math.log(tiny.item()) == approx(-6.0, abs=1e-3)
     # free bits: NLL + Σ_d max(λ, batch-mean KL_d), means 0.1, 0.5, 0.3: no gradient to the 1st
     kl_dims = torch.tensor([[0.1, 0.6, 0.3], [0.1, 0.4, 0.3]], requires_grad=True)
     loss, _, logs = bvb.FreeBits(**{"lambda": 0.25}).batch_loss(mse, None, None, kl_dims)
@@ -494,14 +422,15 @@ def test_beta_sigma_vae_and_free_bits_losses_at_hand_points():
     assert loss.item() == approx(nll.mean().item() + 0.25 + 0.5 + 0.3, rel=1e-6)
     assert logs["dims_below_lambda"].item() == 1
     loss.backward()
-    assert kl_dims.grad[:, 0].tolist() == [0.0, 0.0]
-    assert kl_dims.grad[:, 1:].flatten().tolist() == approx([0.5] * 4)
+    assert kl_dims.grad.flatten().tolist() == approx([0.0, 0.5, 0.5] * 2)
 
 def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
     """The paper's Algorithm 1 and genesis' code: C_ma starts at the first step's C."""
     geco = bvb.GECO(tolerance=0.01, rate=1e-4, speedup=10.0)
-    kl, s = torch.tensor([30.0, 50.0]), geco.state
-    step = lambda mse: geco.batch_loss(torch.tensor([mse, mse]), kl, None, None)
+    s = geco.state
+
+    def step(mse):
+        return geco.batch_loss(torch.tensor([mse, mse]), torch.tensor([30.0, 50.0]), None, None)
     loss, _, logs = step(0.02)                               # C = D·(0.02 − 0.01) = 40.96
     assert loss.item() == approx(40.0 + 40.96) and logs["lambda"].item() == 1.0
     lam1 = math.exp(1e-4 * 40.96)                            # C_ma = C at step 1
@@ -509,54 +438,28 @@ def test_geco_update_at_hand_points_fast_while_met_slow_while_violated():
     loss, _, logs = step(0.005)                              # C = −20.48
     assert loss.item() == approx(40.0 + lam1 * -20.48, rel=1e-6)
     c_ma2 = 0.99 * 40.96 + 0.01 * -20.48                     # 40.3456 > 0: still violated
-    lam2 = lam1 * math.exp(1e-4 * c_ma2)
-    assert float(s["ma"]) == approx(c_ma2) and float(s["lambda"]) == approx(lam2, rel=1e-6)
-    step(0.005)
-    c_ma3 = 0.99 * c_ma2 + 0.01 * -20.48                     # 39.737344
-    assert float(s["lambda"]) == approx(lam2 * math.exp(1e-4 * c_ma3), rel=1e-6)
+    assert float(s["ma"]) == approx(c_ma2)
+    assert float(s["lambda"]) == approx(lam1 * math.exp(1e-4 * c_ma2), rel=1e-6)
     for _ in range(300):
         step(0.005)
     before, m = float(s["lambda"]), float(s["ma"])
     step(0.005)
     c_ma = 0.99 * m + 0.01 * -20.48                          # < 0: met, 10x the rate
-    assert c_ma < 0 and s["steps"] == 304
+    assert c_ma < 0 and s["steps"] == 303
     assert float(s["lambda"]) == approx(before * math.exp(10 * 1e-4 * c_ma), rel=1e-5)
-    assert 1e-10 < float(s["lambda"]) < before
-    assert bvb.GECO.FIXED == {"alpha": 0.99, "lambda_range": [1e-10, 1e10], "ma_start": "first C"}
-
-def test_geco_settles_lambda_and_meets_its_constraint_on_a_toy_problem():
-    # x̂ = θ·1, target 1: MSE = (1 − θ)²; 'KL' = 50·θ² pulls θ to 0. The least KL with
-    # MSE ≤ 0.01 is at θ = 0.9, λ* = 100·0.9 / (2·D·0.1) (stationarity of KL + λ·D·(MSE − tol))
-    # θ starts at 0.8 (MSE 0.04): C_ma, which starts at the first C, then leaves the start
-    # behind within the 3,000 steps (from θ = 0, C = 4055, it takes about 6,000)
-    theta = torch.tensor(0.8, requires_grad=True)
-    optimizer = torch.optim.Adam([theta], lr=0.02)
-    geco = bvb.GECO(tolerance=0.01, rate=2e-5, speedup=10.0)
-    lams, mses = [], []
-    for _ in range(3000):
-        mse = ((1 - theta) ** 2).reshape(1)
-        loss, _, _ = geco.batch_loss(mse, 50 * theta.reshape(1) ** 2, None, None)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        lams.append(float(geco.state["lambda"])), mses.append(mse.item())
-    assert statistics.fmean(mses[-500:]) == approx(0.01, rel=0.1)
-    lam_star = 100 * 0.9 / (2 * bvb.IMAGE_PIXELS * 0.1)
-    assert statistics.fmean(lams[-500:]) == approx(lam_star, rel=0.2)
-    assert max(lams[-500:]) / min(lams[-500:]) < 1.1 and max(lams) < 100   # settled, in bounds
 
 def test_controlvae_beta_rises_above_set_point_falls_below_and_stays_clipped():
     control = bvb.ControlVAE(kl_target=80.0, kp=0.01, ki=0.0001)
-    assert bvb.ControlVAE.FIXED["beta_range"] == [0.0, 1.0]
     loss, _, logs = control.batch_loss(torch.tensor([0.01, 0.03]),
                                        torch.tensor([170.0, 190.0]), None, None)
     # e = 80 − 180 = −100: P = 0.01/(1 + e^−100), I = 0.01: β = 0.02
     assert logs["kl_error"].item() == -100.0 and logs["beta"].item() == approx(0.02)
     assert loss.item() == approx(4096 * 0.02 + 0.02 * 180.0)
-    beta = lambda kl: control.batch_loss(
-        torch.zeros(1), torch.tensor([kl]), None, None)[2]["beta"].item()
-    betas = [beta(180.0) for _ in range(300)]
-    assert betas[50] > betas[0] and max(betas) == 1.0            # clipped at β_max
+
+    def beta(kl):
+        return control.batch_loss(torch.zeros(1), torch.tensor([kl]), None, None)[2]["beta"].item()
+    rising = [beta(180.0) for _ in range(300)]
+    assert rising[50] > rising[0] and max(rising) == 1.0            # clipped at β_max
     assert float(control.state["integral"]) <= 1.0      # anti-windup: none past the clip
     falling = [beta(20.0) for _ in range(300)]                   # KL below the set point
     assert falling[0] < 1.0 and all(b <= a for a, b in zip(falling, falling[1:]))
@@ -566,7 +469,6 @@ def test_controlvae_beta_rises_above_set_point_falls_below_and_stays_clipped():
     ("bom:sharp=blur", "'sharp=blur' in 'bom:sharp=blur' is not a BOM ablation (sharp=data"),
     ("ablations,bom:sharp=off", "listed twice"),
     ("bom:sharp=off+kl_scale=2,bom:kl_scale=2.0+sharp=off", "listed twice"),
-    ("bom:sharp=off+kl_scal=2", "'kl_scal=2' in 'bom:sharp=off+kl_scal=2' is not a BOM"),
     ("bom:sharp=off+sharp=data", "one at most"), ("bom:kl_scale=2+kl_scale=3", "once each"),
     ("bom:kl_scale=0", "BOM's kl_scale must be a finite number > 0"),
     ("bom:kl_scale=x", "BOM's kl_scale must be a finite number > 0, got 'x'"),
@@ -577,12 +479,9 @@ def test_a_bad_method_item_is_a_usage_error_saying_why(item, message):
         bvb.parse_methods(item)
 
 def test_methods_all_and_a_bom_item_of_an_ablation_and_knob_values_in_one_name():
-    specs = bvb.parse_methods("all")
-    assert [b for kind, b in specs if kind == "beta"] == [
-        1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1]
     ablations = [("bom", "sharp=data"), ("bom", "sharp=off"), ("bom", "squeeze=1")]
-    others = [(k, None) for k in bvb.TUNING_FREE]
-    assert [spec for spec in specs if spec[0] != "beta"] == others + ablations
+    assert bvb.parse_methods("all") == [("beta", b) for b in bvb.ALL_BETAS] + [
+        (k, None) for k in bvb.TUNING_FREE] + ablations
     assert bvb.parse_methods("bom,ablations") == [("bom", None)] + ablations
     # knobs after '+', in any order: one canonical item, so one setting cannot be listed twice
     assert bvb.parse_methods("bom:kl_scale=2+sharp=off,bom:squeeze_start=2") == [
@@ -591,20 +490,15 @@ def test_methods_all_and_a_bom_item_of_an_ablation_and_knob_values_in_one_name()
     method = bvb.make_method(("bom", "sharp=off+kl_scale=2"), args)
     assert method.name == "bom_sharp=off_kl_scale=2" and method.ablation == "sharp=off"
     assert method.variant == ("kl_scale",) and method.knobs["squeeze_k"] == 0.25   # a flag's
-    assert method.knobs["kl_scale"] == 2.0                       # the item wins over the flag
-    assert method.kl_targets == approx(tuple(t * 32 for t in bvb.KL_TARGETS_PER_DIM))
-    assert bvb.make_method(("bom", "squeeze_start=2"), args).knobs["squeeze_start"] == 2
+    assert method.kl_targets == approx(tuple(t * 32 for t in bvb.KL_TARGETS_PER_DIM))   # ×2
     args = bvb.parse_args(["--methods", "bom:squeeze=1", "--bom-squeeze-start", "5"])
     method = bvb.make_method(args.method_specs[0], args)      # squeeze=1 overrides the flag
-    defaults = {knob: default for knob, (default, _) in bvb.BOMVAE.KNOBS.items()}
-    assert method.knobs == dict(defaults, squeeze_start=1) and method.name == "bom_squeeze=1"
-    assert method.settings()["ablation"] == "squeeze=1"
+    assert method.knobs["squeeze_start"] == 1 and method.settings()["ablation"] == "squeeze=1"
     specs = bvb.parse_args(["--methods", "bom:sharp=off", "--bom-sensitivity", "bom:sharp=off"]
                            ).method_specs
     assert specs[0] == ("bom", "sharp=off") and ("bom", "sharp=off+mse_floor_mult=4") in specs
     assert len(specs) == 1 + sum(map(len, bvb.BOMVAE.SENSITIVITY.values()))
-    specs = bvb.parse_args(["--bom-sensitivity"]).method_specs
-    assert specs[-1] == ("bom", "mse_floor_mult=4")
+    assert bvb.parse_args(["--bom-sensitivity"]).method_specs[-1] == ("bom", "mse_floor_mult=4")
     with pytest.raises(bvb.UsageError, match="--bom-sensitivity takes one BOM item"):
         bvb.parse_args(["--bom-sensitivity", "beta:0.1"])
 
@@ -614,23 +508,31 @@ def same(a, b):
     """Two state dicts hold equal tensors."""
     return all(torch.equal(v, b[k]) for k, v in a.items())
 
-@pytest.mark.parametrize("spec", [("beta", 0.0001), ("beta", 0.1)] +
+class Toy(bvb.Method):
+    """A new method as the README says one is written: a kind and a loss, nothing declared."""
+
+    kind = "toy"
+
+    def batch_loss(self, mse, kl, sharp, kl_dims):
+        return mse.mean() + kl.mean(), None, {}
+
+@pytest.mark.parametrize("spec", [("beta", 0.1), ("toy", None)] +
                          [(kind, None) for kind in bvb.TUNING_FREE])
-def test_every_method_trains_on_tiny_data(train_images, spec):
-    args = tiny_args(epochs=3)
-    method = bvb.make_method(spec, args)
+def test_every_method_and_a_new_one_trains_on_tiny_data(train_images, spec, monkeypatch):
+    monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
+    method = bvb.make_method(spec, tiny_args(epochs=2))
     bvb.seed_everything(0)
     start = bvb.VAE(16).state_dict()
-    run = bvb.train_run(method, train_images[:64], args)
-    history = run["history"]
-    assert run["status"] == "ok" and [row["steps"] for row in history] == [2] * 3   # 64 / 32
+    run = bvb.train_run(method, train_images[:64], tiny_args(epochs=2))
+    assert run["status"] == "ok" and [row["steps"] for row in run["history"]] == [2, 2]   # 64 / 32
     assert not same(run["model"].state_dict(), start)
-    if spec[0] == "bom":
-        assert set(history[0]) >= {"s_min", "violations", "skipped_batches",
-                                   "bottleneck_counts", "constraints", "squeeze_factor"}
-        assert sum(history[0]["bottleneck_counts"].values()) == 64
     for key in method.logged:
-        assert all(math.isfinite(row[key]) for row in history), key
+        assert all(math.isfinite(row[key]) for row in run["history"]), key
+    if spec[0] == "bom":
+        assert sum(run["history"][0]["bottleneck_counts"].values()) == 64
+    if spec[0] == "toy":
+        assert Toy.sets_rate(method.settings(), 16) is None and Toy.targets({}, {}) == []
+        assert not Toy.idle(run["history"]) and method.config() == {"method": "toy"}
 
 class DivergesAt(bvb.BetaVAE):
     """β-VAE whose loss turns infinite from its n-th batch on."""
@@ -644,25 +546,22 @@ class DivergesAt(bvb.BetaVAE):
         self.calls += 1
         return (loss * float("inf") if self.calls >= self.n else loss), skip, logs
 
-def test_a_run_stalls_when_every_batch_violates_and_diverges_at_its_first_bad_step(
+def test_a_run_stalls_when_every_batch_violates_and_diverges_caught_within_the_epoch(
         train_images, tmp_path):
     bvb.seed_everything(0)
     start = bvb.VAE(16).state_dict()
     run = bvb.train_run(FixedBOM(16, {"mse_floor": 1e-9}), train_images, tiny_args(epochs=3))
     assert run["status"] == "stalled" and len(run["history"]) == 1   # ends after that epoch
-    assert run["history"][0]["skipped_batches"] == 3
-    assert run["history"][0]["violations"] == N_TRAIN
+    assert run["history"][0]["skipped_batches"] == 3 and run["history"][0]["violations"] == N_TRAIN
     assert same(run["model"].state_dict(), start)                    # never stepped
     path = str(tmp_path / "run.pt")
     run = bvb.train_run(DivergesAt(5), train_images, tiny_args(epochs=3), checkpoint=path)
-    at = {"epoch": 2, "step": 2}                                  # 3 batches per epoch
-    assert run["status"] == "diverged" and run["diverged_at"] == at
-    assert len(run["history"]) == 1
+    # inf from batch 5 (epoch 2, step 2 of 3), caught at the epoch's last step, a host sync
+    assert run["status"] == "diverged" and run["diverged_at"] == {"epoch": 2, "step": 3}
     saved = torch.load(path, weights_only=True)      # the last good epoch's checkpoint, kept
     assert saved["status"] == "ok" and not saved["finished"] and len(saved["history"]) == 1
     good = bvb.train_run(bvb.BetaVAE(0.001), train_images, tiny_args())   # the same epoch 1
     assert same(good["model"].state_dict(), saved["model"])
-    assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 @pytest.mark.parametrize("adam", ["fused", "plain", "plain state in fused"])
 def test_a_skipped_step_leaves_weights_and_adam_state_alone(adam):
@@ -671,7 +570,9 @@ def test_a_skipped_step_leaves_weights_and_adam_state_alone(adam):
     torch.manual_seed(0)
     model, optimizer = bvb.new_model(4, CPU, 0.1)
     assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == 0.1
-    loss = lambda: model(torch.rand(2, 1, 64, 64))[0].mean()
+
+    def loss():
+        return model(torch.rand(2, 1, 64, 64))[0].mean()
     plain = torch.optim.Adam(model.parameters(), lr=0.1, fused=False)
     assert bvb.optimizer_step(optimizer if adam == "fused" else plain, model, loss(), None)
     if adam == "plain":
@@ -688,20 +589,19 @@ def test_a_skipped_step_leaves_weights_and_adam_state_alone(adam):
     assert not same(weights, model.state_dict())
     assert optimizer.state_dict()["state"][0]["step"].item() == 2
 
-def test_amp_trains_keeps_metrics_in_fp32_and_autocast_is_entered_only_with_it(
-        train_images, monkeypatch):
-    run = bvb.train_run(bvb.BetaVAE(0.001), train_images[:32], tiny_args(amp=True))
-    assert run["status"] == "ok" and math.isfinite(run["history"][0]["mse"])
-    x = train_images[:4].float() / 255
-    metrics = bvb.forward_metrics(run["model"], x, amp=True)
+def test_amp_runs_bf16_keeps_the_metrics_in_fp32_and_without_it_enters_no_autocast(
+        monkeypatch):
+    torch.manual_seed(0)
+    model, x = bvb.VAE(16), torch.rand(4, 1, 64, 64)
+    metrics = bvb.forward_metrics(model, x, amp=True)
     assert len(metrics) == 4 and all(m.dtype == torch.float32 for m in metrics)
-    entered = []
-    monkeypatch.setattr(torch, "autocast",
-                        lambda *a, **k: entered.append(a) or pytest.fail("autocast entered"))
-    bvb.forward_metrics(run["model"], x, amp=False)
-    with pytest.raises(pytest.fail.Exception):
-        bvb.forward_metrics(run["model"], x, amp=True)
-    assert entered == [("cpu",)]
+
+    def autocast(device_type, **kwargs):
+        raise AssertionError(f"autocast entered on {device_type}")
+    monkeypatch.setattr(torch, "autocast", autocast)
+    bvb.forward_metrics(model, x, amp=False)
+    with pytest.raises(AssertionError, match="entered on cpu"):
+        bvb.forward_metrics(model, x, amp=True)
 
 def test_load_mnist_and_its_fast_path_give_the_seed_pipeline_s_images_and_loss(data_dir):
     seed_data = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.Compose(
@@ -725,98 +625,42 @@ def test_load_mnist_and_its_fast_path_give_the_seed_pipeline_s_images_and_loss(d
         seed_loss = method.batch_loss(*seed_metrics, None)[0]
         torch.manual_seed(1)
         fast_loss = method.batch_loss(*bvb.forward_metrics(fast_model, fast_batch))[0]
-        assert fast_loss.item() == approx(seed_loss.item(), rel=1e-5)
         assert math.isfinite(fast_loss.item())
-        seed_loss.backward(), fast_loss.backward()
+        assert fast_loss.item() == approx(seed_loss.item(), rel=1e-5)
+        seed_loss.backward()
+        fast_loss.backward()
         fast_grad, seed_grad = fast_model.fc_mu.weight.grad, seed_model.fc_mu.weight.grad
         assert seed_grad.norm() > 0             # summation order differs, not more:
         assert (fast_grad - seed_grad).norm() / seed_grad.norm() < 1e-3
-        seed_model.zero_grad(), fast_model.zero_grad()
-
-def test_same_seed_gives_identical_metrics_and_another_seed_does_not(
-        shared_out, data_dir, tmp_path):
-    first = json.loads((shared_out / "summary.json").read_text())   # another process
-    both = bvb.main(run_args(data_dir, tmp_path, *SHARED, "--no-plots", "--seeds", "0", "1"))
-    metrics = lambda summary, seed: [
-        (r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["test_iwae_nll"])
-        for r in summary["runs"] if r["seed"] == seed]
-    assert metrics(first, 0) == metrics(both, 0) != metrics(both, 1)
-    assert len(metrics(both, 1)) == 2
+        seed_model.zero_grad()
+        fast_model.zero_grad()
 
 # ---------------------------------------- evaluation: likelihood bound, Fréchet distance, classifier
 
-D, LATENT, SIGMA2 = bvb.IMAGE_PIXELS, 3, 0.05
-SCALES = torch.tensor([1.5, 1.0, 0.6], dtype=torch.float64)
-
-class LinearGaussian:
-    """decode(z) = W z + b, W's columns orthogonal (WᵀW = diag(s²)): p(x) = N(b, W Wᵀ + σ² I),
-    and the exact posterior p(z|x) = N(S Wᵀ(x − b)/σ², S), S = diag(1 / (1 + s²/σ²))."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        q, _ = torch.linalg.qr(torch.randn(D, LATENT, generator=g, dtype=torch.float64))
-        self.W, self.b = q * SCALES, 0.3 * torch.randn(D, generator=g, dtype=torch.float64)
-
-    def decode(self, z):
-        return z @ self.W.T + self.b
-
-    def sample_x(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, LATENT, generator=g, dtype=torch.float64)
-        noise = math.sqrt(SIGMA2) * torch.randn(n, D, generator=g, dtype=torch.float64)
-        return (self.decode(z) + noise).view(n, 1, 64, 64)
-
-    def exact_nll(self, x):
-        noise = torch.full((D,), SIGMA2, dtype=torch.float64)
-        p = torch.distributions.LowRankMultivariateNormal(self.b, self.W, noise)
-        return -p.log_prob(x.flatten(1))
-
-    def posterior(self, x, off=False):
-        """q(z|x) = p(z|x), or with off=True its mean shifted by one sd, its variance x e²
-        (wider than the posterior: the weights stay bounded, their averages well behaved)."""
-        var = 1 / (1 + SCALES ** 2 / SIGMA2)
-        mu = var * ((x.flatten(1) - self.b) @ self.W) / SIGMA2
-        return mu + off * var.sqrt(), var.log().expand(x.shape[0], LATENT) + 2.0 * off
-
-def test_iwae_equals_the_exact_nll_for_any_k_and_chunking_when_q_is_the_exact_posterior():
-    # q = p(z|x): every weight p(x, z)/q(z|x) is p(x), so −log mean w = −log p(x) exactly
-    model = LinearGaussian()
-    x = model.sample_x(4, seed=1)
-    exact = model.exact_nll(x)
-    assert exact.abs().min() > 10                  # a real density value, not a trivial zero
-    for samples, chunk in ((1, 10), (25, 10), (25, 25), (25, 7), (25, 100), (3, 1)):
-        torch.manual_seed(samples + chunk)
-        got = bvb.iwae_nll(model, x, *model.posterior(x), SIGMA2, samples, chunk=chunk)
-        assert got.shape == (4,)
-        assert got.tolist() == approx(exact.tolist(), rel=1e-9, abs=1e-7), (samples, chunk)
-
-def test_iwae_uses_exactly_k_draws_in_any_chunking_and_matches_a_direct_computation(
+def test_iwae_is_the_importance_weighted_bound_over_exactly_k_draws_in_any_chunking(
         monkeypatch):
-    # the same 25 draws fed through torch.randn: K = 25 in chunks of 10, 7, 25 and 100, and K = 1
-    # (the one-sample −ELBO) in the default chunk give −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)
-    model = LinearGaussian()
-    x = model.sample_x(3, seed=4)
-    mu, logvar = model.posterior(x, off=True)
-    g = torch.Generator().manual_seed(5)
-    eps = torch.randn(25, 3, LATENT, generator=g, dtype=torch.float64)
+    # a linear Gaussian decoder and any q: the same 25 draws fed through torch.randn, K = 25 in
+    # chunks of 10, 7, 25 and 100, and K = 1 (the one-sample −ELBO) give
+    # −log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), computed here with torch.distributions
+    torch.manual_seed(0)
+    model = types.SimpleNamespace(decode=torch.nn.Linear(3, 4096).requires_grad_(False))
+    x, mu, logvar = torch.rand(2, 1, 64, 64), torch.randn(2, 3), torch.randn(2, 3)
+    eps = torch.randn(25, 2, 3)
     std = torch.exp(0.5 * logvar)
     z, normal = mu + eps * std, torch.distributions.Normal
-    log_w = (normal(model.decode(z), math.sqrt(SIGMA2)).log_prob(x.flatten(1)).sum(-1)
+    log_w = (normal(model.decode(z), math.sqrt(0.05)).log_prob(x.flatten(1)).sum(-1)
              + normal(0.0, 1.0).log_prob(z).sum(-1) - normal(mu, std).log_prob(z).sum(-1))
-    assert log_w.std(0).min() > 0.1              # q is not the posterior: the weights differ
-    for samples, chunk in ((25, 10), (25, 7), (25, 25), (25, 100), (1, None)):
+    for samples, chunk in ((25, 10), (25, 7), (25, 25), (25, 100), (1, 10)):
         used = []
 
-        def stream(*size, **kw):
-            assert tuple(size[1:]) == (3, LATENT)
+        def draws(*size, **kw):
             used.append(size[0])
             return eps[sum(used) - size[0]:sum(used)]
-        monkeypatch.setattr(torch, "randn", stream)
-        kw = {"chunk": chunk} if chunk else {}
-        got = bvb.iwae_nll(model, x, mu, logvar, SIGMA2, samples, **kw)
-        assert sum(used) == samples and max(used) == min(chunk or 10, samples), (chunk, used)
+        monkeypatch.setattr(torch, "randn", draws)
+        got = bvb.iwae_nll(model, x, mu, logvar, 0.05, samples, chunk=chunk)
+        assert sum(used) == samples and max(used) == min(chunk, samples), (chunk, used)
         expected = -(torch.logsumexp(log_w[:samples], 0) - math.log(samples))
-        assert got.tolist() == approx(expected.tolist(), rel=1e-10), chunk
+        assert got.tolist() == approx(expected.tolist(), rel=1e-5), chunk
 
 class OnMPS(torch.Tensor):
     """A tensor that refuses float64 until it is moved to the CPU, as one on Apple's MPS does."""
@@ -831,26 +675,15 @@ class OnMPS(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 def test_frechet_distance_at_hand_computed_points_commuting_or_not_off_the_device():
-    torch.manual_seed(0)
-    a, b = torch.randn(50, 4), torch.randn(60, 4) + 1
-    assert bvb.frechet_distance(a, a) == approx(0.0, abs=1e-8)
-    assert bvb.frechet_distance(a.as_subclass(OnMPS), b.as_subclass(OnMPS)) == \
-        bvb.frechet_distance(a, b)                       # no float64 on the features' device
-    # a centered set scaled per dimension and shifted has known mean and covariance
-    base = torch.tensor([[1.0, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1]])   # cov (4/3)·I
-    b = base * torch.tensor([2.0, 1, 3]) + torch.tensor([1.0, 0, -2])
-    var_a, var_b = torch.full((3,), 4 / 3), torch.tensor([4.0, 1, 9]) * 4 / 3
-    expected = (1 + 0 + 4) + ((var_a.sqrt() - var_b.sqrt()) ** 2).sum().item()
-    assert bvb.frechet_distance(base, b) == approx(expected, rel=1e-6)
     # a = {±(1,0), ±(0,2)}: Σa = (2/3)·A, A = diag(1, 4); b = {±(1,1), ±(0,1)} + (1, −2):
     # Σb = (2/3)·B, B = [[1, 1], [1, 2]], AB ≠ BA. For 2x2, Tr √M = √(tr M + 2√det M), so
     # Tr √(AB) = √13 and FD = |(1, −2)|² + (2/3)(tr A + tr B − 2√13)
     a = torch.tensor([[1.0, 0], [-1, 0], [0, 2], [0, -2]])
     b = torch.tensor([[1.0, 1], [-1, -1], [0, 1], [0, -1]]) + torch.tensor([1.0, -2])
-    assert np.allclose(np.cov(b.numpy().T), [[2 / 3, 2 / 3], [2 / 3, 4 / 3]])
-    for first, second in ((a, b), (b, a)):
+    for first, second in ((a, b), (b, a), (a.as_subclass(OnMPS), b.as_subclass(OnMPS))):
         got = bvb.frechet_distance(first, second)
         assert got == approx(5 + 2 / 3 * (8 - 2 * math.sqrt(13)), rel=1e-9)
+    assert bvb.frechet_distance(b, b) == approx(0.0, abs=1e-12)
 
 class ConstantModel(torch.nn.Module):
     """Encodes every batch to the posterior N(mu, I) and decodes every z to the image c."""
@@ -887,40 +720,28 @@ def test_evaluate_run_fits_sigma2_on_validation_and_counts_active_units(val_size
     nll = 4096 * (0.5625 / (2 * sigma2) + 0.5 * math.log(2 * math.pi * sigma2))
     assert test["neg_elbo"] == approx(nll + kl, rel=1e-5)
 
-def test_classifier_is_trained_once_per_training_set_and_a_bad_or_foreign_cache_retrained(
+def test_prepare_caches_the_classifier_once_per_training_set_and_a_bad_cache_is_retrained(
         data_dir, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    args = bvb.parse_args(run_args(data_dir, tmp_path / "out", "--cache-dir", str(cache)))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = run_args(data_dir, out, "--cache-dir", str(cache))
+    assert bvb.main([*argv, "--prepare"]) is None and not out.exists()   # no results written
+    printed = capsys.readouterr().out
+    assert "trained on 80 images" in printed and "Feature classifier ready" in printed
+    [path] = cache.iterdir()
+    stamp, args = path.stat().st_mtime_ns, bvb.parse_args(argv)
     splits = bvb.load_splits(args, CPU)
     _, accuracy, sha = bvb.get_classifier(splits, args)
-    [path] = cache.iterdir()
-    assert "trained on 80 images" in capsys.readouterr().out and 0 <= accuracy <= 1
-    stamp = path.stat().st_mtime_ns
-    assert bvb.get_classifier(splits, args)[2] == sha and path.stat().st_mtime_ns == stamp
-    assert "loaded from" in capsys.readouterr().out
+    assert "loaded from" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+    assert 0 <= accuracy <= 1 and len(sha) == 64
     path.write_bytes(b"not a checkpoint")            # corrupt: retrained, same seeded weights
     assert bvb.get_classifier(splits, args)[2] == sha
-    assert "trained on 80" in capsys.readouterr().out
     state = torch.load(path, weights_only=True)
-    fingerprint = dict(state["fingerprint"], epochs=1)          # another setting: retrained
-    torch.save(dict(state, fingerprint=fingerprint), path)
+    torch.save(dict(state, fingerprint=dict(state["fingerprint"], epochs=1)), path)   # another
     assert bvb.get_classifier(splits, args)[2] == sha
-    assert "trained on 80" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("trained on 80") == 2
     args.val_size = 8
     bvb.get_classifier(bvb.load_splits(args, CPU), args)     # 88 other images: their own file
     assert len(list(cache.iterdir())) == 2
-
-def test_prepare_caches_the_classifier_and_writes_no_results(data_dir, tmp_path, capsys):
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    assert bvb.main(run_args(data_dir, out, "--prepare", "--cache-dir", str(cache))) is None
-    assert "Feature classifier ready" in capsys.readouterr().out
-    assert not out.exists() and len(list(cache.iterdir())) == 1
-    summary = bvb.main(run_args(data_dir, out, "--cache-dir", str(cache), "--epochs", "1",
-                                "--latent-dim", "16", "--methods", "beta:0.1"))
-    assert "loaded from" in capsys.readouterr().out
-    run = json.loads((out / "runs" / "beta_0.1_seed0.json").read_text())
-    sha = run["reference"]["classifier_sha256"]
-    assert sha == summary["reference"]["classifier_sha256"] and len(sha) == 64
 
 # ---------------------------------------- the report and the verdict
 
