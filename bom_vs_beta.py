@@ -24,7 +24,6 @@ import functools
 import glob
 import hashlib
 import io
-import itertools
 import json
 import linecache
 import math
@@ -2008,7 +2007,7 @@ def build_parser():
 def knob_flags():
     """(--<kind>-<knob>, <kind>_<knob>, default, help) of every KNOBS entry; these four first."""
     first = [GECO, ControlVAE, FreeBits, BOMVAE]
-    return [(f"--{c.kind}-{k.replace('_', '-')}", f"{c.kind}_{k}", d, f"{c.label}: {text}")
+    return [(f"--{c.kind}-{k.replace('_', '-')}", f"{c.kind}_{k}", d, f"{c.label or c.kind}: {text}")
             for c in first + [c for c in METHOD_CLASSES.values() if c not in first]
             for k, (d, text) in c.KNOBS.items()]
 

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import types
 
 import matplotlib.image as mpimg
@@ -1127,13 +1126,6 @@ def test_the_report_draws_every_figure_from_the_run_files_alone_and_counts_scrip
     assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 1, None: 1}
     assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (1 of 2 runs), "
             f"not recorded (1 of 2 runs)") in capsys.readouterr().out
-
-class Toy(bvb.Method):
-    """A new method as a user writes it: a kind and a loss, nothing else."""
-    kind = "toy"
-
-    def batch_loss(self, mse, kl, sharp, kl_dims):
-        return mse.mean() + 0.01 * kl.mean(), None, {}
 
 def test_a_new_method_is_one_class_that_trains_and_is_reported(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
