@@ -979,10 +979,15 @@ def fmt(value, digits):
     return f"{value:.{digits}f}"
 
 # key: (label, digits, direction: +1 higher is better, −1 lower, 0 neither)
-METRICS = {"mse": ("MSE", 4, -1), "kl": ("KL", 1, 0), "sharp": ("sharpness", 4, 0),
-           "neg_elbo": ("−ELBO (nats)", 1, -1), "iwae_nll": ("IWAE NLL (nats)", 1, -1),
-           "active_units": ("active units", 1, 0), "fd_recon": ("FD recon", 2, -1),
-           "fd_prior": ("FD prior", 2, -1), "recon_accuracy": ("acc. on recon", 3, 1)}
+METRICS = {"mse": ("MSE", 4, -1),
+           "kl": ("KL", 1, 0),
+           "sharp": ("sharpness", 4, 0),
+           "neg_elbo": ("−ELBO (nats)", 1, -1),
+           "iwae_nll": ("IWAE NLL (nats)", 1, -1),
+           "active_units": ("active units", 1, 0),
+           "fd_recon": ("FD recon", 2, -1),
+           "fd_prior": ("FD prior", 2, -1),
+           "recon_accuracy": ("acc. on recon", 3, 1)}
 SELECTABLE = tuple(k for k, v in METRICS.items() if v[2])
 # the verdict: at a method's own rate, a ratio or a difference to the β front's
 FRONT = {"mse": "ratio", "fd_prior": "ratio", "iwae_nll": "difference"}
@@ -1006,19 +1011,22 @@ NAN = float("nan")
 
 def t_mass(t, dof, n=2000):
     """∫₀ᵗ of the Student-t density: Simpson's rule in θ = arctan x."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2))
+    c = math.exp(math.lgamma((dof + 1) / 2)
+                 - math.lgamma(dof / 2))
     c /= math.sqrt(dof * math.pi)
 
     def f(th):
         return c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
     h = math.atan(t) / n
-    inner = sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+    inner = sum((4 if i % 2 else 2) * f(i * h)
+                for i in range(1, n))
     return h / 3 * (f(0) + f(n * h) + inner)
 
 @functools.lru_cache(maxsize=None)
 def t_quantile(dof, p=0.975):
     """Bisection on t_mass = p − ½."""
-    lo, hi = 0.0, 16.0
+    lo = 0.0
+    hi = 16.0
     while t_mass(hi, dof) < p - 0.5:
         hi *= 2
     for _ in range(50):
@@ -1035,7 +1043,8 @@ def interval(values, ratio=False, positive=False):
     would reach 0."""
     xs = [math.log(v) if ratio else v for v in values
           if v is not None and math.isfinite(v) and (v > 0 or not ratio)]
-    n, back = len(xs), math.exp if ratio else float
+    n = len(xs)
+    back = math.exp if ratio else float
     mean = statistics.fmean(xs) if n else NAN
     sd = statistics.stdev(xs) if n > 1 else NAN
     if n < 2:
@@ -1043,12 +1052,16 @@ def interval(values, ratio=False, positive=False):
     elif sd == 0:
         p = float(mean == 0)
     else:
-        p = max(0.0, 1 - 2 * t_mass(abs(mean) / (sd / math.sqrt(n)), n - 1))
+        t = abs(mean) / (sd / math.sqrt(n))
+        p = max(0.0, 1 - 2 * t_mass(t, n - 1))
     half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else NAN
-    cell = {"mean": back(mean), "low": back(mean - half), "high": back(mean + half),
+    cell = {"mean": back(mean),
+            "low": back(mean - half),
+            "high": back(mean + half),
             "p": p, "n": n}
     if positive and n > 1 and (n < 3 or not cell["low"] > 0):
-        cell.update(low=NAN, high=NAN, seed_values=[back(x) for x in xs])
+        cell.update(low=NAN, high=NAN,
+                    seed_values=[back(x) for x in xs])
     return cell
 
 def equivalence_p(logs, margin=MARGIN):
@@ -1057,7 +1070,8 @@ def equivalence_p(logs, margin=MARGIN):
     n = len(logs)
     if n < 2:
         return NAN
-    mean, bound = statistics.fmean(logs), math.log(margin)
+    mean = statistics.fmean(logs)
+    bound = math.log(margin)
     se = statistics.stdev(logs) / math.sqrt(n)
     if se == 0:
         return float(abs(mean) >= bound)
@@ -1066,7 +1080,8 @@ def equivalence_p(logs, margin=MARGIN):
 
 def holm(cells):
     """p_holm: the j-th smallest of m p is max over i ≤ j of min(1, (m − i + 1)·p_(i))."""
-    finite = [(c["p"], i) for i, c in enumerate(cells) if math.isfinite(c["p"])]
+    finite = [(c["p"], i) for i, c in enumerate(cells)
+              if math.isfinite(c["p"])]
     running = 0.0
     for c in cells:
         c["p_holm"] = NAN
@@ -1116,8 +1131,10 @@ def folder_runs(out, skip=()):
     """{path: record} of the run files in --out/runs but `skip`."""
     folder = os.path.join(out, "runs")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    paths = [os.path.join(folder, f) for f in names if f.endswith(".json")]
-    return {p: read_json(p, ("name", "reference")) for p in paths if p not in skip}
+    paths = [os.path.join(folder, f) for f in names
+             if f.endswith(".json")]
+    return {p: read_json(p, ("name", "reference"))
+            for p in paths if p not in skip}
 
 def experiment_of(record):
     """EXPERIMENT's settings of a run file, and its classifier."""
@@ -1162,60 +1179,76 @@ def metric(run, split, key):
 
 def by_seed(m):
     """{seed: run} of m's runs that did not diverge."""
-    return {r["seed"]: r for r in m["runs"] if r["status"] != "diverged"}
+    return {r["seed"]: r for r in m["runs"]
+            if r["status"] != "diverged"}
 
 def betas(methods):
-    return [m for m in methods.values() if m["kind"] == "beta"]
+    return [m for m in methods.values()
+            if m["kind"] == "beta"]
 
 def judged(methods):
     """Every method but the β-VAEs and BOM's knob settings."""
-    return [m for m in methods.values() if m["kind"] != "beta" and not m["variant"]]
+    return [m for m in methods.values()
+            if m["kind"] != "beta" and not m["variant"]]
 
 def aggregate(records):
     """Per method: its runs, test and validation intervals over seeds, its own targets (last
     training epoch) and the seeds where its mechanism idled."""
     methods = {}
     for r in records:
-        first = {k: r[k] for k in ("name", "kind", "variant", "settings")}
-        methods.setdefault(r["name"], dict(first, runs=[]))["runs"].append(r)
+        first = {k: r[k]
+                 for k in ("name", "kind", "variant", "settings")}
+        m = methods.setdefault(r["name"], dict(first, runs=[]))
+        m["runs"].append(r)
     for m in methods.values():
-        ok, cls = list(by_seed(m).values()), METHOD_CLASSES[m["kind"]]
+        ok = list(by_seed(m).values())
+        cls = METHOD_CLASSES[m["kind"]]
         for split in ("test", "val"):
-            m[split] = {k: interval([metric(r, split, k) for r in ok], positive=k in POSITIVE)
+            m[split] = {k: interval([metric(r, split, k) for r in ok],
+                                    positive=k in POSITIVE)
                         for k in METRICS}
         trained = [r for r in ok if r["history"]]
         checks = {r["seed"]: [] for r in ok}
         for r in trained:
-            checks[r["seed"]] = cls.targets(r["settings"], r["history"][-1])
+            checks[r["seed"]] = cls.targets(r["settings"],
+                                            r["history"][-1])
         missed = [s for s, c in checks.items()
                   if any(t is not None and not abs(v / t - 1) <= TARGET_TOLERANCE
                          for _, v, t in c)]
         m.update(seeds=[r["seed"] for r in m["runs"]],
                  statuses=sorted({r["status"] for r in m["runs"]}),
-                 train_seconds=interval([r["train_seconds"] for r in m["runs"]], positive=True),
+                 train_seconds=interval([r["train_seconds"] for r in m["runs"]],
+                                        positive=True),
                  runs_to_choose=len(betas(methods)) if m["kind"] == "beta" else 1,
                  targets=checks, missed_target=missed,
-                 idle=[r["seed"] for r in trained if cls.idle(r["history"])])
+                 idle=[r["seed"] for r in trained
+                       if cls.idle(r["history"])])
     return methods
 
 def choose(methods, key):
     """The β best by validation `key` on the seed mean, of those no run of which diverged."""
-    pool = [m for m in betas(methods) if "diverged" not in m["statuses"]
+    pool = [m for m in betas(methods)
+            if "diverged" not in m["statuses"]
             and math.isfinite(m["val"][key]["mean"])]
     if not pool:
         return None
-    return max(pool, key=lambda m: METRICS[key][2] * m["val"][key]["mean"])["name"]
+    return max(pool,
+               key=lambda m: METRICS[key][2] * m["val"][key]["mean"])["name"]
 
 def criteria(methods, select_by):
     """The β validation chooses by each declared criterion (seed means), and whether it is an
     end of the sweep (a β beyond it may do better)."""
-    swept = sorted(m["settings"]["beta"] for m in betas(methods))
-    ends = {swept[0]: "smallest", swept[-1]: "largest"} if len(swept) > 1 else {}
+    swept = sorted(m["settings"]["beta"]
+                   for m in betas(methods))
+    ends = {}
+    if len(swept) > 1:
+        ends = {swept[0]: "smallest", swept[-1]: "largest"}
     out = {}
     for key in dict.fromkeys((select_by, *TUNING_CRITERIA, "mse")):
         beta = choose(methods, key)
         if beta:
-            out[key] = {"metric": key, "beta": beta, "kl": methods[beta]["test"]["kl"],
+            out[key] = {"metric": key, "beta": beta,
+                        "kl": methods[beta]["test"]["kl"],
                         "edge": ends.get(methods[beta]["settings"]["beta"])}
     return out
 
@@ -1225,47 +1258,59 @@ def front_at(runs, kl, key):
     log = FRONT[key] == "ratio"
     points = []
     for r in runs:
-        k, v = metric(r, "test", "kl"), metric(r, "test", key)
+        k = metric(r, "test", "kl")
+        v = metric(r, "test", key)
         if k > 0 and math.isfinite(v) and (v > 0 or not log):
             points.append((math.log(k), v, r["name"]))
     points.sort()
     x = math.log(kl) if 0 < kl < math.inf else NAN       # nan: no rate
-    pairs = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= x <= b[0]]
+    pairs = [(a, b) for a, b in zip(points, points[1:])
+             if a[0] <= x <= b[0]]
     if not pairs:
         return None
     (x0, y0, n0), (x1, y1, n1) = pairs[0]
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
     if log:
-        return math.exp((1 - w) * math.log(y0) + w * math.log(y1)), (y0, y1), (n0, n1)
-    return (1 - w) * y0 + w * y1, (y0, y1), (n0, n1)
+        y = math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+    else:
+        y = (1 - w) * y0 + w * y1
+    return y, (y0, y1), (n0, n1)
 
 def matched_rate(methods, names=None):
     """`names` (default: judged) against the β front at their own KL, paired by seed: an
     interval per FRONT key and MSE's equivalence test, all in one Holm family (so a method's
     adjusted p depends on which others share the table); then each one's position."""
-    fronts, rows = {}, {}
+    fronts = {}
+    rows = {}
     for m in betas(methods):
         for seed, r in by_seed(m).items():
             fronts.setdefault(seed, []).append(r)
     for name in names or [m["name"] for m in judged(methods)]:
-        per_seed, outside, between = {}, [], set()
+        per_seed = {}
+        outside = []
+        between = set()
         past = {"above": True, "below": True}
         for seed, r in by_seed(methods[name]).items():
-            kl, mse = metric(r, "test", "kl"), metric(r, "test", "mse")
-            at = {k: front_at(fronts.get(seed, []), kl, k) for k in FRONT}
+            kl = metric(r, "test", "kl")
+            mse = metric(r, "test", "mse")
+            at = {k: front_at(fronts.get(seed, []), kl, k)
+                  for k in FRONT}
             if at["mse"] is None:
                 outside.append(seed)
                 continue
-            per_seed[seed] = {k: versus(k, metric(r, "test", k), at[k][0]) if at[k] else NAN
+            per_seed[seed] = {k: versus(k, metric(r, "test", k), at[k][0])
+                              if at[k] else NAN
                               for k in FRONT}
             between.add(" – ".join(at["mse"][2]))
             past["above"] &= mse > max(at["mse"][1])
             past["below"] &= mse < min(at["mse"][1])
         cells = {k: interval([v[k] for v in per_seed.values()], kind == "ratio")
                  for k, kind in FRONT.items()}
-        logs = [math.log(v["mse"]) for v in per_seed.values() if v["mse"] > 0]
+        logs = [math.log(v["mse"]) for v in per_seed.values()
+                if v["mse"] > 0]
         rows[name] = dict(seeds_outside=outside, per_seed=per_seed, past=past,
-                          between=sorted(between), diverged=not by_seed(methods[name]),
+                          between=sorted(between),
+                          diverged=not by_seed(methods[name]),
                           equivalent={"p": equivalence_p(logs)}, **cells)
     holm([row[k] for row in rows.values() for k in FRONT]
          + [row["equivalent"] for row in rows.values()])
@@ -1296,7 +1341,8 @@ def position(row):
         return word, ""
     if row["equivalent"]["p_holm"] < ALPHA:
         return "on, ±10%", ""
-    why = [f"{mse['n']} seeds"] + [f"every seed {w} both β runs" for w in past if past[w]]
+    why = [f"{mse['n']} seeds"] + [f"every seed {w} both β runs"
+                                   for w in past if past[w]]
     if mse["p_holm"] < ALPHA:
         why.append("off the front only by the interpolation")
     if row["equivalent"]["p"] < ALPHA:
@@ -1309,7 +1355,8 @@ def best_of_k(pool):
     ranked = [test for _, test in sorted(pool, key=lambda p: -p[0])]
     n = len(ranked)
     return [sum(t * math.comb(n - 1 - i, k - 1) for i, t in enumerate(ranked))
-            / math.comb(n, k) for k in range(1, n + 1)]
+            / math.comb(n, k)
+            for k in range(1, n + 1)]
 
 def tuning_grids(methods):
     """{label: names}: the β sweep, and each BOM with its knob settings; of each, the settings
@@ -1319,12 +1366,14 @@ def tuning_grids(methods):
         if base["kind"] == "bom":
             ablation = base["settings"].get("ablation")
             grids[f"{base['name']}, tuned"] = [base["name"]] + [
-                m["name"] for m in methods.values() if m["kind"] == "bom"
-                and m["variant"] and m["settings"].get("ablation") == ablation]
+                m["name"] for m in methods.values()
+                if m["kind"] == "bom" and m["variant"]
+                and m["settings"].get("ablation") == ablation]
     out = {}
     for g, names in grids.items():
         seeds = set().union(*(methods[n]["seeds"] for n in names))
-        names = [n for n in names if "diverged" not in methods[n]["statuses"]
+        names = [n for n in names
+                 if "diverged" not in methods[n]["statuses"]
                  and set(methods[n]["seeds"]) >= seeds]
         if len(names) > 1:
             out[g] = names
@@ -1332,48 +1381,60 @@ def tuning_grids(methods):
 
 def grid_curves(group, key):
     """{seed: best_of_k over the group's settings} by `key` (validation chooses, test reports)."""
-    runs, curves = [by_seed(m) for m in group], {}
+    runs = [by_seed(m) for m in group]
+    curves = {}
     for seed in sorted(set.intersection(*(set(m["seeds"]) for m in group))):
         pool = [(METRICS[key][2] * metric(r.get(seed), "val", key),
-                 metric(r.get(seed), "test", key)) for r in runs]
-        curves[seed] = best_of_k([p for p in pool if math.isfinite(p[0] + p[1])])
+                 metric(r.get(seed), "test", key))
+                for r in runs]
+        curves[seed] = best_of_k([p for p in pool
+                                  if math.isfinite(p[0] + p[1])])
     return curves
 
 def compare(key, a, b):
     """Interval over the seeds in both {seed: value} of `versus` a and b."""
-    return interval([versus(key, a[s], b[s]) for s in a if s in b], FRONT[key] == "ratio")
+    return interval([versus(key, a[s], b[s]) for s in a if s in b],
+                    FRONT[key] == "ratio")
 
 def k_star(key, own, curves):
     """The first k whose expected best of k random β beats the method on the mean over seeds,
     paired by seed (None: not within the sweep's n), and the comparison there (or at n)."""
-    n = min((len(curves[s]) for s in own if s in curves), default=0)
-    at = [compare(key, own, {s: curves[s][k] for s in own if s in curves}) for k in range(n)]
+    n = min((len(curves[s]) for s in own if s in curves),
+            default=0)
+    at = [compare(key, own, {s: curves[s][k] for s in own if s in curves})
+          for k in range(n)]
     null = float(FRONT[key] == "ratio")
-    better = [k for k in range(n) if METRICS[key][2] * (at[k]["mean"] - null) < 0]
+    better = [k for k in range(n)
+              if METRICS[key][2] * (at[k]["mean"] - null) < 0]
     k = better[0] if better else None
     if not at:
         return {"k": None, "n": n, "at": None}
-    return {"k": None if k is None else k + 1, "n": n, "at": at[n - 1 if k is None else k]}
+    return {"k": None if k is None else k + 1, "n": n,
+            "at": at[n - 1 if k is None else k]}
 
 def tuning_cost(methods):
     """What tuning buys: each grid's expected best of k per seed and over seeds; per method (a
     BOM grid: its tuned best) and criterion its test value and k* of the β sweep."""
     grids = tuning_grids(methods)
-    curves = {g: {k: grid_curves([methods[n] for n in names], k) for k in TUNING_CRITERIA}
+    curves = {g: {k: grid_curves([methods[n] for n in names], k)
+                  for k in TUNING_CRITERIA}
               for g, names in grids.items()}
     own = {}
     for m in judged(methods):
-        own[m["name"]] = {k: {s: metric(r, "test", k) for s, r in by_seed(m).items()}
+        own[m["name"]] = {k: {s: metric(r, "test", k)
+                              for s, r in by_seed(m).items()}
                           for k in TUNING_CRITERIA}
     for g in grids:
         if g != "β-VAE":
-            own[g] = {k: {s: c[-1] for s, c in curves[g][k].items() if c}
+            own[g] = {k: {s: c[-1] for s, c in curves[g][k].items()
+                          if c}
                       for k in TUNING_CRITERIA}
     rows = {}
     for name, values in own.items():
         rows[name] = {}
         for key, v in values.items():
-            cell = {"test": interval(list(v.values()), positive=key in POSITIVE), "k_star": {}}
+            cell = {"test": interval(list(v.values()), positive=key in POSITIVE),
+                    "k_star": {}}
             if "β-VAE" in grids:
                 cell["k_star"]["β-VAE"] = k_star(key, v, curves["β-VAE"][key])
             rows[name][key] = cell
@@ -1393,11 +1454,15 @@ def bisection_runs(curve, target, within, bracket):
     its runs): each run at the middle of the bracket in log β, the first at the middle of
     `bracket` (β low, β high). None: a run falls outside the seed's β runs, or BISECTION_LIMIT
     runs do not get there."""
-    points = sorted((math.log(b), math.log(kl)) for b, kl in curve if b > 0 and kl > 0)
-    lo, hi, goal = math.log(bracket[0]), math.log(bracket[1]), math.log(target)
+    points = sorted((math.log(b), math.log(kl)) for b, kl in curve
+                    if b > 0 and kl > 0)
+    lo = math.log(bracket[0])
+    hi = math.log(bracket[1])
+    goal = math.log(target)
     for runs in range(1, BISECTION_LIMIT + 1):
         mid = (lo + hi) / 2
-        pairs = [(a, b) for a, b in zip(points, points[1:]) if a[0] <= mid <= b[0]]
+        pairs = [(a, b) for a, b in zip(points, points[1:])
+                 if a[0] <= mid <= b[0]]
         if not pairs:
             return None
         (x0, y0), (x1, y1) = pairs[0]
@@ -1415,7 +1480,8 @@ def rate_targeting(methods):
     point), per seed: its last-epoch training KL / target, and the β-VAE runs a bisection needs
     to land as close, or within ±10% (MARGIN) where it landed closer: the interpolated curve is
     no finer than that (bisection_runs on that seed's β runs, from the whole sweep's β range)."""
-    sweep, out = [m["settings"]["beta"] for m in betas(methods)], {}
+    sweep = [m["settings"]["beta"] for m in betas(methods)]
+    out = {}
     for m in judged(methods) if sweep else []:
         seeds = {}
         for seed, checks in m["targets"].items():
@@ -1426,10 +1492,14 @@ def rate_targeting(methods):
                 for b in betas(methods):
                     run = by_seed(b).get(seed)
                     if run and run["history"]:
-                        curve.append((b["settings"]["beta"], run["history"][-1]["kl"]))
-                within = max(abs(math.log(reached / target)), math.log(MARGIN))
-                runs = bisection_runs(curve, target, within, (min(sweep), max(sweep)))
-                seeds[seed] = {"reached_over_target": reached / target, "bisection_runs": runs}
+                        curve.append((b["settings"]["beta"],
+                                      run["history"][-1]["kl"]))
+                within = max(abs(math.log(reached / target)),
+                             math.log(MARGIN))
+                runs = bisection_runs(curve, target, within,
+                                      (min(sweep), max(sweep)))
+                seeds[seed] = {"reached_over_target": reached / target,
+                               "bisection_runs": runs}
         if seeds:
             out[m["name"]] = seeds
     return out
@@ -1442,13 +1512,16 @@ def knob_grids(methods, grids):
     for label, names in grids.items():
         if label == "β-VAE":
             continue
-        base = next(methods[n] for n in names if not methods[n]["variant"])
-        rows, points = matched_rate(methods, names), {}
+        base = next(methods[n] for n in names
+                    if not methods[n]["variant"])
+        rows = matched_rate(methods, names)
+        points = {}
         for n, row in rows.items():
             m = methods[n]
             row["changes"] = {k: v for k, v in m["settings"].items()
                               if k in BOMVAE.KNOBS and v != base["settings"][k]}
-            row.update(kl=m["test"]["kl"], statuses=m["statuses"],
+            row.update(kl=m["test"]["kl"],
+                       statuses=m["statuses"],
                        kl_target=m["settings"]["kl_targets"][1])
             if set(row["changes"]) <= {"kl_scale"} and m["statuses"] == ["ok"]:
                 x = math.log(m["settings"]["kl_scale"])
@@ -1456,8 +1529,10 @@ def knob_grids(methods, grids):
                     y = math.log(max(metric(r, "test", "kl"), 1e-12))
                     points.setdefault(seed, []).append((x, y))
         slopes = [statistics.linear_regression(*zip(*p))[0]
-                  for p in points.values() if len({x for x, _ in p}) > 1]
-        out[label] = {"base": base["name"], "settings": rows, "kl_slope": interval(slopes)}
+                  for p in points.values()
+                  if len({x for x, _ in p}) > 1]
+        out[label] = {"base": base["name"], "settings": rows,
+                      "kl_slope": interval(slopes)}
     return out
 
 def balanced_score(m, split):
@@ -1470,10 +1545,13 @@ def notebook_analysis(methods, choices):
     """The notebook's own analysis: the β best by validation MSE and by its balanced score."""
     if "mse" not in choices:
         return {}
-    best, bom = methods[choices["mse"]["beta"]], methods.get("bom")
-    kept = [m for m in betas(methods) if "diverged" not in m["statuses"]]
+    best = methods[choices["mse"]["beta"]]
+    bom = methods.get("bom")
+    kept = [m for m in betas(methods)
+            if "diverged" not in m["statuses"]]
     balanced = max(kept, key=lambda m: balanced_score(m, "val"))
-    out = {"best_by_mse": best["name"], "best_test_mse": best["test"]["mse"]["mean"],
+    out = {"best_by_mse": best["name"],
+           "best_test_mse": best["test"]["mse"]["mean"],
            "best_by_balanced": balanced["name"],
            "best_balanced_test": balanced_score(balanced, "test")}
     if bom and math.isfinite(bom["test"]["mse"]["mean"]):
