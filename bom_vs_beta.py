@@ -1561,24 +1561,32 @@ def notebook_analysis(methods, choices):
 
 def summarize(records, select_by):
     """summary.json: every run's metrics, each method's intervals, and each analysis."""
-    methods, ref = aggregate(records), records[0]["reference"]
+    methods = aggregate(records)
+    ref = records[0]["reference"]
     choices = criteria(methods, select_by)
     tuning = tuning_cost(methods)
     runs = []
     for r in records:
-        row = {"method": r["name"], "seed": r["seed"], "status": r["status"],
+        row = {"method": r["name"], "seed": r["seed"],
+               "status": r["status"],
                "train_seconds": r["train_seconds"]}
         for s in ("test", "val"):
-            row.update({f"{s}_{k}": metric(r, s, k) for k in METRICS})
+            row.update({f"{s}_{k}": metric(r, s, k)
+                        for k in METRICS})
         runs.append(row)
     runs.append(dict(dict.fromkeys(runs[0]), method="data", status="reference",
                      test_sharp=ref["test_data_sharpness"]))
-    versions = collections.Counter(r.get("script_sha256") for r in records)
-    kept = {n: {k: v for k, v in m.items() if k not in ("name", "settings", "runs")}
+    versions = collections.Counter(r.get("script_sha256")
+                                   for r in records)
+    kept = {n: {k: v for k, v in m.items()
+                if k not in ("name", "settings", "runs")}
             for n, m in methods.items()}
-    s = {"config": dict(records[0]["config"], seeds=sorted({r["seed"] for r in records})),
-         "reference": ref, "runs": runs, "methods": kept, "script_versions": dict(versions),
-         "select_by": select_by, "front": matched_rate(methods), "criteria": choices,
+    seeds = sorted({r["seed"] for r in records})
+    s = {"config": dict(records[0]["config"], seeds=seeds),
+         "reference": ref, "runs": runs, "methods": kept,
+         "script_versions": dict(versions),
+         "select_by": select_by, "front": matched_rate(methods),
+         "criteria": choices,
          "tuning_cost": tuning, "rate_targeting": rate_targeting(methods),
          "knob_grids": knob_grids(methods, tuning["grids"]),
          "analysis": notebook_analysis(methods, choices)}
@@ -1601,18 +1609,25 @@ def on_front(r, seeds=True, statuses=()):
     """A row's MSE, FD prior and IWAE NLL against the β front, and its position."""
     cells = []
     for k, digits in (("mse", 2), ("fd_prior", 2), ("iwae_nll", 1)):
-        values = [v[k] for v in r["per_seed"].values()] if seeds else []
+        values = []
+        if seeds:
+            values = [v[k] for v in r["per_seed"].values()]
         cells.append(show(r[k], digits, FRONT[k], True, values))
-    why = "; ".join(([r["why"]] if r["why"] else []) + list(statuses))
+    why = "; ".join(([r["why"]] if r["why"] else [])
+                    + list(statuses))
     return cells + [also(r["position"], why)]
 
 def verdict_lines(front, methods):
     if not front:
         return ["No verdict: it needs two β-VAE runs and a method to compare with them."]
     rows = []
-    for n, r in sorted(front.items(), key=lambda i: POSITIONS.index(i[1]["position"])):
-        outside = f"outside: seeds {listed(r['seeds_outside'])}" if r["seeds_outside"] else ""
-        rows.append([n, show(methods[n]["test"]["kl"], 1), "; ".join(r["between"]) or "—",
+    for n, r in sorted(front.items(),
+                       key=lambda i: POSITIONS.index(i[1]["position"])):
+        outside = ""
+        if r["seeds_outside"]:
+            outside = f"outside: seeds {listed(r['seeds_outside'])}"
+        rows.append([n, show(methods[n]["test"]["kl"], 1),
+                     "; ".join(r["between"]) or "—",
                      also(r["mse"]["n"], outside), *on_front(r)])
     return table(["method", "test KL (rate)", "between the β runs", "seeds inside",
                   *FRONT_HEADER], rows) + [
@@ -1630,7 +1645,8 @@ def landing_lines(choices, methods, latent_dim):
         rows.append([f"β-VAE chosen by validation {METRICS[x['metric']][0]}",
                      show(x["kl"], 1), x["beta"] + note, "—"])
     for m in judged(methods):
-        cls, checks = METHOD_CLASSES[m["kind"]], [c for c in m["targets"].values() if c]
+        cls = METHOD_CLASSES[m["kind"]]
+        checks = [c for c in m["targets"].values() if c]
         reached = []
         for i, (what, _, goal) in enumerate(checks[0] if checks else ()):
             text = f"{what} {listed(f'{c[i][1]:.4g}' for c in checks)}"
@@ -1642,7 +1658,8 @@ def landing_lines(choices, methods, latent_dim):
         if m["idle"]:
             rate += (f"; its own mechanism acted in epoch 1 only (seeds {listed(m['idle'])}):"
                      f" trained as {cls.twin}")
-        rows.append([m["name"], show(m["test"]["kl"], 1), rate, reached])
+        rows.append([m["name"], show(m["test"]["kl"], 1),
+                     rate, reached])
     return table(["", "test KL (rate)", "what places the rate",
                   f"reached / target (last epoch, ±{TARGET_TOLERANCE:.0%})"], rows)
 
@@ -1662,7 +1679,8 @@ def tuning_lines(t):
                     cells.append(f"not within its {c['n']}: {show(c['at'], digits, FRONT[k])}")
                 else:
                     cells.append(f"{c['k']} of {c['n']}: {show(c['at'], digits, FRONT[k])}")
-            rows.append([n, METRICS[k][0], show(x["test"], METRICS[k][1]), *cells])
+            rows.append([n, METRICS[k][0],
+                         show(x["test"], METRICS[k][1]), *cells])
     return table(["method", "chosen and reported by", "its test value", "k* of β-VAE"], rows) + [
         "", "k*: the smallest k whose expected best of k random β (tuning_cost.png) beats the "
         "method (a BOM grid: its tuned best), with the method against it there (README, \"What "
@@ -1677,7 +1695,8 @@ def targeting_lines(t):
     for n, seeds in t.items():
         runs = ["n/a" if x["bisection_runs"] is None else str(x["bisection_runs"])
                 for x in seeds.values()]
-        ratios = [f"{x['reached_over_target']:.2f}x" for x in seeds.values()]
+        ratios = [f"{x['reached_over_target']:.2f}x"
+                  for x in seeds.values()]
         rows.append([n, ", ".join(ratios), ", ".join(runs)])
     return table(["method", "training KL / its target (per seed)",
                   "β-VAE runs a bisection needs"], rows) + [
@@ -1688,12 +1707,15 @@ def targeting_lines(t):
         "\"What a set rate saves\"). It saves the search for a rate, not the choice of the rate."]
 
 def test_lines(methods, ref):
-    data, rows = ref["test_data_sharpness"], []
+    data = ref["test_data_sharpness"]
+    rows = []
     for m in methods.values():
         cells = []
         for k, x in m["test"].items():
             if k == "sharp":            # as a ratio to the data's own
-                x = dict(x, mean=x["mean"] / data, low=x["low"] / data, high=x["high"] / data)
+                x = dict(x, mean=x["mean"] / data,
+                         low=x["low"] / data,
+                         high=x["high"] / data)
                 if "seed_values" in x:
                     x["seed_values"] = [v / data for v in x["seed_values"]]
                 cells.append(show(x, 2, "ratio"))
@@ -1702,9 +1724,11 @@ def test_lines(methods, ref):
         status = ", ".join(m["statuses"])
         if m["missed_target"]:
             status += f"; missed its target (seeds {listed(m['missed_target'])})"
-        rows.append([m["name"], len(m["seeds"]), m["runs_to_choose"], *cells,
+        rows.append([m["name"], len(m["seeds"]), m["runs_to_choose"],
+                     *cells,
                      show(m["train_seconds"], 1), status])
-    labels = ["sharpness / data's" if k == "sharp" else v[0] for k, v in METRICS.items()]
+    labels = ["sharpness / data's" if k == "sharp" else v[0]
+              for k, v in METRICS.items()]
     return table(["method", "seeds", "runs to choose its setting", *labels, "train s",
                   "status"], rows) + [
         "", f"The test images' own sharpness: {data:.4f} (far above it: noise, not "
@@ -1713,17 +1737,24 @@ def test_lines(methods, ref):
 def knob_lines(grids):
     md = []
     for g in grids.values():
-        s, rows, cells = g["kl_slope"], g["settings"], []
+        s = g["kl_slope"]
+        rows = g["settings"]
+        cells = []
         for n, r in rows.items():
-            changes = ", ".join(f"{k} {v:g}" for k, v in r["changes"].items()) or "—"
+            changes = ", ".join(f"{k} {v:g}"
+                                for k, v in r["changes"].items()) or "—"
             extra = [x for x in r["statuses"] if x != "ok"]
             cells.append([n, changes, f"{r['kl_target']:g}", show(r["kl"], 1),
                           *on_front(r, False, extra)])
         md += [f"### {g['base']} and its knob settings", ""]
-        md += table(["setting", "changes", "KL optimum target", "test KL", *FRONT_HEADER], cells)
+        md += table(["setting", "changes", "KL optimum target", "test KL",
+                     *FRONT_HEADER], cells)
         if s["n"]:
-            stalled = [n for n, r in rows.items() if r["statuses"] != ["ok"]]
-            left_out = f"; stalled, left out: {', '.join(stalled)}" if stalled else ""
+            stalled = [n for n, r in rows.items()
+                       if r["statuses"] != ["ok"]]
+            left_out = ""
+            if stalled:
+                left_out = f"; stalled, left out: {', '.join(stalled)}"
             md.append(f"\nTest KL ∝ kl_scale^s, s = {show(s, 2)} over {s['n']} seed(s) "
                       f"(1: as β-VAE's follows β; 0: not moved){left_out}.")
         md.append("")
@@ -1740,7 +1771,9 @@ def notebook_lines(a):
           f"{a['best_by_balanced']} (test score {a['best_balanced_test']:.4f})."]
     if "bom_test_mse" in a:
         change = a["bom_test_mse"] / a["best_test_mse"] - 1
-        higher = "higher" if a["bom_balanced_test"] > a["best_balanced_test"] else "not higher"
+        higher = "not higher"
+        if a["bom_balanced_test"] > a["best_balanced_test"]:
+            higher = "higher"
         md.append(f"- BOM-VAE: test MSE {a['bom_test_mse']:.4f} ({change:+.1%} vs "
                   f"{a['best_by_mse']}), balanced score {a['bom_balanced_test']:.4f} vs "
                   f"{a['best_balanced_test']:.4f} ({higher}).")
@@ -1754,7 +1787,8 @@ def summary_markdown(s, methods, figures):
           f"{c['test_images']} test images, IWAE with {c['iw_samples']} samples, device "
           f"{c['device']}, torch {c['torch']}. How each number is computed: README, "
           f"\"How the verdict is computed\"."]
-    md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[2:4] if f in figures]
+    md += [f"\n![{f[:-4]}]({f})" for f in REPORT_PATHS[2:4]
+           if f in figures]
     sections = {
         "Verdict: each method against the β-VAE rate–distortion front":
             verdict_lines(s["front"], methods),
@@ -1764,9 +1798,12 @@ def summary_markdown(s, methods, figures):
             tuning_lines(s["tuning_cost"]),
         "What a set rate saves: β-VAE runs to land as close to it":
             targeting_lines(s["rate_targeting"]),
-        "Test metrics (mean [95% interval] over seeds)": test_lines(methods, s["reference"]),
-        "BOM's knob grid on the front": knob_lines(s["knob_grids"]),
-        "The notebook's analysis (β chosen on validation)": notebook_lines(s["analysis"])}
+        "Test metrics (mean [95% interval] over seeds)":
+            test_lines(methods, s["reference"]),
+        "BOM's knob grid on the front":
+            knob_lines(s["knob_grids"]),
+        "The notebook's analysis (β chosen on validation)":
+            notebook_lines(s["analysis"])}
     for title, lines in sections.items():
         if lines:
             md += ["", f"## {title}", "", *lines]
@@ -1775,10 +1812,13 @@ def summary_markdown(s, methods, figures):
 def styles_of(methods):
     """(colour, marker): the β sweep a ramp of squares (turbo: neighbours differ in hue), each
     judged method its own."""
-    ramp = plt.cm.turbo(np.linspace(0.05, 0.95, len(betas(methods))))
-    styles = {m["name"]: (tuple(x), "s") for m, x in zip(betas(methods), ramp)}
+    ramp = plt.cm.turbo(np.linspace(0.05, 0.95,
+                                    len(betas(methods))))
+    styles = {m["name"]: (tuple(x), "s")
+              for m, x in zip(betas(methods), ramp)}
     for i, m in enumerate(judged(methods)):
-        styles[m["name"]] = (plt.cm.tab10.colors[i % 10], "o^vDPX*<>hp"[i % 11])
+        styles[m["name"]] = (plt.cm.tab10.colors[i % 10],
+                             "o^vDPX*<>hp"[i % 11])
     return styles
 
 def finish(fig, path, rect=(0, 0, 1, 1)):
@@ -1791,83 +1831,105 @@ def finish(fig, path, rect=(0, 0, 1, 1)):
 def error_bar(c, scale=1.0):
     """A cell's interval as matplotlib's error bar (none where it is withheld)."""
     if c and math.isfinite(c["low"]):
-        return [[scale * (c["mean"] - c["low"])], [scale * (c["high"] - c["mean"])]]
+        return [[scale * (c["mean"] - c["low"])],
+                [scale * (c["high"] - c["mean"])]]
     return None
 
 def dot(ax, x, y, style, xerr=None, yerr=None, **kw):
     """A marker with its intervals as error bars; an x interval moves with x when x is nudged."""
     nudge = x / xerr["mean"] if xerr else 1.0
-    ax.errorbar(x, y, error_bar(yerr), error_bar(xerr, nudge), marker=style[1], mfc=style[0],
+    ax.errorbar(x, y, error_bar(yerr), error_bar(xerr, nudge),
+                marker=style[1], mfc=style[0],
                 mec="black", ecolor=style[0], ls="none", **kw)
 
 def plot_training(records, methods, data_sharp, path):
     """Seed-mean training curves of MSE, KL and sharpness per method (knob settings left out)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    curves, styles = {}, styles_of(methods)
+    curves = {}
+    styles = styles_of(methods)
     for r in records:
         if not r["variant"] and r["curve"]["values"]:
             curve = np.array(r["curve"]["values"], dtype=float)
             curves.setdefault(r["name"], []).append(curve)
     for name, group in curves.items():
-        n, beta = min(map(len, group)), methods[name]["kind"] == "beta"
-        curve, (color, marker) = np.mean([c[:n] for c in group], axis=0), styles[name]
+        n = min(map(len, group))
+        beta = methods[name]["kind"] == "beta"
+        curve = np.mean([c[:n] for c in group], axis=0)
+        color, marker = styles[name]
         line = {"ls": "-", "lw": 1, "marker": None} if beta else {
             "ls": "--", "lw": 1.5, "marker": marker}
         for ax, col in zip(axes, (1, 2, 3)):
-            ax.plot(curve[:, 0], curve[:, col], color=color, ms=5, markevery=max(1, n // 6),
-                    mec="black", mew=0.5, label=f"{name} (n={len(group)})", **line)
-    axes[2].axhline(data_sharp, color="black", ls=":", lw=1.5, label="data's sharpness")
-    titles = ("MSE (↓ better, log)", "KL (nats, log)", "Sharpness (log; the data's: dotted)")
+            ax.plot(curve[:, 0], curve[:, col], color=color, ms=5,
+                    markevery=max(1, n // 6), mec="black", mew=0.5,
+                    label=f"{name} (n={len(group)})", **line)
+    axes[2].axhline(data_sharp, color="black", ls=":", lw=1.5,
+                    label="data's sharpness")
+    titles = ("MSE (↓ better, log)", "KL (nats, log)",
+              "Sharpness (log; the data's: dotted)")
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="epoch", yscale="log")
     fig.suptitle("Training curves, seed mean: β-VAE solid, other methods dashed with markers")
-    fig.legend(*axes[2].get_legend_handles_labels(), loc="center right", fontsize=8,
-               frameon=False)
+    fig.legend(*axes[2].get_legend_handles_labels(),
+               loc="center right", fontsize=8, frameon=False)
     finish(fig, path, (0, 0, 0.86, 0.95))
 
 def geometric(m, key):
-    return interval([metric(r, "test", key) for r in by_seed(m).values()], True)
+    return interval([metric(r, "test", key) for r in by_seed(m).values()],
+                    True)
 
 def plot_rate_distortion(methods, front, path):
     """Test MSE against test KL: the β front (seed means, each β labelled), each method's
     geometric mean and 2-D 95% interval (nudged ×1.06^n when near n drawn before; the legend
     says so). Beside it each method's ratios to the front (forest). Returns the legend's labels."""
-    panels = 2 if any(row["mse"]["n"] for row in front.values()) else 0
+    panels = 0
+    if any(row["mse"]["n"] for row in front.values()):
+        panels = 2
     fig, axes = plt.subplots(1, 1 + panels, figsize=(12 + 3.5 * panels, 7),
-                             width_ratios=(3, 1, 1)[:1 + panels], squeeze=False)
-    ax, styles = axes[0][0], styles_of(methods)
-    sweep = [(geometric(m, "kl")["mean"], geometric(m, "mse")["mean"], m["name"][5:])
+                             width_ratios=(3, 1, 1)[:1 + panels],
+                             squeeze=False)
+    ax = axes[0][0]
+    styles = styles_of(methods)
+    sweep = [(geometric(m, "kl")["mean"], geometric(m, "mse")["mean"],
+              m["name"][5:])
              for m in betas(methods)]
-    sweep = [p for p in sweep if math.isfinite(p[0] * p[1])]
+    sweep = [p for p in sweep
+             if math.isfinite(p[0] * p[1])]
     if sweep:      # over the methods' markers, small: a method on a β point hides neither
-        ax.plot(*list(zip(*sweep))[:2], "k-s", ms=4.5, lw=1.2, zorder=5,
-                label="β-VAE front (seed mean)")
+        ax.plot(*list(zip(*sweep))[:2], "k-s", ms=4.5, lw=1.2,
+                zorder=5, label="β-VAE front (seed mean)")
     for i, (kl, mse, beta) in enumerate(sweep):      # above and below in turn: neighbours apart
-        ax.annotate(f"β={beta}", (kl, mse), xytext=(4, 4 - 14 * (i % 2)),
+        ax.annotate(f"β={beta}", (kl, mse),
+                    xytext=(4, 4 - 14 * (i % 2)),
                     textcoords="offset points", fontsize=8)
     placed = []
     for m in judged(methods):
-        x, y = geometric(m, "kl"), geometric(m, "mse")
+        x = geometric(m, "kl")
+        y = geometric(m, "mse")
         if not (x["n"] and y["n"]):
             continue
-        near = sum(abs(math.log(x["mean"] / px)) < 0.1 and abs(math.log(y["mean"] / py)) < 0.1
+        near = sum(abs(math.log(x["mean"] / px)) < 0.1
+                   and abs(math.log(y["mean"] / py)) < 0.1
                    for px, py in placed)
         placed.append((x["mean"] * 1.06 ** near, y["mean"]))
         label = f"{m['name']} (nudged)" if near else m["name"]
-        dot(ax, *placed[-1], styles[m["name"]], x, y, ms=9, capsize=3, label=label)
+        dot(ax, *placed[-1], styles[m["name"]], x, y,
+            ms=9, capsize=3, label=label)
     ax.set(xscale="log", yscale="log", xlabel="rate: test KL (nats, log)",
            ylabel="distortion: test MSE (log, ↓ better)",
            title="Rate–distortion: geometric mean and 95% interval over seeds")
     ax.grid(True, which="both", alpha=0.3)
     labels = ax.get_legend_handles_labels()
-    fig.legend(*labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.legend(*labels, loc="lower center", ncol=6, fontsize=8,
+               frameon=False)
     for forest_ax, key in zip(axes[0][1:], ("mse", "fd_prior")):
         forest(forest_ax, front, key, styles)
-    finish(fig, path, (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
+    finish(fig, path,
+           (0, 0.035 * math.ceil(len(labels[1]) / 6), 1, 1))
     return labels[1]
 
 # ratio ticks on the stretched axis, each far enough from the next for its label
-RATIO_TICKS = (0.2, 0.5, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 30, 100, 300)
+RATIO_TICKS = (0.2, 0.5, 0.8, 0.9, 1, 1.1, 1.25, 1.5,
+               2, 3, 5, 10, 30, 100, 300)
 
 def stretch_near_one(ratio):
     """A ratio axis linear in ln ratio within about ±10% and logarithmic in it far out, so 0.9x,
@@ -1881,16 +1943,21 @@ def forest(ax, front, key, styles):
     """Each method's ratio to the front at its rate, with its interval; 1 dashed."""
     for y, (name, row) in enumerate(front.items()):
         if row[key]["n"]:
-            dot(ax, row[key]["mean"], y, styles[name], row[key], ms=8, capsize=3)
+            dot(ax, row[key]["mean"], y, styles[name], row[key],
+                ms=8, capsize=3)
         else:
-            ax.text(0.02, y, row["position"], va="center", fontsize=8, color="dimgrey",
-                    transform=ax.get_yaxis_transform())
-    ends = [r[key][f] for r in front.values() for f in ("low", "high", "mean")]
-    ends = [v for v in ends if math.isfinite(v) and v > 0] + [0.9, 1.1]
-    low, high = min(ends) / 1.05, max(ends) * 1.05
+            ax.text(0.02, y, row["position"], va="center", fontsize=8,
+                    color="dimgrey", transform=ax.get_yaxis_transform())
+    ends = [r[key][f] for r in front.values()
+            for f in ("low", "high", "mean")]
+    ends = [v for v in ends
+            if math.isfinite(v) and v > 0] + [0.9, 1.1]
+    low = min(ends) / 1.05
+    high = max(ends) * 1.05
     ax.axvline(1.0, color="black", lw=1, ls="--")
     ax.set_xscale("function", functions=(stretch_near_one, unstretch))
-    ax.set(ylim=(len(front) - 0.5, -0.5), xlim=(low, high),
+    ax.set(ylim=(len(front) - 0.5, -0.5),
+           xlim=(low, high),
            xticks=[v for v in RATIO_TICKS if low <= v <= high],
            xticklabels=[f"{v:g}x" for v in RATIO_TICKS if low <= v <= high],
            xlabel="scale: fine near 1x, compressed far from it",
@@ -1905,29 +1972,38 @@ def plot_tuning_cost(t, methods, path):
     seed's curve dotted where seeds give no interval); beside it a strip with each other method's
     test value (k = 1), a slot each so that none hides another (each seed's value hollow where
     seeds give no interval), on the same y."""
-    fig, axes = plt.subplots(1, 4, figsize=(12, 4.8), width_ratios=[1, 3, 1, 3])
+    fig, axes = plt.subplots(1, 4, figsize=(12, 4.8),
+                             width_ratios=[1, 3, 1, 3])
     styles = styles_of(methods)
     single = [name for name in t["methods"] if name in styles]
     for strip, ax, key in zip(axes[::2], axes[1::2], TUNING_CRITERIA):
         strip.sharey(ax)
         for g, names in t["grids"].items():
-            cells, color = t["curves"][g][key]["k"], "black"
+            cells = t["curves"][g][key]["k"]
+            color = "black"
             if g != "β-VAE":
                 color = styles[g.split(",")[0]][0]
             k = range(1, len(cells) + 1)
-            ax.plot(k, [c["mean"] for c in cells], marker="o", ms=3, color=color,
+            ax.plot(k, [c["mean"] for c in cells],
+                    marker="o", ms=3, color=color,
                     label=f"{g} ({len(names)} settings run in every seed)")
-            ax.fill_between(k, [c["low"] for c in cells], [c["high"] for c in cells],
+            ax.fill_between(k, [c["low"] for c in cells],
+                            [c["high"] for c in cells],
                             color=color, alpha=0.15, lw=0)
             if any("seed_values" in c for c in cells):
                 for curve in t["curves"][g][key]["per_seed"].values():
-                    ax.plot(k, curve[:len(k)], color=color, lw=0.6, ls=":")
+                    ax.plot(k, curve[:len(k)], color=color,
+                            lw=0.6, ls=":")
         for j, name in enumerate(single):
-            c, (color, marker) = t["methods"][name][key]["test"], styles[name]
-            dot(strip, j, c["mean"], styles[name], yerr=c, ms=7, capsize=2, label=name)
+            c = t["methods"][name][key]["test"]
+            color, marker = styles[name]
+            dot(strip, j, c["mean"], styles[name], yerr=c,
+                ms=7, capsize=2, label=name)
             values = c.get("seed_values", [])
-            strip.plot([j] * len(values), values, marker, mec=color, mfc="none", ms=4, ls="none")
-        strip.set(xlim=(-0.7, len(single) - 0.3), xticks=[], xlabel="other methods")
+            strip.plot([j] * len(values), values, marker,
+                       mec=color, mfc="none", ms=4, ls="none")
+        strip.set(xlim=(-0.7, len(single) - 0.3), xticks=[],
+                  xlabel="other methods")
         ax.set(xlabel="k: settings tried, the best on validation kept",
                title=f"test {METRICS[key][0]} (↓) of the best on validation")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -1936,11 +2012,13 @@ def plot_tuning_cost(t, methods, path):
             a.grid(True, which="both", alpha=0.3)
     labels = [a + b for a, b in zip(axes[1].get_legend_handles_labels(),
                                     axes[0].get_legend_handles_labels())]
-    fig.legend(*labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(*labels, loc="lower center", ncol=5, fontsize=8,
+               frameon=False)
     fig.suptitle("What tuning buys: expected best of k random settings beside one run of each "
                  "other method\n(mean and 95% interval over seeds; dotted curves and hollow "
                  "markers: each seed's, where seeds give no interval)")
-    finish(fig, path, (0, 0.06 * math.ceil(len(labels[1]) / 5), 1, 0.94))
+    finish(fig, path,
+           (0, 0.06 * math.ceil(len(labels[1]) / 5), 1, 0.94))
 
 def plot_images(records, test_images, out):
     """Per method (first seed) its reconstructions of the first 8 test images and decodings of 8
@@ -1948,7 +2026,8 @@ def plot_images(records, test_images, out):
     first = min(r["seed"] for r in records)
     want = [r for r in records if r["seed"] == first and not r["variant"]
             and r["status"] != "diverged"]
-    shown = {r["name"]: r["images"] for r in want if "images" in r}
+    shown = {r["name"]: r["images"] for r in want
+             if "images" in r}
     if len(shown) < len(want):
         print(f"Image figures: {len(want) - len(shown)} run file(s) carry no image arrays")
     if not shown:
@@ -1956,10 +2035,12 @@ def plot_images(records, test_images, out):
     titles = {"reconstructions": "Reconstructions of the first 8 test images",
               "samples": "Samples from the prior (same z for all models)"}
     for what, title in titles.items():
-        rows = {name: unpack_images(images[what]) for name, images in shown.items()}
+        rows = {name: unpack_images(images[what])
+                for name, images in shown.items()}
         if what == "reconstructions":
             rows = {"original": test_images[:8].cpu().numpy(), **rows}
-        fig, axes = plt.subplots(len(rows), 8, figsize=(16, 2 * len(rows)), squeeze=False)
+        fig, axes = plt.subplots(len(rows), 8,
+                                 figsize=(16, 2 * len(rows)), squeeze=False)
         for ax_row, (name, images) in zip(axes, rows.items()):
             for ax, image in zip(ax_row, images):
                 ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
@@ -1978,15 +2059,20 @@ def build_report(args, splits):
     write_json(os.path.join(args.out, "summary.json"), s)
     md = os.path.join(args.out, "summary.md")
     if args.no_plots:
-        drawn = {f for f in REPORT_PATHS if os.path.isfile(os.path.join(args.out, f))}
+        drawn = {f for f in REPORT_PATHS
+                 if os.path.isfile(os.path.join(args.out, f))}
     else:
         write_text(md, summary_markdown(s, methods, ()))        # the numbers first
         sharp = s["reference"]["test_data_sharpness"]
-        plot_training(records, methods, sharp, os.path.join(args.out, REPORT_PATHS[4]))
-        plot_rate_distortion(methods, s["front"], os.path.join(args.out, REPORT_PATHS[3]))
-        drawn = {*REPORT_PATHS[3:5], *plot_images(records, splits["test"][0], args.out)}
+        plot_training(records, methods, sharp,
+                      os.path.join(args.out, REPORT_PATHS[4]))
+        plot_rate_distortion(methods, s["front"],
+                             os.path.join(args.out, REPORT_PATHS[3]))
+        drawn = {*REPORT_PATHS[3:5],
+                 *plot_images(records, splits["test"][0], args.out)}
         if s["tuning_cost"]["grids"]:
-            plot_tuning_cost(s["tuning_cost"], methods, os.path.join(args.out, REPORT_PATHS[2]))
+            plot_tuning_cost(s["tuning_cost"], methods,
+                             os.path.join(args.out, REPORT_PATHS[2]))
             drawn.add(REPORT_PATHS[2])
     write_text(md, summary_markdown(s, methods, drawn))
     with open(md) as f:
