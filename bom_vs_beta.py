@@ -186,15 +186,20 @@ class VAE(nn.Module):
     def __init__(self, latent_dim=128):
         super().__init__()
         self.latent_dim = latent_dim
-        self.enc = nn.Sequential(*down(1, 32), *down(32, 64),
-                                 *down(64, 128), *down(128, 256))
+        self.enc = nn.Sequential(*down(1, 32),
+                                 *down(32, 64),
+                                 *down(64, 128),
+                                 *down(128, 256))
         flat = 256 * 4 * 4
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_dec = nn.Linear(latent_dim, flat)
         # the layers are created (their weights drawn) in this order: the seeded init
-        self.dec = nn.Sequential(*up(256, 128), *up(128, 64), *up(64, 32),
-                                 nn.ConvTranspose2d(32, 1, 3, 2, 1, 1), nn.Sigmoid())
+        self.dec = nn.Sequential(*up(256, 128),
+                                 *up(128, 64),
+                                 *up(64, 32),
+                                 nn.ConvTranspose2d(32, 1, 3, 2, 1, 1),
+                                 nn.Sigmoid())
 
     def decode(self, z):
         return self.dec(self.fc_dec(z).view(-1, 256, 4, 4))
@@ -203,7 +208,8 @@ class VAE(nn.Module):
         """(reconstruction, μ, log σ²); z is sampled in train and eval mode alike, as the notebook
         does."""
         h = self.enc(x).flatten(1)
-        mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+        mu = self.fc_mu(h)
+        logvar = self.fc_logvar(h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
@@ -214,14 +220,17 @@ def new_model(latent_dim, device, lr):
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    optimizer = torch.optim.Adam(model.parameters(),
+                                 lr=lr, fused=fused)
     return model, optimizer
 
 # ---------------------------------------- metrics
 def sharpness(images):
     """Per image: (mean |x[i, j+1] − x[i, j]| + mean |x[i+1, j] − x[i, j]|) / 2."""
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean((1, 2, 3))
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean((1, 2, 3))
+    dx = (images[..., :, 1:]
+          - images[..., :, :-1]).abs().mean((1, 2, 3))
+    dy = (images[..., 1:, :]
+          - images[..., :-1, :]).abs().mean((1, 2, 3))
     return (dx + dy) / 2
 
 def kl_per_dim(mu, logvar):
@@ -242,8 +251,10 @@ def forward_metrics(model, x, amp=False):
         precision = torch.autocast(x.device.type, dtype=torch.bfloat16)
     with precision:
         x_recon, mu, logvar = model(x)
-    mu, logvar = mu.float(), logvar.float()
-    return (*vae_metrics(x, x_recon.float(), mu, logvar), kl_per_dim(mu, logvar))
+    mu = mu.float()
+    logvar = logvar.float()
+    return (*vae_metrics(x, x_recon.float(), mu, logvar),
+            kl_per_dim(mu, logvar))
 
 # ---------------------------------------- BOM's scores, calibration and squeeze
 BOTTLENECKS = ("mse", "kl", "sharp")
@@ -252,8 +263,11 @@ def constraint_scores(mse, kl, sharp, c):
     """Scores (N, 3), 1 ideal, ≤ 0 violated: MSE (floor − v)/floor; KL the box min((v − low)/(opt −
     low), (high − v)/(high − opt)); sharpness v/ceiling (left out when c["sharp_ceiling"] is
     None)."""
-    low, opt, high = c["kl_floor_low"], c["kl_optimum"], c["kl_floor_high"]
-    box = torch.minimum((kl - low) / (opt - low), (high - kl) / (high - opt))
+    low = c["kl_floor_low"]
+    opt = c["kl_optimum"]
+    high = c["kl_floor_high"]
+    box = torch.minimum((kl - low) / (opt - low),
+                        (high - kl) / (high - opt))
     scores = [(c["mse_floor"] - mse) / c["mse_floor"], box]
     if c["sharp_ceiling"] is not None:
         scores.append(sharp / c["sharp_ceiling"])
@@ -262,7 +276,8 @@ def constraint_scores(mse, kl, sharp, c):
 def worst_counts(worst):
     """How often each score was the worst, by a fixed-size scatter-add (bincount's output size
     depends on the data: a host sync on CUDA/MPS every step)."""
-    counts = torch.zeros(len(BOTTLENECKS), dtype=torch.long, device=worst.device)
+    counts = torch.zeros(len(BOTTLENECKS), dtype=torch.long,
+                         device=worst.device)
     return counts.scatter_add_(0, worst, torch.ones_like(worst))
 
 @torch.no_grad()
@@ -270,7 +285,8 @@ def calibrate(model, batch_iter, calib_batches, mse_floor_mult, kl_low_mult, kl_
     """Initial constraints from the untrained model on calib_batches batches: mse_floor = mult·max
     MSE, KL box = [mult·min KL, mean KL, mult·max KL], sharp_ceiling = mean sharpness."""
     model.train()
-    parts = [forward_metrics(model, x)[:3] for _, x in zip(range(calib_batches), batch_iter)]
+    parts = [forward_metrics(model, x)[:3]
+             for _, x in zip(range(calib_batches), batch_iter)]
     mse, kl, sharp = (torch.cat(p) for p in zip(*parts))
     return {"mse_floor": mse_floor_mult * mse.max().item(),
             "kl_floor_low": kl_low_mult * kl.min().item(),
@@ -289,7 +305,8 @@ def squeeze(c, factor, kl_targets):
     """mse_floor ← factor·mse_floor; each KL box edge moves (1 − factor) of its way to its target
     (low, optimum, high): it nears the target, never passes it."""
     out = dict(c, mse_floor=c["mse_floor"] * factor)
-    for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"), kl_targets):
+    for key, target in zip(("kl_floor_low", "kl_optimum", "kl_floor_high"),
+                           kl_targets):
         out[key] = c[key] + (target - c[key]) * (1.0 - factor)
     return out
 
@@ -397,8 +414,10 @@ class BOMVAE(Method):
         """`variant`: the knobs a knob setting changed (its name says them)."""
         if ablation == "squeeze=1":
             knobs["squeeze_start"] = 1
-        super().__init__(**{k: knobs.get(k, default) for k, (default, _) in self.KNOBS.items()})
-        self.variant, self.ablation = tuple(variant), ablation
+        super().__init__(**{k: knobs.get(k, default)
+                            for k, (default, _) in self.KNOBS.items()})
+        self.variant = tuple(variant)
+        self.ablation = ablation
         changed = [f"{k}={knobs[k]:g}" for k in variant]
         self.name = "_".join(filter(None, ["bom", ablation, *changed]))
         scale = latent_dim * self.knobs["kl_scale"]
@@ -535,9 +554,12 @@ class GECO(Method):
         return [("training MSE", last["mse"], settings["tolerance"])]
 
     def batch_loss(self, mse, kl, sharp, kl_dims):
-        k, s, alpha = self.knobs, self.state, self.FIXED["alpha"]
+        k = self.knobs
+        s = self.state
+        alpha = self.FIXED["alpha"]
         constraint = IMAGE_PIXELS * (mse.mean() - k["tolerance"])
-        lam, c = s["lambda"].to(mse.device), constraint.detach()
+        lam = s["lambda"].to(mse.device)
+        c = constraint.detach()
         if s["steps"] == 0:
             s["ma"] = c
         else:
@@ -686,7 +708,8 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
     seed_everything(args.seed)
     model, optimizer = new_model(args.latent_dim, images.device, args.lr)
     order = torch.Generator().manual_seed(args.seed)
-    run = dict(model=model, history=[], curve=[], status="ok", diverged_at=None,
+    run = dict(model=model, history=[], curve=[],
+               status="ok", diverged_at=None,
                train_seconds=0.0)
     if resume_from is None:
         method.setup(model, images, args.batch_size, args.seed)
@@ -701,7 +724,10 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
     for epoch in range(len(run["history"]) + 1, args.epochs + 1):
         start = time.time()
         model.train()
-        sums, per_step, steps, loss_sum = {}, [], 0, 0.0
+        sums = {}
+        per_step = []
+        steps = 0
+        loss_sum = 0.0
         bar = tqdm(total=n_batches, desc=f"{method.name} epoch {epoch}/{args.epochs}", leave=False,
                    disable=args.no_progress)
         for i, x in enumerate(batches(images, args.batch_size, order), 1):
@@ -715,10 +741,14 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             loss_sum = loss_sum + torch.where(stepped, loss.detach(), 0.0)
             bar.update(1)
             if i % LOG_EVERY == 0 or i == n_batches:      # the only host syncs in an epoch
-                s_min = {"s_min": f"{logs['s_min'].item():.3f}"} if "s_min" in logs else {}
-                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{per_step[-1][0].item():.4f}",
+                s_min = {}
+                if "s_min" in logs:
+                    s_min = {"s_min": f"{logs['s_min'].item():.3f}"}
+                bar.set_postfix(loss=f"{loss.item():.4f}",
+                                mse=f"{per_step[-1][0].item():.4f}",
                                 kl=f"{per_step[-1][1].item():.1f}", **s_min)
-                finite = [loss_sum.isfinite()] + [p.isfinite().all() for p in model.parameters()]
+                finite = [loss_sum.isfinite()] + [p.isfinite().all()
+                                                  for p in model.parameters()]
                 if not torch.stack(finite).all():
                     run["diverged_at"] = {"epoch": epoch, "step": i}
                     break
@@ -729,11 +759,13 @@ def train_run(method, images, args, checkpoint=None, resume_from=None):
             print(f"  {method.name}: diverged (non-finite loss or weights) in epoch {epoch}, "
                   f"caught at step {i}; the comparison goes on without it")
             break
-        steps, per_step = int(steps), torch.stack(per_step).cpu()
+        steps = int(steps)
+        per_step = torch.stack(per_step).cpu()
         sums = {k: v.tolist() for k, v in sums.items()}
         mse, kl, sharp = per_step.mean(0).tolist()
         loss = float(loss_sum) / steps if steps else math.nan
-        row = {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "sharp": sharp, "steps": steps}
+        row = {"epoch": epoch, "loss": loss,
+               "mse": mse, "kl": kl, "sharp": sharp, "steps": steps}
         row.update(method.end_epoch(epoch, dict(sums, steps=steps, batches=n_batches)))
         run["history"].append(row)
         block = max(1, min(CURVE_BLOCK, n_batches // 10))
@@ -768,7 +800,8 @@ def epoch_line(name, row, epochs):
 # ---------------------------------------- evaluation
 def data_sharpness(images):
     """The images' own mean sharpness: a reconstruction sharper than this is noise, not detail."""
-    return sum(sharpness(x).sum().item() for x in batches(images, EVAL_BATCH)) / len(images)
+    return sum(sharpness(x).sum().item()
+               for x in batches(images, EVAL_BATCH)) / len(images)
 
 def gaussian_log_likelihood(sq_error_sum, sigma2):
     """log N(x; x̂, σ²I) over D pixels, from Σ_pixels (x − x̂)²:
@@ -787,18 +820,22 @@ def iwae_nll(model, x, mu, logvar, sigma2, samples, chunk=10):
         eps = torch.randn(k, *mu.shape, device=mu.device)
         z = mu + eps * std
         x_recon = model.decode(z.flatten(0, 1)).view(k, len(x), -1)
-        log_px = gaussian_log_likelihood((x_recon - x.flatten(1)).pow(2).sum(-1), sigma2)
+        log_px = gaussian_log_likelihood((x_recon - x.flatten(1)).pow(2).sum(-1),
+                                         sigma2)
         log_pz = -0.5 * (z.pow(2).sum(-1) + log_2pi_d)
         log_qz = -0.5 * (eps.pow(2).sum(-1) + logvar.sum(-1) + log_2pi_d)
         log_w.append(log_px + log_pz - log_qz)
-    return -(torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples))
+    return -(torch.logsumexp(torch.cat(log_w), dim=0)
+             - math.log(samples))
 
 def frechet_distance(a, b):
     """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between Gaussians fitted to two feature sets
     (rows); float64 on the CPU (MPS has none). Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½, whose
     argument is symmetric."""
-    a, b = a.cpu().double(), b.cpu().double()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    a = a.cpu().double()
+    b = b.cpu().double()
+    cov_a = torch.cov(a.T)
+    cov_b = torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
@@ -815,7 +852,8 @@ class DigitClassifier(nn.Module):
         for c_in, c_out in ((1, 32), (32, 64), (64, 128), (128, 128)):
             convs += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
         self.features = nn.Sequential(*convs, nn.Flatten(),
-                                      nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+                                      nn.Linear(128 * 4 * 4, 128),
+                                      nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -847,8 +885,10 @@ def get_classifier(splits, args):
     --train-subset, and cached in --cache-dir under a fingerprint of those images and its settings
     (a cache that does not load or match is retrained). Returns it, its test accuracy and the
     SHA-256 of its weights."""
-    (train_x, train_y), (test_x, test_y) = splits["classifier"], splits["test"]
-    fingerprint = {"images": tensor_sha256(train_x, train_y), "epochs": CLASSIFIER_EPOCHS,
+    train_x, train_y = splits["classifier"]
+    test_x, test_y = splits["test"]
+    fingerprint = {"images": tensor_sha256(train_x, train_y),
+                   "epochs": CLASSIFIER_EPOCHS,
                    "batch_size": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR, "seed": 0}
     name = f"classifier-{fingerprint['images'][:16]}-e{CLASSIFIER_EPOCHS}.pt"
     path = os.path.join(args.cache_dir, name)
@@ -868,7 +908,8 @@ def get_classifier(splits, args):
         for epoch in range(CLASSIFIER_EPOCHS):
             desc = f"feature classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}"
             idx = index_batches(len(train_x), CLASSIFIER_BATCH, order, train_x.device)
-            for i in tqdm(idx, leave=False, desc=desc, disable=args.no_progress):
+            for i in tqdm(idx, leave=False, desc=desc,
+                          disable=args.no_progress):
                 logits = classifier(as_float(train_x[i]))
                 loss = nn.functional.cross_entropy(logits, train_y[i])
                 optimizer.zero_grad(set_to_none=True)
@@ -877,7 +918,8 @@ def get_classifier(splits, args):
         trained = f"Feature classifier: trained on {len(train_x)} images"
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
-            save_checkpoint(path, {"fingerprint": fingerprint, "model": classifier.state_dict()})
+            save_checkpoint(path, {"fingerprint": fingerprint,
+                                   "model": classifier.state_dict()})
             print(f"{trained}, cached in {path}")
         except (OSError, RuntimeError) as e:   # torch.save: an unwritable file is a RuntimeError
             why = getattr(e, "strerror", None) or "cannot write there"
@@ -900,7 +942,8 @@ def evaluation_tools(splits, args):
     return classifier, references, values
 
 @torch.no_grad()
-def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, seed, desc=None):
+def heldout_metrics(model, images, labels, sigma2,
+                    classifier, reference, args, seed, desc=None):
     """Per-image means over a split: MSE, KL, sharpness; −ELBO in nats under a Gaussian decoder of
     variance σ²; the IWAE bound with --iw-samples samples; active units (Var_x E[z_d|x] > 0.01);
     FDs of reconstructions and of prior samples to the split's images; the classifier's accuracy
@@ -909,16 +952,19 @@ def heldout_metrics(model, images, labels, sigma2, classifier, reference, args, 
     torch.manual_seed(seed)
     parts = []
     idx_batches = index_batches(len(images), EVAL_BATCH, device=images.device)
-    for idx in tqdm(idx_batches, leave=False, desc=desc, disable=args.no_progress):
+    for idx in tqdm(idx_batches, leave=False, desc=desc,
+                    disable=args.no_progress):
         x = as_float(images[idx])
         x_recon, mu, logvar = model(x)
         features = classifier.features(x_recon)
         iwae = iwae_nll(model, x, mu, logvar, sigma2, args.iw_samples)
         correct = classifier.head(features).argmax(1) == labels[idx]
-        parts.append((*vae_metrics(x, x_recon, mu, logvar), iwae, mu, features, correct))
+        parts.append((*vae_metrics(x, x_recon, mu, logvar),
+                      iwae, mu, features, correct))
     mse, kl, sharp, iwae, mu, features, correct = (torch.cat(p) for p in zip(*parts))
     z = torch.randn(len(images), model.latent_dim, device=images.device)
-    prior = torch.cat([classifier.features(model.decode(part)) for part in z.split(EVAL_BATCH)])
+    prior = torch.cat([classifier.features(model.decode(part))
+                       for part in z.split(EVAL_BATCH)])
     neg_elbo = -gaussian_log_likelihood(IMAGE_PIXELS * mse, sigma2) + kl
     return {
         "mse": mse.mean().item(),
@@ -961,7 +1007,8 @@ def evaluate_run(model, splits, classifier, references, args, seed):
     fit = splits["val" if args.val_size else "test"][0]
     model.eval()
     torch.manual_seed(seed)
-    sq_errors = sum(forward_metrics(model, x)[0].sum() for x in batches(fit, EVAL_BATCH))
+    sq_errors = sum(forward_metrics(model, x)[0].sum()
+                    for x in batches(fit, EVAL_BATCH))
     sigma2 = (sq_errors / len(fit)).item()
     out = {"sigma2": sigma2}
     if not (math.isfinite(sigma2) and sigma2 > 0):
@@ -969,7 +1016,8 @@ def evaluate_run(model, splits, classifier, references, args, seed):
     for split in ("val", "test") if args.val_size else ("test",):
         images, labels = splits[split]
         desc = f"evaluating on {split} ({len(images)} images, IWAE x{args.iw_samples})"
-        out[split] = heldout_metrics(model, images, labels, sigma2, classifier, references[split],
+        out[split] = heldout_metrics(model, images, labels, sigma2,
+                                     classifier, references[split],
                                      args, seed, desc)
     return out
 # ---------------------------------------- report
