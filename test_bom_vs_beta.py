@@ -69,12 +69,12 @@ def remove_cache():
     yield
     shutil.rmtree(CACHE, ignore_errors=True)
 
-def run_args(data_dir, out, *extra):
+def run_args(data_dir, out, flags=""):
     """Tiny real runs: 80 training, 16 validation, 40 test images, 3 importance samples; the
-    feature classifier cached for the session in CACHE, not in the user's cache."""
-    return ["--data-dir", data_dir, "--out", str(out), "--batch-size", "32", "--device", "cpu",
-            "--val-size", "16", "--iw-samples", "3", "--cache-dir", CACHE, "--no-progress",
-            *extra]
+    feature classifier cached for the session in CACHE, not in the user's cache (a later
+    --cache-dir in flags wins)."""
+    return ["--data-dir", data_dir, "--out", str(out), "--cache-dir", CACHE, *(
+        "--batch-size 32 --device cpu --val-size 16 --iw-samples 3 --no-progress " + flags).split()]
 
 def script(*argv):
     return [sys.executable, os.path.join(HERE, "bom_vs_beta.py"), *argv]
@@ -84,10 +84,18 @@ def tree(root):
     paths = map(pathlib.Path, [root, *pathlib.Path(root).rglob("*")])
     return {str(p): p.read_bytes() if p.is_file() else None for p in paths}
 
-def copy_of(shared_out, tmp_path):
-    dest = tmp_path / "out"
-    shutil.copytree(shared_out, dest)
-    return dest
+def load(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+def refused(argv, capsys, root):
+    """main(argv) exits 2 with one line on stderr and changes nothing under root: that line."""
+    before = tree(root)
+    with pytest.raises(SystemExit) as exit_info:
+        bvb.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("bom_vs_beta.py: error:") and tree(root) == before, err
+    return err
 
 def tiny_args(**kw):
     args = {dest: default for _, dest, default, _ in bvb.knob_flags()}
@@ -101,46 +109,28 @@ def train_images(data_dir):
 
 # BOM knobs that differ from every default; with 80 training images of batch 32, 2 calibration
 # batches read 64 images (the default 50 would read all three batches).
-BOM_FLAGS = ["--bom-kl-scale", "2", "--bom-squeeze-k", "0.25", "--bom-squeeze-start", "2",
-             "--bom-calib-batches", "2", "--bom-mse-floor-mult", "3",
-             "--bom-kl-low-mult", "0.2", "--bom-kl-high-mult", "10"]
-SHARED = ["--methods", "beta:0.0001,bom", "--epochs", "1", "--latent-dim", "16", *BOM_FLAGS]
+BOM_FLAGS = ("--bom-kl-scale 2 --bom-squeeze-k 0.25 --bom-squeeze-start 2 --bom-calib-batches 2 "
+             "--bom-mse-floor-mult 3 --bom-kl-low-mult 0.2 --bom-kl-high-mult 10")
+SHARED = "--methods beta:0.001,beta:0.1,bom --seeds 0 1 --epochs 1 --latent-dim 16 " + BOM_FLAGS
 
 @pytest.fixture(scope="module")
 def shared_out(data_dir, tmp_path_factory):
-    """One tiny real run with figures through `python bom_vs_beta.py` (its output in cli.json
-    beside it), shared read-only; tests that change it work on a copy."""
+    """The one integration run: two seeds of two β and BOM, with checkpoints and every figure,
+    through `python bom_vs_beta.py` (its output in cli.json beside it); shared read-only,
+    tests that change it work on a copy."""
     out = tmp_path_factory.mktemp("shared") / "out"
-    proc = subprocess.run(script(*run_args(data_dir, out, *SHARED)), capture_output=True,
+    proc = subprocess.run(script(*run_args(data_dir, out, SHARED)), capture_output=True,
                           text=True, timeout=300)
     (out.parent / "cli.json").write_text(json.dumps(
         {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}))
     return out
 
-SMALL = ["--epochs", "3", "--latent-dim", "16", "--methods", "beta:0.001,bom", "--no-plots"]
-
-@pytest.fixture(scope="module")
-def small_out(data_dir, tmp_path_factory):
-    """The SMALL run (with its checkpoints), trained once; tests that change it use a copy."""
-    out = tmp_path_factory.mktemp("small") / "out"
-    bvb.main(run_args(data_dir, out, *SMALL))
-    return out
-
-def summary_metrics(out):
-    rows = json.loads((out / "summary.json").read_text())["runs"]
-    return [(r["method"], r["test_mse"], r["test_kl"], r["test_sharp"], r["status"]) for r in rows]
-
-# file: (figsize in inches, least share of coloured pixels); the shared run's 2 methods give 3 rows
-# of reconstructions (originals + 2 models), 2 rows of samples; grids use the gray colormap
+# file: (figsize in inches, least share of coloured pixels); the shared run's 3 methods give 4 rows
+# of reconstructions (originals + 3 models), 3 rows of samples; grids use the gray colormap
 FIGURES = {
     "training_comparison.png": ((15, 4), 0.002), "rate_distortion.png": ((12, 7), 0.0001),
-    "reconstructions_comparison.png": ((16, 2 * 3), 0.0),
-    "samples_comparison.png": ((16, 2 * 2), 0.0)}
-
-def assert_drawn(path):
-    """A figure of the width the script sets (at 150 dpi) with real content, whatever its rows."""
-    image = mpimg.imread(path)[..., :3].mean(-1)
-    assert image.shape[1] == FIGURES[path.name][0][0] * 150 and image.std() > 0.05, path.name
+    "tuning_cost.png": ((12, 4.8), 0.0001), "reconstructions_comparison.png": ((16, 2 * 4), 0.0),
+    "samples_comparison.png": ((16, 2 * 3), 0.0)}
 
 def fake_run(name, kind, seed, val, test, settings=None, history=(), sha="a" * 64):
     beta = {"beta": float(name[5:])} if kind == "beta" else {}
@@ -183,16 +173,12 @@ def test_data_that_neither_reads_nor_downloads_is_one_line_and_leaves_no_folder(
         images = folder / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
         images.write_bytes(images.read_bytes()[:1000])
     monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])   # no network
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(["--data-dir", str(folder), "--out", str(tmp_path / "out"), "--val-size", "16"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    err = refused(run_args(str(folder), tmp_path / "out"), capsys, tmp_path)
     if broken == "truncated":
         assert f"could not read MNIST from {folder / 'MNIST' / 'raw'}: " in err
     else:
         assert f"MNIST not found in {folder / 'MNIST' / 'raw'}" in err
         assert all(name in err for name in bvb.MNIST_RAW_FILES)
-    assert os.listdir(tmp_path) == (["nowhere"] if broken == "truncated" else [])
 
 # ---------------------------------------- metrics
 
@@ -377,10 +363,11 @@ def test_an_epoch_with_one_skipped_batch_of_three_squeezes_by_the_two_that_stepp
     assert method.state["constraints"]["mse_floor"] == approx(0.15 * factor, rel=1e-6)
     assert row["constraints"]["mse_floor"] == 0.15
 
-def test_bom_flags_reach_the_method_its_run_file_and_its_calibration(shared_out, data_dir):
+def test_bom_flags_reach_its_run_file_and_calibration_and_run_files_keep_its_images(
+        shared_out, data_dir):
     knobs = {"kl_scale": 2.0, "squeeze_k": 0.25, "squeeze_start": 2, "calib_batches": 2,
              "mse_floor_mult": 3.0, "kl_low_mult": 0.2, "kl_high_mult": 10.0}
-    run = json.loads((shared_out / "runs" / "bom_seed0.json").read_text())
+    run = load(shared_out / "runs" / "bom_seed0.json")
     assert run["name"] == "bom" and {k: run["settings"][k] for k in knobs} == knobs
     assert not ({f"bom_{k}" for k in knobs} | set(knobs)) & set(run["config"])   # recorded once
     for settings in (run["settings"], run["fingerprint"]["method_settings"]):   # (0.39, 0.625,
@@ -395,6 +382,20 @@ def test_bom_flags_reach_the_method_its_run_file_and_its_calibration(shared_out,
     assert run["config"]["calibration"] == approx(expected, rel=1e-6)
     [epoch] = run["history"]
     assert epoch["constraints"] == approx(expected, rel=1e-6) and epoch["squeeze_factor"] == 1.0
+    # the image figures' arrays, from its checkpoint's model, each at the nearest grey level
+    checkpoint = torch.load(shared_out / "checkpoints" / "bom_seed0.pt", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    test_images = bvb.load_mnist(data_dir, train=False)[0]
+    for key, packed in bvb.figure_images(model, test_images).items():
+        stored = bvb.unpack_images(run["images"][key])
+        assert stored.shape == (8, 1, 64, 64) and stored.dtype == np.uint8, key
+        assert np.array_equal(stored, bvb.unpack_images(packed)) and stored.std() > 0, key
+    model.eval()
+    torch.manual_seed(0)
+    torch.randn(8, 16)  # the shared prior samples come first
+    exact = model(bvb.as_float(test_images[:8]))[0].detach().numpy() * 255
+    recon = bvb.unpack_images(run["images"]["reconstructions"])
+    assert np.abs(recon - exact).max() <= 0.5 + 1e-4
 
 # ---------------------------------------- the other methods
 
@@ -515,10 +516,8 @@ class Toy(bvb.Method):
     def batch_loss(self, mse, kl, sharp, kl_dims):
         return mse.mean() + kl.mean(), None, {}
 
-@pytest.mark.parametrize("spec", [("beta", 0.1), ("toy", None)] +
-                         [(kind, None) for kind in bvb.TUNING_FREE])
-def test_every_method_and_a_new_one_trains_on_tiny_data(train_images, spec, monkeypatch):
-    monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
+@pytest.mark.parametrize("spec", [("beta", 0.1)] + [(kind, None) for kind in bvb.TUNING_FREE])
+def test_every_method_trains_on_tiny_data(train_images, spec):
     method = bvb.make_method(spec, tiny_args(epochs=2))
     bvb.seed_everything(0)
     start = bvb.VAE(16).state_dict()
@@ -529,9 +528,6 @@ def test_every_method_and_a_new_one_trains_on_tiny_data(train_images, spec, monk
         assert all(math.isfinite(row[key]) for row in run["history"]), key
     if spec[0] == "bom":
         assert sum(run["history"][0]["bottleneck_counts"].values()) == 64
-    if spec[0] == "toy":
-        assert Toy.sets_rate(method.settings(), 16) is None and Toy.targets({}, {}) == []
-        assert not Toy.idle(run["history"]) and method.config() == {"method": "toy"}
 
 class DivergesAt(bvb.BetaVAE):
     """β-VAE whose loss turns infinite from its n-th batch on."""
@@ -722,7 +718,7 @@ def test_evaluate_run_fits_sigma2_on_validation_and_counts_active_units(val_size
 def test_prepare_caches_the_classifier_once_per_training_set_and_a_bad_cache_is_retrained(
         data_dir, tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    argv = run_args(data_dir, out, "--cache-dir", str(cache))
+    argv = run_args(data_dir, out, f"--cache-dir {cache}")
     assert bvb.main([*argv, "--prepare"]) is None and not out.exists()   # no results written
     printed = capsys.readouterr().out
     assert "trained on 80 images" in printed and "Feature classifier ready" in printed
@@ -743,18 +739,6 @@ def test_prepare_caches_the_classifier_once_per_training_set_and_a_bad_cache_is_
     assert len(list(cache.iterdir())) == 2
 
 # ---------------------------------------- the report and the verdict
-
-def load(path):
-    return json.loads(pathlib.Path(path).read_text())
-
-def refused(argv, capsys):
-    """main(argv) exits 2 with one line on stderr: that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        bvb.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("bom_vs_beta.py: error:"), err
-    return err
 
 def holm_of(ps):
     cells = [{"p": p} for p in ps]
@@ -1073,83 +1057,24 @@ def test_figures_show_every_method_apart_and_every_interval_readable(monkeypatch
     assert [ax.get_yscale() for ax in fig.axes] == ["log"] * 3
     assert fig.axes[2].lines[-1].get_linestyle() == ":"
 
-def test_report_figures_have_the_set_pixel_size_and_are_not_blank(shared_out, small_out):
-    # figsize x 150 dpi; grey levels, contrast, ink; colour in plots only
-    for name, ((width, height), colour_share) in FIGURES.items():
-        image = mpimg.imread(shared_out / name)[..., :3]
-        assert image.shape[:2] == (height * 150, width * 150), name
-        gray = image.mean(-1)
-        assert gray.std() > 0.05 and len(np.unique((gray * 255).round())) > 20, name
-        assert (gray < 0.5).mean() > 0.005, name
-        coloured = ((image.max(-1) - image.min(-1)) > 0.3).mean()
-        assert (coloured > colour_share) if colour_share else (coloured == 0.0), name
-    # fake digits are bright strokes on black: the "original" row, on a fixed scale
-    image = mpimg.imread(shared_out / "reconstructions_comparison.png")[..., :3].mean(-1)
-    first_row = image[: image.shape[0] // 3]
-    assert (first_row < 0.02).mean() > 0.2 and (first_row > 0.9).mean() > 0.1
-    for out, expected in ((shared_out, {"rate_distortion.png"}),  # one β: no front, no grid
-                          (small_out, set())):  # --no-plots: no link
-        links = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", (out / "summary.md").read_text()))
-        assert links == expected and all((out / link).is_file() for link in links), links
-
-def test_run_files_carry_the_script_hash_and_the_image_figure_arrays_of_their_model(
-        shared_out, data_dir):
-    record = load(shared_out / "runs" / "bom_seed0.json")
-    assert record["script_sha256"] == bvb.SCRIPT_SHA256
-    model = bvb.new_model(16, CPU, 1e-3)[0]
-    checkpoint = torch.load(shared_out / "checkpoints" / "bom_seed0.pt", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    test_images = bvb.load_mnist(data_dir, train=False)[0]
-    for key, packed in bvb.figure_images(model, test_images).items():
-        stored = bvb.unpack_images(record["images"][key])
-        assert stored.shape == (8, 1, 64, 64) and stored.dtype == np.uint8, key
-        assert np.array_equal(stored, bvb.unpack_images(packed)) and stored.std() > 0, key
-    recon = bvb.unpack_images(record["images"]["reconstructions"])
-    model.eval()
-    torch.manual_seed(0)
-    torch.randn(8, 16)  # the shared prior samples come first
-    exact = model(bvb.as_float(test_images[:8]))[0].detach().numpy() * 255
-    assert np.abs(recon.astype(float) - exact).max() <= 0.5 + 1e-4  # the nearest grey level
-
-def test_the_report_draws_every_figure_from_the_run_files_alone_and_counts_script_versions(
-        shared_out, data_dir, tmp_path, capsys):
-    out = copy_of(shared_out, tmp_path)
-    shutil.rmtree(out / "checkpoints")
-    for name in FIGURES:
-        (out / name).unlink()
-    record = load(out / "runs" / "bom_seed0.json")
-    del record["script_sha256"]  # a run file from before they carried it
-    (out / "runs" / "bom_seed0.json").write_text(json.dumps(record))
-    summary = bvb.main(run_args(data_dir, out, *SHARED, "--report"))
-    for name in FIGURES:
-        assert np.array_equal(mpimg.imread(out / name), mpimg.imread(shared_out / name)), name
-    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 1, None: 1}
-    assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (1 of 2 runs), "
-            f"not recorded (1 of 2 runs)") in capsys.readouterr().out
-
-def test_a_new_method_is_one_class_that_trains_and_is_reported(data_dir, tmp_path, monkeypatch):
+def test_ablations_a_knob_grid_and_a_new_method_class_train_in_the_loop_and_are_judged(
+        data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
-    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "16",
-                                "--no-plots", "--methods", "beta:0.001,beta:0.1,toy"))
-    assert load(tmp_path / "runs" / "toy_seed0.json")["status"] == "ok"
-    assert "toy" in summary["front"] and "toy" in summary["tuning_cost"]["methods"]
-    assert "| toy | " in rows_of((tmp_path / "summary.md").read_text(), "Where each method")["toy"]
-
-def test_ablations_and_a_knob_grid_train_in_the_loop_and_are_judged(data_dir, tmp_path):
-    summary = bvb.main(run_args(
-        data_dir, tmp_path, "--epochs", "2", "--latent-dim", "16", "--no-plots", "--methods",
-        "beta:0.001,beta:0.1,bom,ablations", "--bom-sensitivity", "bom:sharp=off"))
+    summary = bvb.main(run_args(data_dir, tmp_path, "--epochs 2 --latent-dim 16 --no-plots "
+                                "--methods beta:0.001,beta:0.1,bom,ablations,toy "
+                                "--bom-sensitivity bom:sharp=off"))
     boms = ["bom", "bom_sharp=data", "bom_sharp=off", "bom_squeeze=1"]
     settings = ["bom_sharp=off"] + [f"bom_sharp=off_{k}={v:g}"
                                     for k, vs in bvb.BOMVAE.SENSITIVITY.items() for v in vs]
-    runs = {n: load(tmp_path / "runs" / f"{n}_seed0.json") for n in boms + settings}
+    runs = {n: load(tmp_path / "runs" / f"{n}_seed0.json") for n in boms + settings + ["toy"]}
     assert runs["bom_sharp=off"]["config"]["calibration"]["sharp_ceiling"] is None
     first = runs["bom_squeeze=1"]["history"][0]          # squeezes from epoch 1, bom from 3
     assert first["squeeze_factor"] == approx(bvb.squeeze_factor(first["s_min"], k=0.5))
     assert runs["bom"]["history"][0]["squeeze_factor"] == 1.0
-    # every ablation is judged like every method; no knob setting is (its grid's best is)
-    assert list(summary["front"]) == boms
-    assert list(summary["tuning_cost"]["methods"]) == boms + ["bom_sharp=off, tuned"]
+    # every ablation and the toy class are judged like every method; no knob setting is (its
+    # grid's best is)
+    assert list(summary["front"]) == boms + ["toy"] and runs["toy"]["status"] == "ok"
+    assert list(summary["tuning_cost"]["methods"]) == boms + ["toy", "bom_sharp=off, tuned"]
     # the knob grid of bom:sharp=off: variants that keep the ablation
     run = runs["bom_sharp=off_kl_scale=2"]
     assert run["variant"] and run["settings"]["ablation"] == "sharp=off"
@@ -1170,7 +1095,8 @@ def test_ablations_and_a_knob_grid_train_in_the_loop_and_are_judged(data_dir, tm
     assert len(tuned) == 9 and tuned[-1] == best["test"]["fd_prior"]
     assert tuned[0] == approx(statistics.fmean(runs[n]["test"]["fd_prior"] for n in settings))
     md = (tmp_path / "summary.md").read_text()
-    assert "| bom_sharp=off_kl_scale=2 | kl_scale 2 | 20 | " in md
+    assert "| bom_sharp=off_kl_scale=2 | kl_scale 2 | 20 | " in md and "![" not in md  # no plots
+    assert "| toy | " in rows_of(md, "Where each method")["toy"]
     # a stalled setting is a row of its grid but no point of the slope
     records = bvb.load_runs(str(tmp_path))
     for r in records:
@@ -1187,18 +1113,33 @@ def test_ablations_and_a_knob_grid_train_in_the_loop_and_are_judged(data_dir, tm
 
 # ---------------------------------------- the command line and bad input
 
-def test_cli_end_to_end_writes_every_output(shared_out, data_dir):
+def test_the_cli_writes_every_output_and_figures_of_the_set_pixel_size_that_are_not_blank(
+        shared_out, data_dir):
     out, cli = shared_out, load(shared_out.parent / "cli.json")
     assert cli["returncode"] == 0 and cli["stderr"] == "", cli["stderr"]  # no noise
     assert "Estimated training time" in cli["stdout"] and "## Verdict" in cli["stdout"]
-    drawn = [p for p in bvb.REPORT_PATHS if p != "tuning_cost.png"]   # one β: no grid
-    assert sorted(os.listdir(out)) == sorted(["runs", "checkpoints", "experiment.json", *drawn])
-    assert sorted(os.listdir(out / "runs")) == ["beta_0.0001_seed0.json", "bom_seed0.json"]
+    assert sorted(os.listdir(out)) == sorted(["runs", "checkpoints", "experiment.json",
+                                              *bvb.REPORT_PATHS])
+    assert len(os.listdir(out / "runs")) == 6
     *runs, data = load(out / "summary.json")["runs"]
     test_images = bvb.load_mnist(data_dir, train=False)[0].float() / 255
     assert data["test_sharp"] == approx(bvb.sharpness(test_images).mean().item(), rel=1e-5)
     for row in runs:
         assert all(math.isfinite(row[f"test_{k}"]) for k in bvb.METRICS), row["method"]
+    # figsize x 150 dpi; grey levels, contrast, ink; colour in plots only
+    for name, ((width, height), colour_share) in FIGURES.items():
+        image = mpimg.imread(out / name)[..., :3]
+        assert image.shape[:2] == (height * 150, width * 150), name
+        gray = image.mean(-1)
+        assert gray.std() > 0.05 and len(np.unique((gray * 255).round())) > 20, name
+        assert (gray < 0.5).mean() > 0.005, name
+        coloured = ((image.max(-1) - image.min(-1)) > 0.3).mean()
+        assert (coloured > colour_share) if colour_share else (coloured == 0.0), name
+    # fake digits are bright strokes on black: the "original" row, on a fixed scale
+    first_row = mpimg.imread(out / "reconstructions_comparison.png")[:8 * 150 // 4, :, :3]
+    assert (first_row < 0.02).mean() > 0.2 and (first_row > 0.9).mean() > 0.1
+    links = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", (out / "summary.md").read_text()))
+    assert links == {"rate_distortion.png", "tuning_cost.png"}, links
 
 def test_default_out_is_named_from_the_settings_that_change_results():
     def name(*argv):
@@ -1235,34 +1176,32 @@ def test_a_method_s_knobs_are_flags_checked_by_their_type(monkeypatch):
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--bom-calib-batches", "0.5"], "invalid int value"),
-    (["--controlvae-kl-target", "-5"], "--controlvae-kl-target must be a finite number > 0"),
-    (["--seeds", "4294967296"], "--seeds must be between 0 and 4294967295"),
-    (["--seeds", "0", "0"], "a seed is listed twice"),
-    (["--methods", "beta:0.1,vae"], "unknown method 'vae'"),
-    (["--methods", "beta:-0.1"], "'beta:-0.1' needs a finite number > 0 after 'beta:'"),
-    (["--methods", "beta:0.001,beta:0.0010000001"], "two items name the same run, beta_0.001"),
-    (["--train-subset", "81"],
+    ("--epochs 0", "--epochs must be >= 1"),
+    ("--lr nan", "--lr must be a finite number > 0"),
+    ("--bom-calib-batches 0.5", "invalid int value"),
+    ("--controlvae-kl-target -5", "--controlvae-kl-target must be a finite number > 0"),
+    ("--seeds 4294967296", "--seeds must be between 0 and 4294967295"),
+    ("--seeds 0 0", "a seed is listed twice"),
+    ("--methods beta:0.1,vae", "unknown method 'vae'"),
+    ("--methods beta:-0.1", "'beta:-0.1' needs a finite number > 0 after 'beta:'"),
+    ("--methods beta:0.001,beta:0.0010000001", "two items name the same run, beta_0.001"),
+    ("--train-subset 81",
      "--train-subset 81 is larger than the 80 training images there are after holding"),
-    (["--test-subset", "41"], "--test-subset 41 is larger than the 40 test images"),
-    (["--val-size", "96"], "--val-size 96 leaves no training images"),
-    (["--train-subset", "20"], "--batch-size 32 is larger than the 20 training images"),
-    (["--resume"], "does not exist, so there is nothing to resume"),
-    (["--report"], "--report: no run files in"),
-    (["--out", os.devnull], "exists and is not a folder"),
-    (["--out", os.path.join(os.devnull, "sub")], "is not writable"),
-    (["--shard", "3/2"], "--shard must be K/N"),
-    (["--shard", "1/2", "--report"], "separate modes"),
-    (["--resume", "--overwrite"], "choose one"),
-    pytest.param(["--device", "cuda"], "this torch sees no CUDA device", marks=NO_CUDA),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+    ("--test-subset 41", "--test-subset 41 is larger than the 40 test images"),
+    ("--val-size 96", "--val-size 96 leaves no training images"),
+    ("--train-subset 20", "--batch-size 32 is larger than the 20 training images"),
+    ("--resume", "does not exist, so there is nothing to resume"),
+    ("--report", "--report: no run files in"),
+    ("--out " + os.devnull, "exists and is not a folder"),
+    ("--out " + os.path.join(os.devnull, "sub"), "is not writable"),
+    ("--shard 3/2", "--shard must be K/N"),
+    ("--shard 1/2 --report", "separate modes"),
+    ("--resume --overwrite", "choose one"),
+    pytest.param("--device cuda", "this torch sees no CUDA device", marks=NO_CUDA),
+])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         data_dir, tmp_path, capsys, flags, message):
-    before = tree(tmp_path)
-    assert message in refused(run_args(data_dir, tmp_path / "out", *flags), capsys)
-    assert tree(tmp_path) == before
+    assert message in refused(run_args(data_dir, tmp_path / "out", flags), capsys, tmp_path)
 
 def test_help_shows_every_default_in_argparse_s_form(capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -1322,8 +1261,7 @@ def test_a_checkpoint_keeps_the_cpu_s_the_order_s_and_the_run_device_s_rng_only(
         bvb.restore_checkpoint(state, run, optimizer, method, order)
     assert restored == [saved]
 
-STATEFUL = ["--epochs", "3", "--latent-dim", "16", "--methods", "geco,controlvae,bom",
-            "--bom-squeeze-start", "1", "--no-plots"]
+STATEFUL = "--epochs 3 --latent-dim 16 --methods geco,controlvae,bom --bom-squeeze-start 1 --no-plots"
 
 def test_runs_stopped_mid_training_resume_to_the_same_metrics(
         data_dir, tmp_path, monkeypatch, capsys):
@@ -1331,8 +1269,8 @@ def test_runs_stopped_mid_training_resume_to_the_same_metrics(
     then SIGTERM (SLURM's notice before pre-emption) after BOM's (a squeeze has moved),
     resuming each time: the same result as an uninterrupted run."""
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    bvb.main(run_args(data_dir, reference, *STATEFUL))
-    real_save, stopping, flags = bvb.save_checkpoint, [], []
+    bvb.main(run_args(data_dir, reference, STATEFUL))
+    real_save, stopping, flags = bvb.save_checkpoint, [], ""
 
     def save(path, state):
         real_save(path, state)
@@ -1345,8 +1283,8 @@ def test_runs_stopped_mid_training_resume_to_the_same_metrics(
                              ("bom", "Terminated", 143)):
         stopping.append(name)
         with pytest.raises(SystemExit) as exit_info:
-            bvb.main(run_args(data_dir, stopped, *STATEFUL, *flags))
-        err, flags = capsys.readouterr().err, ["--resume"]
+            bvb.main(run_args(data_dir, stopped, STATEFUL + flags))
+        err, flags = capsys.readouterr().err, " --resume"
         assert exit_info.value.code == code and f"{word}. Every completed epoch" in err
         assert err.strip().endswith("--no-plots --resume") and "Traceback" not in err
         state = torch.load(stopped / "checkpoints" / f"{name}_seed0.pt", weights_only=True)
@@ -1356,13 +1294,10 @@ def test_runs_stopped_mid_training_resume_to_the_same_metrics(
                  "bom": m.get("constraints") != m.get("calibration")}
         assert not state["finished"] and len(state["history"]) == 1 and moved[name], name
     stopping.append("none")
-    bvb.main(run_args(data_dir, stopped, *STATEFUL, "--resume"))
+    bvb.main(run_args(data_dir, stopped, STATEFUL + " --resume"))
     assert "bom: resuming after epoch 1" in capsys.readouterr().out
-    assert summary_metrics(stopped) == summary_metrics(reference)
-    for name in ("geco", "controlvae", "bom"):
-        histories = [load(out / "runs" / f"{name}_seed0.json")["history"]
-                     for out in (stopped, reference)]
-        assert histories[0] == histories[1], name
+    for path in ("summary.json", *(f"runs/{name}_seed0.json" for name in stopping[:3])):
+        assert without_timings(load(stopped / path)) == without_timings(load(reference / path))
 
 class WritesAFile:
     def __init__(self, path):
@@ -1372,102 +1307,95 @@ class WritesAFile:
         return (open, (self.path, "w"))
 
 def test_a_used_folder_is_refused_resumed_or_replaced_only_on_purpose(
-        small_out, data_dir, tmp_path, capsys):
-    out = copy_of(small_out, tmp_path)
+        shared_out, data_dir, tmp_path, capsys):
+    out = shutil.copytree(shared_out, tmp_path / "out")
     beta, bom = out / "runs" / "beta_0.001_seed0.json", out / "runs" / "bom_seed0.json"
     checkpoint, original = out / "checkpoints" / "beta_0.001_seed0.pt", load(beta)
 
-    def refuses(*flags):
-        before = tree(tmp_path)
-        err = refused(run_args(data_dir, out, *SMALL, *flags), capsys)
-        assert tree(tmp_path) == before
-        return err
+    def refuses(flags):
+        return refused(run_args(data_dir, out, f"{SHARED} {flags}"), capsys, tmp_path)
     assert f"--out {out} already holds results: give this run a fresh --out, add --resume to " \
-           f"continue them, or --overwrite to replace them" in refuses()
-    assert "(iw_samples 3 in the one, 8 in the other)" in refuses("--resume", "--iw-samples", "8")
+           f"continue them, or --overwrite to replace them" in refuses("")
+    assert "(iw_samples 3 in the one, 8 in the other)" in refuses("--resume --iw-samples 8")
     beta.unlink()  # as if killed before its run file: its finished checkpoint is checked
     assert (f"{checkpoint} was written with other settings (latent_dim 16 there, 8 now)"
-            in refuses("--resume", "--latent-dim", "8"))
+            in refuses("--resume --latent-dim 8"))
     other = "0123456789ab" + "0" * 52
     torch.save(dict(torch.load(checkpoint, weights_only=True), script_sha256=other), checkpoint)
     assert (f"another version of bom_vs_beta.py (SHA-256 0123456789ab there, "
             f"{bvb.SCRIPT_SHA256[:12]} now): resume with that version, add --any-version"
             in refuses("--resume"))
     bom_file = bom.read_bytes()
-    summary = bvb.main(run_args(data_dir, out, *SMALL, "--resume", "--any-version"))
+    summary = bvb.main(run_args(data_dir, out, SHARED + " --resume --any-version"))
     printed, again = capsys.readouterr().out, load(beta)   # loaded, evaluated again
     assert "beta_0.001: finished earlier (ok), loaded from" in printed and "epoch 1/" not in printed
     assert "bom, seed 0: finished earlier, kept from" in printed and bom.read_bytes() == bom_file
     assert [again[k] for k in ("val", "test", "history")] == [
         original[k] for k in ("val", "test", "history")]
     assert again["resumed_from_script_sha256"] == other
-    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 2}
+    assert summary["script_versions"] == {bvb.SCRIPT_SHA256: 6}
     bom.unlink()   # its checkpoint is refused unread: loading runs no code (weights_only)
     path, marker = out / "checkpoints" / "bom_seed0.pt", tmp_path / "ran"
     torch.save({"fingerprint": WritesAFile(str(marker))}, path)
-    assert f"checkpoint {path} is unreadable" in refuses("--resume") and not marker.exists()
+    assert f"checkpoint {path} is unreadable" in refuses("--resume")  # no marker
     beta.write_text("{broken")  # --overwrite replaces everything, unread
-    bvb.main(run_args(data_dir, out, "--epochs", "1", "--latent-dim", "16", "--no-plots",
-                      "--methods", "beta:0.01", "--overwrite"))
+    bvb.main(run_args(data_dir, out, "--epochs 1 --latent-dim 16 --no-plots --methods beta:0.01 "
+                                     "--overwrite"))
     assert os.listdir(out / "runs") == ["beta_0.01_seed0.json"]
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["beta_0.01_seed0.pt"]
 
 def test_unreadable_or_disagreeing_run_files_are_one_line_and_change_nothing(
-        small_out, data_dir, tmp_path, capsys):
-    out = copy_of(small_out, tmp_path)
+        shared_out, data_dir, tmp_path, capsys):
+    out = shutil.copytree(shared_out, tmp_path / "out")
     run_file, experiment = out / "runs" / "beta_0.001_seed0.json", out / "experiment.json"
     record = load(run_file)
     sha = record["reference"]["classifier_sha256"]
     garbage = (b"\x00\xff not json", b'{"name": "beta_0.0', b"null")
-    cases = [(g, mode) for g in garbage for mode in (["--report"], [*SMALL, "--resume"])]
-    cases.append((json.dumps(dict(record, fingerprint="beta")).encode(), [*SMALL, "--resume"]))
+    cases = [(g, mode) for g in garbage for mode in ("--report", SHARED + " --resume")]
+    cases.append((json.dumps(dict(record, fingerprint="beta")).encode(), SHARED + " --resume"))
     for contents, mode in cases:
         run_file.write_bytes(contents)
-        before = tree(tmp_path)
-        assert str(run_file) in refused(run_args(data_dir, out, *mode), capsys)
-        assert tree(tmp_path) == before
+        assert str(run_file) in refused(run_args(data_dir, out, mode), capsys, tmp_path)
     run_file.write_text(json.dumps(record))
     experiment.write_text("null")  # its own advice, not a run file's
-    err = refused(run_args(data_dir, out, *SMALL, "--resume"), capsys)
+    err = refused(run_args(data_dir, out, SHARED + " --resume"), capsys, tmp_path)
     assert "experiment.json is unreadable: move it away (the next command writes it" in err
     for key, value, differs in (  # --report refuses run files of two experiments
             ("classifier_sha256", "b" * 64, f"(classifier 'bbbbbbbbbbbb' in the one, '{sha[:12]}'"),
             ("iw_samples", 8, "(iw_samples 8 in the one, 3 in the other)")):
         record["reference" if key == "classifier_sha256" else "config"][key] = value
         run_file.write_text(json.dumps(record))
-        err = refused(run_args(data_dir, out, "--report"), capsys)
-        assert f"{out / 'runs' / 'bom_seed0.json'} belong to different experiments {differs}" in err
+        err = refused(run_args(data_dir, out, "--report"), capsys, tmp_path)
+        assert f"{run_file.parent / 'beta_0.001_seed1.json'} belong to different experiments " \
+               f"{differs}" in err
 
 def test_a_run_in_use_is_refused_to_a_second_process_but_a_shard_trains_beside_it(
         data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    one = ["--epochs", "1", "--latent-dim", "8", "--methods", "beta:0.001,beta:0.1",
-           "--no-plots"]
+    one = "--epochs 1 --latent-dim 8 --methods beta:0.001,beta:0.1 --no-plots "
     locks = []  # the first process has claimed the folder and locked its runs
-    experiment = bvb.plan_out(bvb.parse_args(run_args(data_dir, out, *one)), locks)[-1]
+    experiment = bvb.plan_out(bvb.parse_args(run_args(data_dir, out, one)), locks)[-1]
     bvb.claim(str(out / "experiment.json"), experiment)
-    before = tree(out)
-    for flags, message in (
-            (["--lr", "5e-4", "--shard", "2/2"], "(lr 0.001 in the one, 0.0005 in the other)"),
-            (["--shard", "2/2"], f"beta_0.1_seed0 is being trained into {out} by another"),
-            (["--overwrite"], "beta_0.001_seed0 is being trained into"),
-            (["--shard", "1/2", "--overwrite"], "beta_0.001_seed0 is being trained into")):
-        assert message in refused(run_args(data_dir, out, *one, *flags), capsys)
-        assert tree(out) == before  # nothing deleted under the first
+    for flags, message in (  # nothing deleted under the first
+            ("--lr 5e-4 --shard 2/2", "(lr 0.001 in the one, 0.0005 in the other)"),
+            ("--shard 2/2", f"beta_0.1_seed0 is being trained into {out} by another"),
+            ("--overwrite", "beta_0.001_seed0 is being trained into"),
+            ("--shard 1/2 --overwrite", "beta_0.001_seed0 is being trained into")):
+        assert message in refused(run_args(data_dir, out, one + flags), capsys, tmp_path)
     locks[1].close()  # the first goes on with beta_0.001 alone, as shard 1/2 would
-    bvb.main(run_args(data_dir, out, *one, "--shard", "2/2"))  # shard 2/2 trains beside it
+    bvb.main(run_args(data_dir, out, one + "--shard 2/2"))  # shard 2/2 trains beside it
     assert os.listdir(out / "runs") == ["beta_0.1_seed0.json"]
     assert bvb.lock(str(out / "checkpoints" / "beta_0.001_seed0.lock")) is None  # the first's
     third = tmp_path / "third"  # a refused command makes no lock file
-    bvb.plan_out(bvb.parse_args(run_args(data_dir, third, *one, "--shard", "2/2")), locks)
-    refused(run_args(data_dir, third, *one), capsys)
+    bvb.plan_out(bvb.parse_args(run_args(data_dir, third, one + "--shard 2/2")), locks)
+    refused(run_args(data_dir, third, one), capsys, tmp_path)
     assert os.listdir(third / "checkpoints") == ["beta_0.1_seed0.lock"]
     for handle in locks:
         handle.close()
     (third / "experiment.json").write_text(json.dumps(dict(experiment, classifier="0" * 12)))
     assert "(pass --cache-dir the folder's feature classifier) belong to different experiments " \
            "(classifier '000000000000' in the one" in refused(
-        run_args(data_dir, third, *one, "--resume"), capsys)
+        run_args(data_dir, third, one + "--resume"), capsys, third / "runs")
 
 def test_without_flock_or_hard_links_and_after_a_failed_start_runs_go_on(
         data_dir, tmp_path, monkeypatch):
@@ -1480,17 +1408,14 @@ def test_without_flock_or_hard_links_and_after_a_failed_start_runs_go_on(
     (tmp_path / "runs").mkdir()
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "geco_seed0.lock").write_text("")
-    bvb.main(run_args(data_dir, tmp_path, "--epochs", "1", "--latent-dim", "8", "--methods",
-                      "beta:0.1", "--no-plots"))
+    bvb.main(run_args(data_dir, tmp_path, "--epochs 1 --latent-dim 8 --methods beta:0.1 --no-plots"))
     assert os.listdir(tmp_path / "runs") == ["beta_0.1_seed0.json"]
     assert load(tmp_path / "experiment.json")["epochs"] == 1
 
 def test_prepare_with_an_unwritable_cache_says_so_in_one_line(data_dir, tmp_path, capsys):
     if not os.path.isdir("/proc/self"):
         return  # needs Linux's /proc/self: unwritable even by root
-    argv = run_args(data_dir, tmp_path / "out", "--prepare")
-    argv[argv.index(CACHE)] = "/proc/self"
-    bvb.main(argv)
+    bvb.main(run_args(data_dir, tmp_path / "out", "--prepare --cache-dir /proc/self"))
     printed = capsys.readouterr().out
     assert "; not cached (/proc/self/classifier-" in printed and "classifier ready" in printed
     assert not (tmp_path / "out").exists()
@@ -1504,19 +1429,26 @@ def without_timings(summary):
         return [without_timings(v) for v in summary]
     return summary
 
-def test_two_shards_and_a_report_equal_one_unsharded_run(data_dir, tmp_path):
-    run = ["--epochs", "1", "--latent-dim", "16", "--methods", "beta:0.001,beta:0.1,bom",
-           "--seeds", "0", "1"]
-    whole = bvb.main(run_args(data_dir, tmp_path / "whole", *run, "--no-plots"))
+def test_two_shards_and_a_report_from_their_run_files_alone_equal_the_shared_run(
+        shared_out, data_dir, tmp_path, capsys):
     sharded = tmp_path / "r[1]{x}"  # the folder's name taken verbatim
-    assert bvb.main(run_args(data_dir, sharded, *run, "--shard", "1/2")) is None
+    assert bvb.main(run_args(data_dir, sharded, SHARED + " --shard 1/2")) is None
     assert not (sharded / "summary.json").exists() and len(os.listdir(sharded / "runs")) == 3
-    bvb.main(run_args(data_dir, sharded, *run, "--shard", "2/2"))
-    report = bvb.main(run_args(data_dir, sharded, *run, "--report"))
+    bvb.main(run_args(data_dir, sharded, SHARED + " --shard 2/2"))
+    shutil.rmtree(sharded / "checkpoints")
+    record = load(sharded / "runs" / "bom_seed0.json")
+    del record["script_sha256"]  # a run file from before they carried it
+    (sharded / "runs" / "bom_seed0.json").write_text(json.dumps(record))
+    report = bvb.main(run_args(data_dir, sharded, SHARED + " --report"))
+    assert report.pop("script_versions") == {bvb.SCRIPT_SHA256: 5, None: 1}
+    assert (f"Run files by script version (SHA-256): {bvb.SCRIPT_SHA256[:12]} (5 of 6 runs), "
+            f"not recorded (1 of 6 runs)") in capsys.readouterr().out
+    whole = load(shared_out / "summary.json")
+    del whole["script_versions"]
     assert json.dumps(bvb.json_safe(without_timings(report))) == json.dumps(
-        bvb.json_safe(without_timings(whole)))
+        without_timings(whole))
     for name in FIGURES:
-        assert_drawn(sharded / name)
+        assert np.array_equal(mpimg.imread(sharded / name), mpimg.imread(shared_out / name)), name
 
 # ---------------------------------------- benchmark
 
@@ -1525,13 +1457,13 @@ def test_benchmark_times_each_method_and_writes_benchmark_json(
     monkeypatch.setattr(bvb, "BENCHMARK_STEPS", 2)
     monkeypatch.setattr(bvb, "BENCHMARK_REPEATS", 2)
     out = tmp_path / "bench"
-    argv = run_args(data_dir, out, "--benchmark", "--latent-dim", "16", "--methods",
-                    "beta:0.001,bom", "--epochs", "2", "--seeds", "0", "1")
+    argv = run_args(data_dir, out, "--benchmark --latent-dim 16 --methods beta:0.001,bom "
+                                   "--epochs 2 --seeds 0 1")
     report = bvb.main(argv)
     assert load(out / "benchmark.json") == json.loads(json.dumps(bvb.json_safe(report)))
     assert [len(row["repeats_ms"]) for row in report["methods"].values()] == [2, 2]
     assert "images/s" in capsys.readouterr().out and os.listdir(out) == ["benchmark.json"]
-    assert "already holds results" in refused(argv, capsys)
+    assert "already holds results" in refused(argv, capsys, tmp_path)
     # known medians, 0.1 s and 0.25 s a step: 2 seeds x 2 epochs x ceil(80/32) = 6 steps
     timings = {("beta", 0.001): [0.1, 0.1, 0.1], ("bom", None): [0.4, 0.2, 0.25]}
     monkeypatch.setattr(bvb, "time_training",
