@@ -2009,7 +2009,8 @@ def forest(ax, front, key, styles):
            xticks=[v for v in RATIO_TICKS if low <= v <= high],
            xticklabels=[f"{v:g}x" for v in RATIO_TICKS if low <= v <= high],
            xlabel="scale: fine near 1x, compressed far from it",
-           title=f"{METRICS[key][0]} / β front's at the same KL\n(1: the front's own; 95% interval)")
+           title=f"{METRICS[key][0]} / β front's at the same KL\n"
+                 "(1: the front's own; 95% interval)")
     ax.set_yticks(range(len(front)), list(front), fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
     ax.xaxis.set_minor_locator(NullLocator())
@@ -2219,7 +2220,8 @@ def build_parser():
 def knob_flags():
     """(--<kind>-<knob>, <kind>_<knob>, default, help) of every KNOBS entry; these four first."""
     first = [GECO, ControlVAE, FreeBits, BOMVAE]
-    return [(f"--{c.kind}-{k.replace('_', '-')}", f"{c.kind}_{k}", d, f"{c.label or c.kind}: {text}")
+    return [(f"--{c.kind}-{k.replace('_', '-')}", f"{c.kind}_{k}", d,
+             f"{c.label or c.kind}: {text}")
             for c in first + [c for c in METHOD_CLASSES.values() if c not in first]
             for k, (d, text) in c.KNOBS.items()]
 
