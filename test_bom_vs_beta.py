@@ -465,19 +465,6 @@ def test_controlvae_beta_rises_above_set_point_falls_below_and_stays_clipped():
     assert falling[0] < 1.0 and all(b <= a for a, b in zip(falling, falling[1:]))
     assert min(falling) == 0.0 and float(control.state["integral"]) >= -0.01
 
-@pytest.mark.parametrize("item, message", [
-    ("bom:sharp=blur", "'sharp=blur' in 'bom:sharp=blur' is not a BOM ablation (sharp=data"),
-    ("ablations,bom:sharp=off", "listed twice"),
-    ("bom:sharp=off+kl_scale=2,bom:kl_scale=2.0+sharp=off", "listed twice"),
-    ("bom:sharp=off+sharp=data", "one at most"), ("bom:kl_scale=2+kl_scale=3", "once each"),
-    ("bom:kl_scale=0", "BOM's kl_scale must be a finite number > 0"),
-    ("bom:kl_scale=x", "BOM's kl_scale must be a finite number > 0, got 'x'"),
-    ("bom:squeeze_start=1.5", "BOM's squeeze_start must be an integer >= 1"),
-    ("bom:calib_batches=0", "BOM's calib_batches must be an integer >= 1")])
-def test_a_bad_method_item_is_a_usage_error_saying_why(item, message):
-    with pytest.raises(bvb.UsageError, match=re.escape(message)):
-        bvb.parse_methods(item)
-
 def test_methods_all_and_a_bom_item_of_an_ablation_and_knob_values_in_one_name():
     ablations = [("bom", "sharp=data"), ("bom", "sharp=off"), ("bom", "squeeze=1")]
     assert bvb.parse_methods("all") == [("beta", b) for b in bvb.ALL_BETAS] + [
@@ -491,16 +478,14 @@ def test_methods_all_and_a_bom_item_of_an_ablation_and_knob_values_in_one_name()
     assert method.name == "bom_sharp=off_kl_scale=2" and method.ablation == "sharp=off"
     assert method.variant == ("kl_scale",) and method.knobs["squeeze_k"] == 0.25   # a flag's
     assert method.kl_targets == approx(tuple(t * 32 for t in bvb.KL_TARGETS_PER_DIM))   # ×2
-    args = bvb.parse_args(["--methods", "bom:squeeze=1", "--bom-squeeze-start", "5"])
+    args = bvb.parse_args("--methods bom:squeeze=1 --bom-squeeze-start 5".split())
     method = bvb.make_method(args.method_specs[0], args)      # squeeze=1 overrides the flag
     assert method.knobs["squeeze_start"] == 1 and method.settings()["ablation"] == "squeeze=1"
-    specs = bvb.parse_args(["--methods", "bom:sharp=off", "--bom-sensitivity", "bom:sharp=off"]
+    specs = bvb.parse_args("--methods bom:sharp=off --bom-sensitivity bom:sharp=off".split()
                            ).method_specs
     assert specs[0] == ("bom", "sharp=off") and ("bom", "sharp=off+mse_floor_mult=4") in specs
     assert len(specs) == 1 + sum(map(len, bvb.BOMVAE.SENSITIVITY.values()))
     assert bvb.parse_args(["--bom-sensitivity"]).method_specs[-1] == ("bom", "mse_floor_mult=4")
-    with pytest.raises(bvb.UsageError, match="--bom-sensitivity takes one BOM item"):
-        bvb.parse_args(["--bom-sensitivity", "beta:0.1"])
 
 # ---------------------------------------- the training loop
 
@@ -584,19 +569,28 @@ def test_a_skipped_step_leaves_weights_and_adam_state_alone(adam):
     assert not same(weights, model.state_dict())
     assert optimizer.state_dict()["state"][0]["step"].item() == 2
 
-def test_amp_runs_bf16_keeps_the_metrics_in_fp32_and_without_it_enters_no_autocast(
+def test_amp_runs_bf16_keeping_the_metrics_in_fp32_without_it_no_autocast_and_is_refused_where_bf16_fails(
         monkeypatch):
     torch.manual_seed(0)
     model, x = bvb.VAE(16), torch.rand(4, 1, 64, 64)
     metrics = bvb.forward_metrics(model, x, amp=True)
     assert len(metrics) == 4 and all(m.dtype == torch.float32 for m in metrics)
 
-    def autocast(device_type, **kwargs):
-        raise AssertionError(f"autocast entered on {device_type}")
-    monkeypatch.setattr(torch, "autocast", autocast)
-    bvb.forward_metrics(model, x, amp=False)
-    with pytest.raises(AssertionError, match="entered on cpu"):
+    bvb.check_amp(CPU)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(bvb.UsageError, match=r": Tesla T4 has no native bf16; run without"):
+        bvb.check_amp(torch.device("cuda"))
+
+    def no_bf16(device_type, **kwargs):
+        raise RuntimeError(f"bf16 autocast is not supported on {device_type}\nsecond line")
+    monkeypatch.setattr(torch, "autocast", no_bf16)
+    bvb.forward_metrics(model, x, amp=False)   # enters no autocast
+    with pytest.raises(RuntimeError, match="not supported on cpu"):
         bvb.forward_metrics(model, x, amp=True)
+    with pytest.raises(bvb.UsageError, match=r"^--amp on cpu with torch .*: bf16 autocast is not "
+                                             r"supported on cpu; run without --amp$"):
+        bvb.check_amp(CPU)
 
 def test_load_mnist_and_its_fast_path_give_the_seed_pipeline_s_images_and_loss(data_dir):
     seed_data = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.Compose(
@@ -715,7 +709,7 @@ def test_evaluate_run_fits_sigma2_on_validation_and_counts_active_units(val_size
     nll = 4096 * (0.5625 / (2 * sigma2) + 0.5 * math.log(2 * math.pi * sigma2))
     assert test["neg_elbo"] == approx(nll + kl, rel=1e-5)
 
-def test_prepare_caches_the_classifier_once_per_training_set_and_a_bad_cache_is_retrained(
+def test_prepare_caches_the_classifier_once_per_training_set_retrains_a_bad_one_or_says_why_not(
         data_dir, tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
     argv = run_args(data_dir, out, f"--cache-dir {cache}")
@@ -737,6 +731,11 @@ def test_prepare_caches_the_classifier_once_per_training_set_and_a_bad_cache_is_
     args.val_size = 8
     bvb.get_classifier(bvb.load_splits(args, CPU), args)     # 88 other images: their own file
     assert len(list(cache.iterdir())) == 2
+    if os.path.isdir("/proc/self"):  # Linux's: unwritable even by root
+        bvb.main(run_args(data_dir, out, "--prepare --cache-dir /proc/self"))
+        printed = capsys.readouterr().out
+        assert "; not cached (/proc/self/classifier-" in printed and "classifier ready" in printed
+        assert not out.exists()
 
 # ---------------------------------------- the report and the verdict
 
@@ -1142,17 +1141,16 @@ def test_the_cli_writes_every_output_and_figures_of_the_set_pixel_size_that_are_
     assert links == {"rate_distortion.png", "tuning_cost.png"}, links
 
 def test_default_out_is_named_from_the_settings_that_change_results():
-    def name(*argv):
-        return os.path.relpath(bvb.parse_args(["--device", "cpu", *argv]).out, "results")
-    assert name() == "default" == name("--epochs", "20", "--data-dir", "elsewhere")
-    assert name("--epochs", "5", "--seeds", "0", "1") == "e5_s0-1"
-    assert name("--methods", "all", "--lr", "0.0003") == "methods-all_lr-0.0003"
-    assert name("--quick") == "quick" and name("--quick", "--epochs", "1") == "quick_e1"
-    assert name("--bom-squeeze-start", "2", "--freebits-lambda", "0.5", "--geco-tolerance",
-                "0.02") == "geco-tolerance-0.02_freebits-lambda-0.5_bom-squeeze-start-2"
-    many = ",".join(f"beta:0.00{i}" for i in range(1, 9))     # over 80 characters: cut, hashed
-    assert len(name("--methods", many)) == 69 and name("--methods", many) != name(
-        "--methods", many + ",bom")
+    def name(flags=""):
+        return os.path.relpath(bvb.parse_args(f"--device cpu {flags}".split()).out, "results")
+    assert name() == "default" == name("--epochs 20 --data-dir elsewhere")
+    assert name("--epochs 5 --seeds 0 1") == "e5_s0-1"
+    assert name("--methods all --lr 0.0003") == "methods-all_lr-0.0003"
+    assert name("--quick") == "quick" and name("--quick --epochs 1") == "quick_e1"
+    assert name("--bom-squeeze-start 2 --freebits-lambda 0.5 --geco-tolerance 0.02"
+                ) == "geco-tolerance-0.02_freebits-lambda-0.5_bom-squeeze-start-2"
+    many = "--methods " + ",".join(f"beta:0.00{i}" for i in range(1, 9))   # over 80 characters:
+    assert len(name(many)) == 69 and name(many) != name(many + ",bom")      # cut, hashed
     assert bvb.parse_args(["--out", "mine"]).out == "mine"
     quick = bvb.parse_args(["--quick", "--device", "cpu"])
     assert {key: getattr(quick, key) for key in bvb.QUICK} == bvb.QUICK
@@ -1165,7 +1163,7 @@ def test_a_method_s_knobs_are_flags_checked_by_their_type(monkeypatch):
         KNOBS = {"gain": (2.0, "multiplies β"), "warmup": (3, "epochs before it acts")}
 
     monkeypatch.setitem(bvb.METHOD_CLASSES, "toy", Toy)
-    args = bvb.parse_args(["--device", "cpu", "--toy-gain", "0.5"])
+    args = bvb.parse_args("--device cpu --toy-gain 0.5".split())
     assert Toy.from_args(args, None).knobs == {"gain": 0.5, "warmup": 3}
     splits = {split: (torch.zeros(1),) for split in ("train", "val", "test")}
     assert "toy_gain" not in bvb.run_config(args, splits)  # a run's are in its settings
@@ -1177,6 +1175,16 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 @pytest.mark.parametrize("flags, message", [
     ("--epochs 0", "--epochs must be >= 1"),
+    ("--methods bom:sharp=blur", "'sharp=blur' in 'bom:sharp=blur' is not a BOM ablation (sharp=data"),
+    ("--methods ablations,bom:sharp=off", "listed twice"),
+    ("--methods bom:sharp=off+kl_scale=2,bom:kl_scale=2.0+sharp=off", "listed twice"),
+    ("--methods bom:sharp=off+sharp=data", "one at most"),
+    ("--methods bom:kl_scale=2+kl_scale=3", "once each"),
+    ("--methods bom:kl_scale=0", "BOM's kl_scale must be a finite number > 0"),
+    ("--methods bom:kl_scale=x", "BOM's kl_scale must be a finite number > 0, got 'x'"),
+    ("--methods bom:squeeze_start=1.5", "BOM's squeeze_start must be an integer >= 1"),
+    ("--methods bom:calib_batches=0", "BOM's calib_batches must be an integer >= 1"),
+    ("--bom-sensitivity beta:0.1", "--bom-sensitivity takes one BOM item"),
     ("--lr nan", "--lr must be a finite number > 0"),
     ("--bom-calib-batches 0.5", "invalid int value"),
     ("--controlvae-kl-target -5", "--controlvae-kl-target must be a finite number > 0"),
@@ -1212,20 +1220,6 @@ def test_help_shows_every_default_in_argparse_s_form(capsys):
                           ("--controlvae-ki", "0.0001"), ("--cache-dir", bvb.default_cache_dir())):
         help_of = re.search(re.escape(flag) + r" [A-Z_{]((?! --).)*", text).group(0)
         assert help_of.endswith(f"(default: {default})"), help_of
-
-def test_amp_is_refused_where_bf16_is_not_native_or_autocast_fails(monkeypatch):
-    bvb.check_amp(CPU)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with pytest.raises(bvb.UsageError, match=r": Tesla T4 has no native bf16; run without"):
-        bvb.check_amp(torch.device("cuda"))
-
-    def no_bf16(*args, **kwargs):
-        raise RuntimeError("bf16 autocast is not supported here\nsecond line")
-    monkeypatch.setattr(torch, "autocast", no_bf16)
-    with pytest.raises(bvb.UsageError, match=r"^--amp on cpu with torch .*: bf16 autocast is not "
-                                             r"supported here; run without --amp$"):
-        bvb.check_amp(CPU)
 
 # ---------------------------------------- checkpoints, resume and shards
 
@@ -1412,14 +1406,6 @@ def test_without_flock_or_hard_links_and_after_a_failed_start_runs_go_on(
     assert os.listdir(tmp_path / "runs") == ["beta_0.1_seed0.json"]
     assert load(tmp_path / "experiment.json")["epochs"] == 1
 
-def test_prepare_with_an_unwritable_cache_says_so_in_one_line(data_dir, tmp_path, capsys):
-    if not os.path.isdir("/proc/self"):
-        return  # needs Linux's /proc/self: unwritable even by root
-    bvb.main(run_args(data_dir, tmp_path / "out", "--prepare --cache-dir /proc/self"))
-    printed = capsys.readouterr().out
-    assert "; not cached (/proc/self/classifier-" in printed and "classifier ready" in printed
-    assert not (tmp_path / "out").exists()
-
 def without_timings(summary):
     """What two invocations share: no config (their flags), no seconds."""
     if isinstance(summary, dict):
@@ -1486,19 +1472,7 @@ def test_the_readme_lists_the_script_s_sections_in_the_file_s_order():
 
 # ---------------------------------------- the file as a notebook cell
 
-def test_in_a_notebook_the_kernel_argv_is_ignored_and_the_resume_hint_is_a_call(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/kernel-1234.json"])
-    assert bvb.resume_command(bvb.parse_args()) == "main(['--resume'])"  # a cell's main()
-    argv = ["--epochs", "2", "--out", "it's here", "--overwrite", "--device", "cpu"]
-    hint = bvb.resume_command(bvb.parse_args(argv))
-    again = ["--epochs", "2", "--out", "it's here", "--device", "cpu", "--resume"]
-    assert hint.startswith("main([") and ast.literal_eval(hint[5:-1]) == again
-    monkeypatch.delitem(sys.modules, "ipykernel")
-    assert shlex.split(bvb.resume_command(bvb.parse_args(argv))) == [
-        "python", "bom_vs_beta.py", *again]
-
-def test_the_file_run_as_a_script_parses_argv_but_pasted_into_a_cell_ignores_it(
+def test_the_file_run_as_a_script_parses_argv_but_in_a_cell_ignores_it_and_hints_a_call(
         tmp_path, monkeypatch, capsys):
     source = pathlib.Path(HERE, "bom_vs_beta.py").read_text()
     assert bvb.SCRIPT_SHA256 == hashlib.sha256(source.encode()).hexdigest()
@@ -1517,6 +1491,11 @@ def test_the_file_run_as_a_script_parses_argv_but_pasted_into_a_cell_ignores_it(
     monkeypatch.setattr(datasets.MNIST, "download", offline)
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/kernel-1234.json"])
+    assert bvb.resume_command(bvb.parse_args()) == "main(['--resume'])"  # a cell's main()
+    argv = ["--epochs", "2", "--out", "it's here", "--overwrite", "--device", "cpu"]
+    hint = bvb.resume_command(bvb.parse_args(argv))
+    again = ["--epochs", "2", "--out", "it's here", "--device", "cpu", "--resume"]
+    assert hint.startswith("main([") and ast.literal_eval(hint[5:-1]) == again
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine")
@@ -1532,3 +1511,6 @@ def test_the_file_run_as_a_script_parses_argv_but_pasted_into_a_cell_ignores_it(
     assert err.startswith(f"bom_vs_beta.py: error: MNIST not found in {raw}")
     assert err.endswith("in DIR/MNIST/raw/ and pass --data-dir DIR")
     assert tree(tmp_path) == before  # no results/ either
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    assert shlex.split(bvb.resume_command(bvb.parse_args(argv))) == [
+        "python", "bom_vs_beta.py", *again]
