@@ -2422,17 +2422,25 @@ def short_sha(sha):
 
 def lock(path):
     """The file's exclusive lock (flock) till closed or the process ends; None while another
-    process holds it; granted where the file system has no flock."""
-    handle = open(path, "a")
-    try:
-        if fcntl:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    process holds it; granted where the file system has no flock. `created`: this call made
+    the file (a refused command removes it). A lock taken on a file that a refused process
+    removed meanwhile is let go and taken again on the file now at `path`."""
+    while True:
+        created = not os.path.exists(path)
+        handle = open(path, "a")
+        handle.created = created
+        try:
+            if fcntl:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        except OSError:                     # no flock here (Lustre without -o flock)
+            pass
+        with contextlib.suppress(OSError):
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                return handle
         handle.close()
-        return None
-    except OSError:                         # no flock here (Lustre without -o flock)
-        pass
-    return handle
 
 # ---------------------------------------- benchmark
 BENCHMARK_STEPS, BENCHMARK_REPEATS = 50, 3     # timed steps per repeat; repeats (median)
@@ -2712,6 +2720,9 @@ def main(argv=None):
             return None
         return build_report(args, splits)
     except UsageError as e:
+        for handle in locks:                # a refused command leaves no lock file it made
+            if handle.created:
+                os.remove(handle.name)
         print(f"bom_vs_beta.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:

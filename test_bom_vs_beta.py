@@ -1394,7 +1394,20 @@ def test_a_run_in_use_is_refused_to_a_second_process_but_a_shard_trains_beside_i
     (third / "experiment.json").write_text(json.dumps(dict(experiment, classifier="0" * 12)))
     assert "(pass --cache-dir the folder's feature classifier) belong to different experiments " \
            "(classifier '000000000000' in the one" in refused(
-        run_args(data_dir, third, one + "--resume"), capsys, third / "runs")
+        run_args(data_dir, third, one + "--resume"), capsys, tmp_path)
+
+def test_a_lock_on_a_file_removed_meanwhile_is_taken_again_on_the_file_there(
+        tmp_path, monkeypatch):
+    path, flock, removed = str(tmp_path / "run.lock"), bvb.fcntl.flock, []
+
+    def flock_then_removed(handle, operation):   # a refused process removes it meanwhile
+        flock(handle, operation)
+        if not removed:
+            removed.append(os.remove(path))
+    monkeypatch.setattr(bvb.fcntl, "flock", flock_then_removed)
+    handle = bvb.lock(path)
+    assert removed and os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    assert handle.created
 
 def without_timings(summary):
     """What two invocations share: no config (their flags), no seconds."""
