@@ -1,20 +1,22 @@
 """BOM-VAE vs β-VAE on MNIST (64x64): does BOM match or beat β-VAE without tuning β?
 
-BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint scores (MSE, KL box,
-sharpness) and tightens the constraints with an adaptive squeeze. β-VAE minimizes mean MSE + β·mean KL for
-a grid of β; GECO, ControlVAE, σ-VAE and free bits are the other methods that claim to need no tuning. All
-train the same conv VAE in one loop, per seed from the same weights; held-out metrics with intervals over
-seeds, β chosen on validation, figures and a computed verdict land in --out.
+BOM (Bottleneck Optimization) maximizes the worst of several normalized constraint scores (MSE,
+KL box, sharpness) and tightens the constraints with an adaptive squeeze. β-VAE minimizes mean
+MSE + β·mean KL for a grid of β; GECO, ControlVAE, σ-VAE and free bits are the other methods that
+claim to need no tuning. All train the same conv VAE in one loop, per seed from the same weights;
+held-out metrics with intervals over seeds, β chosen on validation, figures and a computed verdict
+land in --out.
 
-Evidence (results/README.md; 20 epochs on 6,400 training images, 4 seeds): at its own rate the notebook's BOM
-has 6.90x [5.31, 8.96] the test MSE of the β-VAE front (above it), and 1 or 2 random β-VAE runs beat it on
-IWAE NLL and FD prior. With its sharpness ceiling set to the data's it is not distinguishable from the front
-(1.08x [1.01, 1.15]: neither different after Holm nor shown within ±10%), 2 to 3 random β runs beat it, and
-its KL targets set its rate as β does (KL ∝ kl_scale^0.84).
+Evidence (results/README.md; 20 epochs on 6,400 training images, 4 seeds): at its own rate the
+notebook's BOM has 6.90x [5.31, 8.96] the test MSE of the β-VAE front (above it), and 1 or 2 random
+β-VAE runs beat it on IWAE NLL and FD prior. With its sharpness ceiling set to the data's it is not
+distinguishable from the front (1.08x [1.01, 1.15]: neither different after Holm nor shown within
+±10%), 2 to 3 random β runs beat it, and its KL targets set its rate as β does (KL ∝
+kl_scale^0.84).
 
-    python bom_vs_beta.py --epochs 20 --device cuda                    # the notebook's comparison
-    python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda    # every method, with intervals
-    main(["--epochs", "2"])                                            # from a notebook cell
+    python bom_vs_beta.py --epochs 20 --device cuda                  # the notebook's comparison
+    python bom_vs_beta.py --methods all --seeds 0 1 2 --device cuda  # every method, with intervals
+    main(["--epochs", "2"])                                          # from a notebook cell
 """
 import argparse
 import base64
@@ -2390,7 +2392,7 @@ def restore_checkpoint(state, run, optimizer, method, order):
         gpu_module(device).set_rng_state(state["rng"][device.type])
 
 def save_checkpoint(path, state):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, functools.partial(torch.save, state))
 
 def load_checkpoint(path, fingerprint, any_version=False):
     """A checkpoint as data only (weights_only: it runs no code), of these settings and, unless

@@ -1,5 +1,6 @@
-"""Quick checks of bom_vs_beta.py at hand-computed points, on tiny IDX files that a fixture writes
-(no network, no real MNIST): scores, metrics, the squeeze, the training loop, the CLI and its errors."""
+"""Quick checks of bom_vs_beta.py at hand-computed points, on tiny IDX files that a fixture
+writes (no network, no real MNIST): scores, metrics, the squeeze, the training loop, the report,
+the CLI and its errors."""
 import ast
 import hashlib
 import json
@@ -618,7 +619,7 @@ def test_load_mnist_and_its_fast_path_give_the_seed_pipeline_s_images_and_loss(d
         seed_model.zero_grad()
         fast_model.zero_grad()
 
-# ---------------------------------------- evaluation: likelihood bound, Fréchet distance, classifier
+# ---------------------------------------- evaluation: IWAE bound, Fréchet distance, classifier
 
 def test_iwae_is_the_importance_weighted_bound_over_exactly_k_draws_in_any_chunking(
         monkeypatch):
