@@ -1275,11 +1275,17 @@ def aggregate(records):
                        if cls.idle(r["history"])])
     return methods
 
+def choosable(methods):
+    """The β settings validation chooses between: those that ran every seed any β ran, none
+    diverged (a mean over other seeds would not compare)."""
+    seeds = set().union(*(set(m["seeds"]) for m in betas(methods)))
+    return [m for m in betas(methods)
+            if set(m["seeds"]) == seeds and "diverged" not in m["statuses"]]
+
 def choose(methods, key):
-    """The β best by validation `key` on the seed mean, of those no run of which diverged."""
-    pool = [m for m in betas(methods)
-            if "diverged" not in m["statuses"]
-            and math.isfinite(m["val"][key]["mean"])]
+    """The choosable β best by validation `key` on the seed mean."""
+    pool = [m for m in choosable(methods)
+            if math.isfinite(m["val"][key]["mean"])]
     if not pool:
         return None
     return max(pool,
@@ -1287,9 +1293,9 @@ def choose(methods, key):
 
 def criteria(methods, select_by):
     """The β validation chooses by each declared criterion (seed means), and whether it is an
-    end of the sweep (a β beyond it may do better)."""
+    end of the choosable sweep (a β beyond it may do better)."""
     swept = sorted(m["settings"]["beta"]
-                   for m in betas(methods))
+                   for m in choosable(methods))
     ends = {}
     if len(swept) > 1:
         ends = {swept[0]: "smallest", swept[-1]: "largest"}

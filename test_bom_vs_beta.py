@@ -968,6 +968,8 @@ def test_beta_is_chosen_on_validation_never_on_test():
     assert chosen["iwae_nll"]["beta"] == "beta_0.1" and chosen["iwae_nll"]["edge"] == "largest"
     assert chosen["mse"]["beta"] == "beta_1e-05" and chosen["mse"]["edge"] == "smallest"
     assert methods["beta_0.1"]["runs_to_choose"] == 2
+    late = fake_run("beta_1e-07", "beta", 1, {"iwae_nll": 0.0}, {})   # one seed: not choosable
+    assert bvb.choose(bvb.aggregate(records + [late]), "iwae_nll") == "beta_0.1"
     records[3]["status"] = "diverged"  # beta_0.1 in seed 1: out of the pool
     assert bvb.choose(bvb.aggregate(records), "iwae_nll") == "beta_1e-05"
 
