@@ -1283,10 +1283,10 @@ def choosable(methods):
             if set(m["seeds"]) == seeds and "diverged" not in m["statuses"]]
 
 def choose(methods, key):
-    """The choosable β best by validation `key` on the seed mean."""
+    """The choosable β best by validation `key` on the seed mean (none from fewer than two)."""
     pool = [m for m in choosable(methods)
             if math.isfinite(m["val"][key]["mean"])]
-    if not pool:
+    if len(pool) < 2:
         return None
     return max(pool,
                key=lambda m: METRICS[key][2] * m["val"][key]["mean"])["name"]
@@ -1568,8 +1568,10 @@ def knob_grids(methods, grids):
     for label, names in grids.items():
         if label == "β-VAE":
             continue
-        base = next(methods[n] for n in names
-                    if not methods[n]["variant"])
+        bases = [methods[n] for n in names if not methods[n]["variant"]]
+        if not bases:                      # the base left the grid (a seed short, diverged)
+            continue
+        base = bases[0]
         rows = matched_rate(methods, names)
         points = {}
         for n, row in rows.items():
@@ -2388,6 +2390,8 @@ def checkpoint_state(run, optimizer, method, order, fingerprint, finished):
 
 def restore_checkpoint(state, run, optimizer, method, order):
     run.update({k: state[k] for k in RUN_STATE})
+    if "model" not in state:   # an older version's record of a run diverged in its first epoch
+        return
     run["model"].load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     method.state = dict(state["method"])
@@ -2434,8 +2438,10 @@ def lock(path):
     the file (a refused command removes it). A lock taken on a file that a refused process
     removed meanwhile is let go and taken again on the file now at `path`."""
     while True:
-        created = not os.path.exists(path)
-        handle = open(path, "a")
+        try:
+            handle, created = open(path, "x"), True
+        except FileExistsError:
+            handle, created = open(path, "a"), False
         handle.created = created
         try:
             if fcntl:
@@ -2588,17 +2594,30 @@ def plan_out(args, locks):
         raise UsageError(f"--out {out} is not writable ({e.strerror})") from None
     paths = [run_paths(args, m, s) for m, s in grid if training]
     paths = [checkpoint[:-3] + ".lock" for run_file, checkpoint in paths if run_file not in done]
-    if os.path.join(out, "checkpoints") in replaced:     # nothing deleted under another
+    if training and args.overwrite and not args.shard:   # nothing deleted under another's run
         paths += sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "*.lock")))
     lock_runs(dict.fromkeys(paths), locks)
-    for path in replaced:                  # but lock files: this command holds them now
-        inside = [path]
-        if os.path.isdir(path):
-            inside = glob.glob(os.path.join(glob.escape(path), "*"))
-        for file in inside:
-            if not file.endswith(".lock"):
-                os.remove(file)
+    for method, seed in grid if args.resume else []:     # finished by another process meanwhile
+        run_file, checkpoint = run_paths(args, method, seed)
+        if os.path.exists(run_file):
+            done.add(run_file)
+            states.pop(checkpoint, None)
+    try:
+        for path in replaced:              # but lock files: this command holds them now
+            remove_results(path)
+    except OSError as e:
+        raise UsageError(f"--overwrite could not remove {e.filename} ({e.strerror})") from None
     return splits, grid, done, states, kept, experiment
+
+def remove_results(path):
+    """A file, or what a folder holds but its lock files."""
+    if not os.path.isdir(path):
+        return os.remove(path)
+    for inside in glob.glob(os.path.join(glob.escape(path), "*")):
+        if os.path.isdir(inside):
+            shutil.rmtree(inside)
+        elif not inside.endswith(".lock"):
+            os.remove(inside)
 
 def lock_runs(paths, locks):
     """Lock each path into `locks`, those that exist first: a run another process holds is
@@ -2614,16 +2633,20 @@ def lock_runs(paths, locks):
 def claim(path, experiment):
     """Write `experiment` to path whole in one step (a hard link, which never replaces a file),
     unless a file is there: then compare (check_same). Of two processes started together one
-    writes, the other compares. Without hard links (exFAT) it is copied, unguarded as runs are
-    without flock."""
+    writes, the other compares. Without hard links (exFAT) an exclusive create does the same,
+    though a reader may then see it half written."""
     tmp = f"{path}.tmp-{os.getpid()}"
     write_json(tmp, experiment)
     try:
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            with open(tmp) as src, open(path, "x") as dst:
+                dst.write(src.read())
     except FileExistsError:
         check_same({path: read_json(path), "this command": experiment})
-    except OSError:
-        shutil.copyfile(tmp, path)
     finally:
         os.remove(tmp)
 

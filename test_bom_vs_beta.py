@@ -1340,7 +1340,8 @@ def test_a_used_folder_is_refused_resumed_or_replaced_only_on_purpose(
     path, marker = out / "checkpoints" / "bom_seed0.pt", tmp_path / "ran"
     torch.save({"fingerprint": WritesAFile(str(marker))}, path)
     assert f"checkpoint {path} is unreadable" in refuses("--resume")  # no marker
-    beta.write_text("{broken")  # --overwrite replaces everything, unread
+    beta.write_text("{broken")  # --overwrite replaces everything, unread, a stray folder too
+    (out / "runs" / "stray").mkdir()
     bvb.main(run_args(data_dir, out, "--epochs 1 --latent-dim 16 --no-plots --methods beta:0.01 "
                                      "--overwrite"))
     assert os.listdir(out / "runs") == ["beta_0.01_seed0.json"]
@@ -1385,6 +1386,8 @@ def test_a_run_in_use_is_refused_to_a_second_process_but_a_shard_trains_beside_i
             ("--shard 1/2 --overwrite", "beta_0.001_seed0 is being trained into")):
         assert message in refused(run_args(data_dir, out, one + flags), capsys, tmp_path)
     locks[1].close()  # the first goes on with beta_0.001 alone, as shard 1/2 would
+    assert "beta_0.001_seed0 is being trained into" in refused(run_args(  # nor under its others
+        data_dir, out, one + "--overwrite --methods beta:0.1"), capsys, tmp_path)
     bvb.main(run_args(data_dir, out, one + "--shard 2/2"))  # shard 2/2 trains beside it
     assert os.listdir(out / "runs") == ["beta_0.1_seed0.json"]
     assert bvb.lock(str(out / "checkpoints" / "beta_0.001_seed0.lock")) is None  # the first's
@@ -1398,6 +1401,20 @@ def test_a_run_in_use_is_refused_to_a_second_process_but_a_shard_trains_beside_i
     assert "(pass --cache-dir the folder's feature classifier) belong to different experiments " \
            "(classifier '000000000000' in the one" in refused(
         run_args(data_dir, third, one + "--resume"), capsys, tmp_path)
+
+def test_a_run_another_process_finished_while_this_one_waited_is_kept(
+        data_dir, tmp_path, monkeypatch):
+    out, one, locks = tmp_path / "out", "--epochs 1 --latent-dim 8 --methods beta:0.001 ", []
+    bvb.plan_out(bvb.parse_args(run_args(data_dir, out, one)), locks)   # a started folder
+    locks.pop().close()
+    lock_runs, run_file = bvb.lock_runs, out / "runs" / "beta_0.001_seed0.json"
+
+    def finished_meanwhile(paths, held):
+        run_file.write_text("{}")
+        lock_runs(paths, held)
+    monkeypatch.setattr(bvb, "lock_runs", finished_meanwhile)
+    plan = bvb.plan_out(bvb.parse_args(run_args(data_dir, out, one + "--resume")), locks)
+    assert plan[2] == {str(run_file)} and plan[3] == {}
 
 def test_a_lock_on_a_file_removed_meanwhile_is_taken_again_on_the_file_there(
         tmp_path, monkeypatch):
