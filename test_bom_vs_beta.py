@@ -1416,6 +1416,14 @@ def test_a_run_another_process_finished_while_this_one_waited_is_kept(
     plan = bvb.plan_out(bvb.parse_args(run_args(data_dir, out, one + "--resume")), locks)
     assert plan[2] == {str(run_file)} and plan[3] == {}
 
+def test_experiment_json_is_written_once_then_compared(tmp_path):
+    path = str(tmp_path / "experiment.json")
+    bvb.claim(path, {"lr": 1e-3})
+    bvb.claim(path, {"lr": 1e-3})
+    with pytest.raises(bvb.UsageError, match=r"\(lr 0.001 in the one, 0.0005 in the other\)"):
+        bvb.claim(path, {"lr": 5e-4})
+    assert load(path) == {"lr": 1e-3} and os.listdir(tmp_path) == ["experiment.json"]
+
 def test_a_lock_on_a_file_removed_meanwhile_is_taken_again_on_the_file_there(
         tmp_path, monkeypatch):
     path, flock, removed = str(tmp_path / "run.lock"), bvb.fcntl.flock, []
