@@ -1066,7 +1066,8 @@ def t_mass(t, dof, n=2000):
     c /= math.sqrt(dof * math.pi)
 
     def f(th):
-        return c * (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2) / math.cos(th) ** 2
+        tail = (1 + math.tan(th) ** 2 / dof) ** (-(dof + 1) / 2)
+        return c * tail / math.cos(th) ** 2
     h = math.atan(t) / n
     inner = sum((4 if i % 2 else 2) * f(i * h)
                 for i in range(1, n))
@@ -1275,12 +1276,18 @@ def aggregate(records):
                        if cls.idle(r["history"])])
     return methods
 
+def complete(methods, names):
+    """Of `names`, the settings that ran every seed any of them ran and never diverged (a stalled
+    one stays): means over other seeds would not compare."""
+    seeds = set().union(*(methods[n]["seeds"] for n in names))
+    return [n for n in names
+            if "diverged" not in methods[n]["statuses"]
+            and set(methods[n]["seeds"]) >= seeds]
+
 def choosable(methods):
-    """The β settings validation chooses between: those that ran every seed any β ran, none
-    diverged (a mean over other seeds would not compare)."""
-    seeds = set().union(*(set(m["seeds"]) for m in betas(methods)))
-    return [m for m in betas(methods)
-            if set(m["seeds"]) == seeds and "diverged" not in m["statuses"]]
+    """The β settings validation chooses between: the complete β sweep."""
+    names = complete(methods, [m["name"] for m in betas(methods)])
+    return [methods[n] for n in names]
 
 def choose(methods, key):
     """The choosable β best by validation `key` on the seed mean (none from fewer than two)."""
@@ -1308,6 +1315,13 @@ def criteria(methods, select_by):
                         "edge": ends.get(methods[beta]["settings"]["beta"])}
     return out
 
+def span(points, x):
+    """The first two neighbours of sorted points whose first coordinates span x; None if none."""
+    for a, b in zip(points, points[1:]):
+        if a[0] <= x <= b[0]:
+            return a, b
+    return None
+
 def front_at(runs, kl, key):
     """One seed's β front at rate `kl`, linear in log KL (and in log `key` for a ratio):
     (value, the bracketing β runs' values, names); None outside their rates."""
@@ -1320,11 +1334,10 @@ def front_at(runs, kl, key):
             points.append((math.log(k), v, r["name"]))
     points.sort()
     x = math.log(kl) if 0 < kl < math.inf else NAN       # nan: no rate
-    pairs = [(a, b) for a, b in zip(points, points[1:])
-             if a[0] <= x <= b[0]]
-    if not pairs:
+    pair = span(points, x)
+    if pair is None:
         return None
-    (x0, y0, n0), (x1, y1, n1) = pairs[0]
+    (x0, y0, n0), (x1, y1, n1) = pair
     w = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
     if log:
         y = math.exp((1 - w) * math.log(y0) + w * math.log(y1))
@@ -1416,7 +1429,7 @@ def best_of_k(pool):
 
 def tuning_grids(methods):
     """{label: names}: the β sweep, and each BOM with its knob settings; of each, the settings
-    that ran every seed any of them did and never diverged (a stalled one stays)."""
+    that are `complete`."""
     grids = {"β-VAE": [m["name"] for m in betas(methods)]}
     for base in judged(methods):
         if base["kind"] == "bom":
@@ -1427,10 +1440,7 @@ def tuning_grids(methods):
                 and m["settings"].get("ablation") == ablation]
     out = {}
     for g, names in grids.items():
-        seeds = set().union(*(methods[n]["seeds"] for n in names))
-        names = [n for n in names
-                 if "diverged" not in methods[n]["statuses"]
-                 and set(methods[n]["seeds"]) >= seeds]
+        names = complete(methods, names)
         if len(names) > 1:
             out[g] = names
     return out
@@ -1517,11 +1527,10 @@ def bisection_runs(curve, target, within, bracket):
     goal = math.log(target)
     for runs in range(1, BISECTION_LIMIT + 1):
         mid = (lo + hi) / 2
-        pairs = [(a, b) for a, b in zip(points, points[1:])
-                 if a[0] <= mid <= b[0]]
-        if not pairs:
+        pair = span(points, mid)
+        if pair is None:
             return None
-        (x0, y0), (x1, y1) = pairs[0]
+        (x0, y0), (x1, y1) = pair
         y = y0 + (y1 - y0) * (mid - x0) / (x1 - x0)
         if abs(y - goal) <= within:
             return runs
@@ -2243,7 +2252,10 @@ def parse_methods(text):
     groups = {"ablations": ablations,
               "all": [f"beta:{b:g}" for b in ALL_BETAS] + others + ablations}
     specs = []
-    for item in (i for s in text.split(",") for i in groups.get(s.strip(), [s.strip()])):
+    items = []
+    for part in text.split(","):
+        items += groups.get(part.strip(), [part.strip()])
+    for item in items:
         if item in others:
             spec = (item, None)
         elif item.startswith("bom:"):
@@ -2578,8 +2590,12 @@ def plan_out(args, locks):
             done.add(run_file)
         elif os.path.exists(checkpoint):
             states[checkpoint] = load_checkpoint(checkpoint, fingerprint, args.any_version)
-    experiment = {k: len(splits[k[:-7]][0]) if k.endswith("_images") else getattr(args, k)
-                  for k in EXPERIMENT}
+    experiment = {}
+    for k in EXPERIMENT:
+        if k.endswith("_images"):         # train_images: how many the train split holds
+            experiment[k] = len(splits[k[:-7]][0])
+        else:
+            experiment[k] = getattr(args, k)
     kept, path = {}, os.path.join(out, EXPERIMENT_FILE)
     if training and os.path.isfile(path) and path not in replaced:
         kept[path] = read_json(path)
